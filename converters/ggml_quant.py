@@ -1,0 +1,90 @@
+"""Quantize with llama.cpp's own ggml (the ``libggml-base`` bundled in llama-cpp-python) via ctypes,
+and dequantize those same bytes with ``gguf.quants`` for torch.
+
+The bytes returned by :func:`quantize` are exactly what ``llama-quantize`` writes for the tensor,
+and exactly what coalora puts in its GGUF files.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import numpy as np
+from gguf import quants as gguf_quants
+
+from converters.quant_types import QuantType, get
+
+
+class GGMLError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def libggml() -> ctypes.CDLL:
+    import llama_cpp  # the shared libraries live in llama_cpp/lib
+
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    cands = sorted(libdir.glob("libggml-base.*")) or sorted(libdir.glob("ggml-base.*"))
+    if not cands:
+        raise GGMLError(f"libggml-base not found in {libdir}")
+    lib = ctypes.CDLL(str(cands[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_validate_row_data.restype = ctypes.c_bool
+    lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+def row_size(qtype: str | QuantType, n_per_row: int) -> int:
+    """Bytes of one row, as ggml computes it."""
+    return int(libggml().ggml_row_size(int(get(qtype).ggml), n_per_row))
+
+
+def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize a 2-D float32 array (rows x n_per_row) to ``qtype``; returns the raw ggml bytes (uint8)."""
+    q = get(qtype)
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if w.ndim == 1:
+        w = w[None, :]
+    w = w.reshape(-1, w.shape[-1])
+    n_rows, n_per_row = w.shape
+    if not q.fits_row(n_per_row):
+        raise GGMLError(f"{q.name} needs rows of a multiple of {q.block_size}, got {n_per_row}")
+    lib = libggml()
+    imat_ptr = None
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n_per_row,):
+            raise GGMLError(f"imatrix must have {n_per_row} entries, got {imatrix.shape}")
+        imat_ptr = imatrix.ctypes.data
+    elif lib.ggml_quantize_requires_imatrix(int(q.ggml)):
+        raise GGMLError(f"{q.name} requires an importance matrix")
+    lib.ggml_quantize_init(int(q.ggml))
+    out = np.empty(n_rows * row_size(q, n_per_row), dtype=np.uint8)
+    n = lib.ggml_quantize_chunk(int(q.ggml), w.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, imat_ptr)
+    if n != out.nbytes:
+        raise GGMLError(f"ggml wrote {n} bytes, expected {out.nbytes}")
+    if not lib.ggml_validate_row_data(int(q.ggml), out.ctypes.data, out.nbytes):
+        raise GGMLError(f"ggml rejected its own {q.name} data (NaN or Inf in the weights?)")
+    return out
+
+
+def dequantize(data: np.ndarray, qtype: str | QuantType, shape: tuple[int, ...]) -> np.ndarray:
+    """Float32 values of ggml bytes ``data`` of type ``qtype``, reshaped to ``shape`` (rows, n_per_row)."""
+    q = get(qtype)
+    raw = np.asarray(data, dtype=np.uint8).reshape(-1, q.row_bytes(shape[-1]))
+    return gguf_quants.dequantize(raw, q.ggml).astype(np.float32, copy=False).reshape(shape)
+
+
+def roundtrip(weight: np.ndarray, qtype: str | QuantType) -> tuple[np.ndarray, np.ndarray]:
+    """(ggml bytes, their dequantized float32 values) for ``weight`` in ``qtype``."""
+    data = quantize(weight, qtype)
+    return data, dequantize(data, qtype, weight.shape)

@@ -1,0 +1,86 @@
+"""Catalogue of the llama.cpp quant types coalora offers, with llama.cpp's row-length rule.
+
+Block geometry comes from ``gguf.GGML_QUANT_SIZES`` (the same table llama.cpp's gguf-py uses),
+so bytes and bits per weight are exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+# Offered types, from most to fewest bits per weight.
+CATALOGUE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1",
+                   "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+
+# llama.cpp (src/llama-quant.cpp) replaces a type whose block does not divide the row length
+# by this one, and by F16 if that one's block does not divide it either.
+_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL",
+             "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+class UnknownQuantType(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    ggml: T
+    block_size: int
+    type_size: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    def row_bytes(self, n_per_row: int) -> int:
+        return n_per_row // self.block_size * self.type_size
+
+    def tensor_bytes(self, n_rows: int, n_per_row: int) -> int:
+        return n_rows * self.row_bytes(n_per_row)
+
+    def fits_row(self, n_per_row: int) -> bool:
+        return n_per_row % self.block_size == 0
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _make(name: str) -> QuantType:
+    g = T[name]
+    block, size = GGML_QUANT_SIZES[g]
+    return QuantType(name, g, block, size)
+
+
+CATALOGUE: dict[str, QuantType] = {n: _make(n) for n in CATALOGUE_NAMES}
+
+
+def get(name: str | QuantType) -> QuantType:
+    if isinstance(name, QuantType):
+        return name
+    key = str(name).upper()
+    if key not in CATALOGUE:
+        raise UnknownQuantType(f"unknown quant type {name!r}; known: {', '.join(CATALOGUE_NAMES)}")
+    return CATALOGUE[key]
+
+
+def from_ggml(g: int | T) -> QuantType:
+    g = T(int(g))
+    return CATALOGUE[g.name] if g.name in CATALOGUE else _make(g.name)
+
+
+def resolve(name: str | QuantType, n_per_row: int) -> tuple[QuantType, str | None]:
+    """The type llama.cpp would really write for rows of ``n_per_row``, and why it changed."""
+    q = get(name)
+    if q.fits_row(n_per_row):
+        return q, None
+    fb = get(_FALLBACK.get(q.name, "F16"))
+    if not fb.fits_row(n_per_row):
+        fb = CATALOGUE["F16"]
+    return fb, f"{q.name} needs rows of a multiple of {q.block_size}, row has {n_per_row}: {fb.name}"
+
+
+def menu(n_per_row: int, names=CATALOGUE_NAMES) -> list[QuantType]:
+    """Types that store rows of ``n_per_row`` natively (no fallback), most bits first."""
+    return [CATALOGUE[n] for n in names if CATALOGUE[n].fits_row(n_per_row)]

@@ -1,0 +1,177 @@
+"""Quantization configurations: a llama.cpp quant type for every quantizable tensor.
+
+Tensors are named as in GGUF (``blk.3.attn_q.weight``, ``token_embd.weight``). A ``ModelLayout``
+says which tensors exist, their shapes and menus; a ``Configuration`` picks one type per tensor.
+Sizes are exact: ``layout.file_bytes(cfg)`` is the size of the GGUF file coalora writes.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from converters.quant_types import CATALOGUE_NAMES, QuantType, get, menu, resolve
+from toolkit.errors import CoaloraError
+
+GGUF_ALIGNMENT = 32
+# The seven projections of a llama block, in GGUF naming.
+BLOCK_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# Types a configuration search draws from by default. Q4_1 is left out: SmolLM2's weights were
+# dequantized from Q4_1, so re-quantizing to it is nearly lossless and would flatter the results.
+DEFAULT_MENU = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+
+
+def pad(n: int, align: int = GGUF_ALIGNMENT) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str           # GGUF name, e.g. blk.0.attn_q.weight
+    n_rows: int         # ne[1]
+    n_per_row: int      # ne[0]
+    kind: str           # attn_q ... ffn_down, token_embd, output
+    block: int          # block index, -1 for embeddings / head
+
+    @property
+    def n_weights(self) -> int:
+        return self.n_rows * self.n_per_row
+
+    def bytes(self, qtype: str | QuantType) -> int:
+        return get(qtype).tensor_bytes(self.n_rows, self.n_per_row)
+
+
+@dataclass
+class ModelLayout:
+    """The quantizable tensors of a model, plus the bytes of everything else in its GGUF file."""
+    tensors: list[TensorSpec]
+    fixed_bytes: int                   # header, metadata, tensor infos, unquantized tensors (padded)
+    n_blocks: int
+    menu_names: tuple[str, ...] = DEFAULT_MENU
+    _index: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._index = {t.name: t for t in self.tensors}
+
+    def __getitem__(self, name: str) -> TensorSpec:
+        return self._index[name]
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    def menu(self, name: str) -> list[QuantType]:
+        return menu(self._index[name].n_per_row, self.menu_names)
+
+    def n_weights(self) -> int:
+        return sum(t.n_weights for t in self.tensors)
+
+    def file_bytes(self, cfg: "Configuration") -> int:
+        return self.fixed_bytes + sum(pad(self._index[n].bytes(q)) for n, q in cfg.types.items())
+
+    def bits_per_weight(self, cfg: "Configuration") -> float:
+        """Bits per weight of the quantizable tensors (what llama.cpp calls BPW)."""
+        return 8.0 * sum(self._index[n].bytes(q) for n, q in cfg.types.items()) / self.n_weights()
+
+    def uniform(self, qtype: str) -> "Configuration":
+        """Every tensor in ``qtype``, with llama.cpp's fallback where the rows do not allow it."""
+        cfg, _ = self.uniform_with_notes(qtype)
+        return cfg
+
+    def uniform_with_notes(self, qtype: str) -> tuple["Configuration", list[str]]:
+        return apply_overrides(self, Configuration({t.name: "F32" for t in self.tensors}), [(".*", qtype)])
+
+    def validate(self, cfg: "Configuration", strict_menu: bool = True) -> None:
+        unknown = [n for n in cfg.types if n not in self._index]
+        if unknown:
+            raise CoaloraError(f"configuration names unknown tensor {unknown[0]!r} ({len(unknown)} unknown)")
+        missing = [n for n in self._index if n not in cfg.types]
+        if missing:
+            raise CoaloraError(f"configuration has no type for {missing[0]!r} ({len(missing)} missing)")
+        for n, q in cfg.types.items():
+            spec = self._index[n]
+            if not q.fits_row(spec.n_per_row):
+                raise CoaloraError(f"{n}: {q.name} needs rows of a multiple of {q.block_size}, rows have {spec.n_per_row}")
+            if strict_menu and q.name not in {m.name for m in self.menu(n)} and q.name not in CATALOGUE_NAMES:
+                raise CoaloraError(f"{n}: {q.name} is not in its menu")
+
+    def describe(self) -> dict:
+        return {"n_blocks": self.n_blocks, "fixed_bytes": self.fixed_bytes,
+                "tensors": [[t.name, t.n_rows, t.n_per_row, t.kind, t.block] for t in self.tensors],
+                "menu": list(self.menu_names)}
+
+    @classmethod
+    def from_description(cls, d: dict) -> "ModelLayout":
+        return cls([TensorSpec(*row) for row in d["tensors"]], d["fixed_bytes"], d["n_blocks"], tuple(d["menu"]))
+
+
+@dataclass
+class Configuration:
+    types: dict[str, QuantType]
+
+    def __post_init__(self):
+        self.types = {n: get(q) for n, q in self.types.items()}
+
+    def key(self) -> tuple:
+        return tuple(sorted((n, q.name) for n, q in self.types.items()))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Configuration) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def to_json(self) -> dict:
+        return {"types": {n: q.name for n, q in self.types.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Configuration":
+        if not isinstance(d, dict) or not isinstance(d.get("types"), dict):
+            raise CoaloraError("a configuration is a JSON object with a \"types\" mapping of tensor name to quant type")
+        try:
+            return cls(dict(d["types"]))
+        except ValueError as e:
+            raise CoaloraError(str(e)) from None
+
+    def save(self, path, extra: dict | None = None) -> None:
+        from toolkit.fileio import write_json
+        write_json(path, {**(extra or {}), **self.to_json()})
+
+    @classmethod
+    def load(cls, path) -> "Configuration":
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise CoaloraError(f"configuration file not found: {path}") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise CoaloraError(f"cannot read configuration {path}: {e}") from None
+        return cls.from_json(d)
+
+    def histogram(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for q in self.types.values():
+            out[q.name] = out.get(q.name, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -get(kv[0]).bits_per_weight))
+
+
+def apply_overrides(layout: ModelLayout, base: Configuration, overrides: list[tuple[str, str]]) -> tuple[Configuration, list[str]]:
+    """``llama-quantize --tensor-type REGEX=TYPE`` semantics: later rules win; a rule matching nothing is an error."""
+    types = dict(base.types)
+    for pattern, qname in overrides:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise CoaloraError(f"bad tensor regex {pattern!r}: {e}") from None
+        q = get(qname)
+        hits = [n for n in types if rx.search(n)]
+        if not hits:
+            raise CoaloraError(f"tensor regex {pattern!r} matches no quantizable tensor")
+        for n in hits:
+            types[n] = q
+    notes = []
+    for n, q in types.items():
+        real, why = resolve(q, layout[n].n_per_row)
+        if why:
+            notes.append(f"{n}: {why}")
+        types[n] = real
+    return Configuration(types), notes
