@@ -131,3 +131,28 @@ def require_novels(names) -> list[Path]:
     if missing:
         raise CoaloraError(f"Austen text missing ({missing[0]}); run `coalora assets --fetch`")
     return paths
+
+
+def resolve_model(arg: str) -> Path:
+    """A model argument: a path, or ``smollm2`` for the default asset."""
+    if arg.lower() in ("smollm2", "default"):
+        return require_smollm2()
+    p = Path(arg)
+    if not p.exists():
+        raise CoaloraError(f"model not found: {arg}")
+    return p
+
+
+def resolve_texts(args) -> list[Path]:
+    """Text arguments: paths, ``austen`` (the five training novels) or ``austen-eval`` (Pride and Prejudice)."""
+    out: list[Path] = []
+    for a in args:
+        if a == "austen":
+            out += require_novels(TRAIN_NOVELS)
+        elif a in ("austen-eval", EVAL_NOVEL):
+            out += require_novels([EVAL_NOVEL])
+        elif not Path(a).is_file():
+            raise CoaloraError(f"text file not found: {a}")
+        else:
+            out.append(Path(a))
+    return out

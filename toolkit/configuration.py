@@ -19,7 +19,7 @@ GGUF_ALIGNMENT = 32
 BLOCK_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Types a configuration search draws from by default. Q4_1 is left out: SmolLM2's weights were
 # dequantized from Q4_1, so re-quantizing to it is nearly lossless and would flatter the results.
-DEFAULT_MENU = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+DEFAULT_MENU = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
 
 
 def pad(n: int, align: int = GGUF_ALIGNMENT) -> int:
@@ -92,8 +92,8 @@ class ModelLayout:
             spec = self._index[n]
             if not q.fits_row(spec.n_per_row):
                 raise CoaloraError(f"{n}: {q.name} needs rows of a multiple of {q.block_size}, rows have {spec.n_per_row}")
-            if strict_menu and q.name not in {m.name for m in self.menu(n)} and q.name not in CATALOGUE_NAMES:
-                raise CoaloraError(f"{n}: {q.name} is not in its menu")
+            if strict_menu and q.name not in {m.name for m in self.menu(n)}:
+                raise CoaloraError(f"{n}: {q.name} is not in its menu ({', '.join(m.name for m in self.menu(n))})")
 
     def describe(self) -> dict:
         return {"n_blocks": self.n_blocks, "fixed_bytes": self.fixed_bytes,

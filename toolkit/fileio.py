@@ -51,3 +51,16 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def model_fingerprint(path) -> str:
+    """sha256 of a model file, or of a model folder's weights, config and tokenizer files."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf") or f.name in
+                            ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            h.update(f.name.encode() + bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()

@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmark scripts: running the CLI, timing, tables, result files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+COALORA = [sys.executable, "-m", "toolkit.cli"]
+
+
+def cli(*args, check=True) -> tuple[dict | str, float]:
+    """Run ``coalora ARGS --json`` in a subprocess; returns (parsed JSON or text, wall seconds)."""
+    t = time.perf_counter()
+    res = subprocess.run([*COALORA, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - t
+    if check and res.returncode != 0:
+        sys.exit(f"coalora {' '.join(map(str, args))} failed:\n{res.stderr[-2000:]}")
+    try:
+        return json.loads(res.stdout), wall
+    except json.JSONDecodeError:
+        return res.stdout, wall
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(key)) for key, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    from toolkit.fileio import write_json, write_text
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{name}.json", payload)
+    write_text(RESULTS / f"{name}.md", markdown + "\n")
+    print(markdown)
+    print(f"\nwrote {RESULTS / (name + '.json')} and .md")

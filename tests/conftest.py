@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny generated Llama (built once per session) and the real assets when present."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY_VOCAB = 400
+TINY_SPECIALS = ["<|endoftext|>", "<s>", "</s>", "<pad>"]
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+_WORDS = ("the of and to a in that it was her she not be he his as had with for you which but on all is at "
+          "have by my so no said mr would were elinor marianne could been they very sister mother time more "
+          "own every being such what think than well only must before much little know might any house "
+          "Dashwood Willoughby Edward colonel Barton Norland morning evening letter feelings happiness")
+
+
+def tiny_corpus(n_words: int = 1500, seed: int = 0) -> str:
+    """A few KB of deterministic English-like text with punctuation, digits and a little Unicode."""
+    rng = random.Random(seed)
+    words = _WORDS.split()
+    out, line = [], []
+    for i in range(n_words):
+        w = rng.choice(words)
+        if not line:
+            w = w.capitalize()
+        line.append(w)
+        if rng.random() < 0.08:
+            line[-1] += rng.choice([",", ";", "!", "?", "."])
+        if rng.random() < 0.03:
+            line.append(str(rng.randint(1, 2024)))
+        if rng.random() < 0.01:
+            line.append(rng.choice(["café", "naïve", "—", "“quoted”", "  spaced", "\ttab"]))
+        if len(line) > 12 and rng.random() < 0.2:
+            out.append(" ".join(line) + ".")
+            line = []
+    out.append(" ".join(line) + ".")
+    return "\n".join(out) + "\n"
+
+
+def build_tiny_llama(dest, seed: int = 0):
+    """Write a tiny Hugging Face Llama folder (float32 safetensors, config, byte-level BPE tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=TINY_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([tiny_corpus(seed=seed)], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<|endoftext|>", pad_token="<pad>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.save_pretrained(dest)
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                      pad_token_id=fast.pad_token_id, initializer_range=0.08, **TINY)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():  # non-trivial norms so their handling is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Path of a tiny Llama: hidden 256, ffn 512, 2 blocks, 4 heads, 2 KV heads, untied, vocab ~400."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from toolkit.assets import smollm2_path
+
+    p = smollm2_path()
+    if not p.exists():
+        pytest.skip(f"SmolLM2 asset missing ({p}); run `coalora assets --fetch`")
+    return p
+
+
+def austen_text(name: str) -> str:
+    """The text of an Austen novel, or skip the test when the asset is missing."""
+    from toolkit.assets import novel_path
+
+    p = novel_path(name)
+    if not p.exists():
+        pytest.skip(f"Austen text missing ({p}); run `coalora assets --fetch`")
+    return p.read_text()

@@ -1,0 +1,173 @@
+"""Sensitivity allocation, Pareto search, budget search and `coalora search` on a synthetic layout."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from converters.quant_types import get
+from toolkit.budget_search import best_configuration
+from toolkit.cli import main
+from toolkit.configuration import Configuration, ModelLayout, TensorSpec
+from toolkit.errors import CoaloraError
+from toolkit.pareto_search import (Archive, Record, hypervolume, make_candidate_pool, non_dominated,
+                                   per_bin_fronts, plot_pareto, reference_point, refine, bin_of)
+from toolkit.sensitivity import (allocate, byte_range, bytes_for_bpw, error_table, initial_training_set,
+                                 total_error)
+
+MENU = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
+
+
+def synthetic_layout(n_blocks: int = 3) -> ModelLayout:
+    """Hidden 256, ffn 512: every row takes the K-quants."""
+    shapes = {"attn_q": (256, 256), "attn_k": (128, 256), "attn_v": (128, 256), "attn_output": (256, 256),
+              "ffn_gate": (512, 256), "ffn_up": (512, 256), "ffn_down": (256, 512)}
+    ts = [TensorSpec(f"blk.{b}.{k}.weight", r, c, k, b) for b in range(n_blocks) for k, (r, c) in shapes.items()]
+    ts.append(TensorSpec("token_embd.weight", 400, 256, "token_embd", -1))
+    return ModelLayout(ts, fixed_bytes=4096, n_blocks=n_blocks, menu_names=MENU)
+
+
+def synthetic_errors(layout: ModelLayout, seed: int = 0) -> tuple[dict, dict]:
+    """(error table ~ n_weights * 4^-bpw * a type-specific factor, per-tensor sensitivity)."""
+    rng = random.Random(seed)
+    sens = {n: math.exp(rng.gauss(0, 1)) for n in layout.names()}
+    fac = {q: 1 + 0.3 * rng.random() for q in MENU}
+    errors = {n: {q.name: layout[n].n_weights * 4.0 ** -q.bits_per_weight * fac[q.name] for q in layout.menu(n)}
+              for n in layout.names()}
+    return errors, sens
+
+
+def synthetic_loss(layout, errors, sens, noise: float = 0.002, seed: int = 1):
+    """loss = 2 + sum_t sens_t * err_t(q) / n_weights_t (+ noise)."""
+    rng = np.random.default_rng(seed)
+
+    def evaluate(cfgs):
+        return [2.0 + sum(sens[n] * errors[n][q.name] / layout[n].n_weights * 10 for n, q in c.types.items())
+                + noise * rng.standard_normal() for c in cfgs]
+    return evaluate
+
+
+@pytest.fixture(scope="module")
+def setup():
+    layout = synthetic_layout()
+    errors, sens = synthetic_errors(layout)
+    return layout, errors, sens
+
+
+def test_allocate_respects_budget_and_is_monotone(setup):
+    layout, errors, _ = setup
+    lo, hi = byte_range(layout)
+    prev_err, prev_bytes = math.inf, 0
+    for budget in np.linspace(lo, hi, 25).astype(int):
+        cfg = allocate(layout, errors, int(budget))
+        size = layout.file_bytes(cfg)
+        assert size <= budget
+        layout.validate(cfg)
+        e = total_error(layout, errors, cfg)
+        assert e <= prev_err + 1e-9 and size >= prev_bytes
+        prev_err, prev_bytes = e, size
+    assert allocate(layout, errors, hi) == Configuration({n: "Q8_0" for n in layout.names()})
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(CoaloraError, match="reachable range"):
+            allocate(layout, errors, bad)
+
+
+def test_initial_training_set_covers_bins(setup):
+    layout, errors, _ = setup
+    cfgs = initial_training_set(layout, errors, 2.75, 8.5, per_bin=2)
+    bins = {bin_of(layout.bits_per_weight(c)) for c in cfgs}
+    assert len(cfgs) >= 20 and len(bins) >= 18
+    for c in cfgs:
+        assert 2.5 <= layout.bits_per_weight(c) <= 8.5 + 1e-9
+
+
+def test_per_bin_fronts_are_non_dominated():
+    rng = random.Random(0)
+    recs = [Record({}, 0, rng.uniform(2, 6), rng.uniform(1, 3)) for _ in range(200)]
+    front = per_bin_fronts(recs)
+    chosen = {id(r) for r in front}
+    for r in recs:
+        same_bin = [o for o in front if bin_of(o.bpw) == bin_of(r.bpw) and o is not r]
+        dominated = any(o.bpw <= r.bpw and o.loss <= r.loss and (o.bpw < r.bpw or o.loss < r.loss) for o in same_bin)
+        assert dominated != (id(r) in chosen)
+    pts = np.array([[1, 3], [2, 2], [3, 1], [2.5, 2.5]])
+    assert sorted(non_dominated(pts).tolist()) == [0, 1, 2]
+
+
+def test_refine_increases_hypervolume(setup, tmp_path):
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens)
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    ref = reference_point(archive.points())
+    hv0 = hypervolume(archive.points(), ref)
+    # the sensitivity table is deliberately not given to the search: the surrogate must learn
+    archive, trainset = refine(layout, archive, evaluate, n_new=6, seed=0, pool_size=120)
+    assert len(archive) == len(init) + 6 and {r.round for r in archive.records} == {0, 1}
+    assert hypervolume(archive.points(), ref) > hv0
+    keys = {c.key() for c in trainset}
+    assert keys <= archive.keys()
+    archive.save(tmp_path / "archive.json")
+    again = Archive.load(tmp_path / "archive.json")
+    assert again.records == archive.records
+    plot_pareto(archive, trainset, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    pool = make_candidate_pool(layout, archive, 50, seed=1, errors=errors)
+    assert pool and not ({c.key() for c in pool} & archive.keys())
+
+
+def test_budget_search(setup):
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    lo, hi = byte_range(layout)
+    for bpw in (3.0, 4.6, 6.2):
+        budget = bytes_for_bpw(layout, bpw)
+        res = best_configuration(layout, archive, budget, errors=errors, evaluate=evaluate)
+        assert res.file_bytes == layout.file_bytes(res.cfg) <= budget and res.bpw <= bpw
+        assert res.predicted_loss is not None and res.predicted_ppl == pytest.approx(math.exp(res.predicted_loss))
+        # never worse than the archived members under the same budget
+        under = [r.loss for r in archive.records if r.file_bytes <= budget]
+        assert res.measured_loss <= min(under) + 1e-9
+    res = best_configuration(layout, Archive(), lo, errors=errors)  # smallest file: cheapest types
+    assert res.file_bytes <= lo and res.predicted_loss is None
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(CoaloraError, match=r"reachable range .* bpw"):
+            best_configuration(layout, archive, bad)
+    with pytest.raises(CoaloraError, match="nothing to rank"):
+        best_configuration(layout, Archive(), hi)
+
+
+def test_real_ggml_sensitivity(tmp_path):
+    layout = ModelLayout([TensorSpec("blk.0.attn_q.weight", 32, 256, "attn_q", 0),
+                          TensorSpec("blk.0.ffn_down.weight", 16, 512, "ffn_down", 0)], 0, 1,
+                         menu_names=("Q8_0", "Q6_K", "Q4_0", "Q2_K"))
+    rng = np.random.default_rng(0)
+    w = {n: rng.standard_normal((layout[n].n_rows, layout[n].n_per_row)).astype(np.float32) for n in layout.names()}
+    calls = []
+    table = error_table(layout, lambda n: calls.append(n) or w[n], cache=tmp_path / "sens.json")
+    for row in table.values():
+        assert row["Q8_0"] < row["Q6_K"] < row["Q4_0"] < row["Q2_K"]
+    again = error_table(layout, lambda n: calls.append(n) or w[n], cache=tmp_path / "sens.json")
+    assert again == table and len(calls) == 2  # second call came from the cache
+    imp = {n: np.r_[np.full(128, 10.0), np.zeros(layout[n].n_per_row - 128)] for n in layout.names()}
+    weighted = error_table(layout, lambda n: w[n], importance=imp)
+    assert weighted["blk.0.attn_q.weight"]["Q4_0"] != pytest.approx(table["blk.0.attn_q.weight"]["Q4_0"])
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["search", str(tmp_path / "nope"), "--bpw", "4"]) == 1
+    assert "error" in capsys.readouterr().err
+    assert main(["search", str(tmp_path), "--bpw", "4", "--budget-bytes", "10"]) == 1
+    assert "exactly one" in capsys.readouterr().err
+    assert main(["search", str(tmp_path)]) == 1
+    assert "exactly one" in capsys.readouterr().err
+    assert main(["search", str(tmp_path), "--bpw", "4"]) == 1  # a folder that is no run
+    err = capsys.readouterr().err
+    assert err.startswith("coalora: error:") and len(err.strip().splitlines()) == 1

@@ -1,0 +1,183 @@
+"""CoA-LoRA training on a tiny model: exactness against llama.cpp, resume, adapters, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_corpus
+from converters.gguf_model_writer import write_gguf
+from toolkit import evaluation, llama_runtime
+from toolkit.cli import main
+from toolkit.configuration import Configuration
+from toolkit.run import Run
+from toolkit.training import TrainOptions, train
+
+FAST = dict(steps=8, seq_len=32, batch=2, lr=1e-2, cam_lr=1e-2, rounds=2, checkpoint_every=4, search_candidates=4)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "train.txt"
+    p.write_text(tiny_corpus(6000, seed=1))
+    return p
+
+
+@pytest.fixture(scope="module")
+def coa_run(tiny_model_dir, text_file, tmp_path_factory):
+    return train(tmp_path_factory.mktemp("runs") / "coa", tiny_model_dir, [text_file], TrainOptions(**FAST),
+                 progress=False, log=lambda s: None)
+
+
+def _mixed(run: Run) -> Configuration:
+    """A configuration mixing 32-block and K-quant types across tensors."""
+    types = {}
+    for i, name in enumerate(run.layout.names()):
+        menu = [q.name for q in run.layout.menu(name)]
+        types[name] = menu[(3 * i + 1) % len(menu)]
+    return Configuration(types)
+
+
+def test_trained_run_has_everything(coa_run):
+    run = Run.open(coa_run.path)
+    assert run.meta["status"] == "trained" and run.meta["step"] == FAST["steps"]
+    assert len(run.trainset()) >= 2
+    for f in ("checkpoint.pt", "trainset.json", "archive.json", "pareto.json", "pareto.png", "tokens.npy"):
+        assert (run.path / f).exists(), f
+
+
+def test_adapter_depends_on_configuration(coa_run):
+    run = Run.open(coa_run.path)
+    a8 = run.adapter_tensors(run.layout.uniform("Q8_0"))
+    a4 = run.adapter_tensors(run.layout.uniform("Q4_0"))
+    diffs = [np.abs(a8[n][0] - a4[n][0]).max() for n in a8]
+    assert max(diffs) > 0, "the configuration-aware model must change lora_a with the configuration"
+    assert all(np.array_equal(a8[n][1], a4[n][1]) for n in a8), "lora_b is shared"
+
+
+def _llama_vs_torch(run: Run, cfg: Configuration, tmp_path, n_windows=4, n_ctx=64):
+    model_path, adapter_path = tmp_path / "model.gguf", tmp_path / "adapter.gguf"
+    write_gguf(run.loaded(), model_path, cfg, quantized=run.quantized_bytes, progress=False)
+    assert model_path.stat().st_size == run.layout.file_bytes(cfg)
+    run.write_adapter(cfg, adapter_path)
+    text = tiny_corpus(3000, seed=7)
+    windows = evaluation.eval_windows(run.loaded().tokenizer, text, n_windows=n_windows, n_ctx=n_ctx)
+    llm = llama_runtime.open_model(model_path, n_ctx=n_ctx)
+    handle = llama_runtime.load_adapter(llm, adapter_path, model_path)
+    llama_runtime.set_adapter(llm, handle)
+    llama_logits = [llama_runtime.window_logits(llm, w) for w in windows]
+    llama_nll = np.stack([evaluation.nll_from_logits(lg, w) for lg, w in zip(llama_logits, windows)])
+    fn = run.torch_logits_fn(cfg)
+    torch_logits = [fn(torch.tensor([w]))[0].numpy() for w in windows]
+    torch_nll = evaluation.torch_window_nll(fn, windows)
+    llama_runtime.set_adapter(llm, None)
+    plain = llama_runtime.window_logits(llm, windows[0])
+    llm.close()
+    return llama_logits, torch_logits, llama_nll, torch_nll, plain
+
+
+def test_f32_configuration_logits_match_llama_cpp(coa_run, tmp_path):
+    run = Run.open(coa_run.path)
+    cfg = Configuration({n: "F32" for n in run.layout.names()})
+    ll, tl, _, _, plain = _llama_vs_torch(run, cfg, tmp_path, n_windows=2)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ll, tl))
+    assert diff <= 1e-3, diff
+    assert float(np.abs(plain - ll[0]).max()) > 10 * 1e-3, "the adapter must visibly change the logits"
+
+
+def test_quantized_perplexity_matches_llama_cpp(coa_run, tmp_path):
+    run = Run.open(coa_run.path)
+    cfg = _mixed(run)
+    _, _, llama_nll, torch_nll, _ = _llama_vs_torch(run, cfg, tmp_path)
+    p_llama, p_torch = evaluation.perplexity(llama_nll), evaluation.perplexity(torch_nll)
+    assert abs(p_llama / p_torch - 1) <= 0.005, (p_llama, p_torch)
+
+
+def test_resume_matches_uninterrupted(tiny_model_dir, text_file, tmp_path):
+    opts = TrainOptions(**{**FAST, "rounds": 1, "steps": 6, "checkpoint_every": 2})
+    full = train(tmp_path / "full", tiny_model_dir, [text_file], opts, progress=False, log=lambda s: None)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", tiny_model_dir, [text_file], opts, progress=False, log=lambda s: None,
+              interrupt_at=3)
+    assert Run.open(tmp_path / "cut", require_trained=False).meta["step"] == 2
+    resumed = train(tmp_path / "cut", None, [], opts, resume=True, progress=False, log=lambda s: None)
+    a, b = full.model().lora_state(), resumed.model().lora_state()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shared_and_single_modes(tiny_model_dir, text_file, tmp_path):
+    opts = TrainOptions(**{**FAST, "mode": "shared", "rounds": 1, "steps": 3})
+    shared = train(tmp_path / "shared", tiny_model_dir, [text_file], opts, progress=False, log=lambda s: None)
+    assert shared.model().cam is None
+    cfg = shared.layout.uniform("Q4_0")
+    single = train(tmp_path / "single", tiny_model_dir, [text_file], TrainOptions(**{**FAST, "mode": "single",
+                   "rounds": 1, "steps": 3}), fixed_config=cfg, progress=False, log=lambda s: None)
+    assert single.trainset() == [cfg]
+
+
+def test_cli_adapter_gguf_and_peft(coa_run, tmp_path, capsys):
+    cfg_path = tmp_path / "cfg.json"
+    _mixed(Run.open(coa_run.path)).save(cfg_path)
+    assert main(["adapter", str(coa_run.path), "--config", str(cfg_path), "-o", str(tmp_path / "a.gguf"),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bytes"] == (tmp_path / "a.gguf").stat().st_size
+    assert main(["adapter", str(coa_run.path), "--config", "Q8_0", "-o", str(tmp_path / "peft"),
+                 "--format", "peft"]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == FAST.get("rank", 8)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"types": {"blk.99.attn_q.weight": "Q8_0"}}, "unknown tensor"),
+    ({"types": "Q8_0"}, "configuration is a JSON object"),
+])
+def test_cli_adapter_bad_configuration(coa_run, tmp_path, capsys, bad, message):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    out = tmp_path / "a.gguf"
+    assert main(["adapter", str(coa_run.path), "--config", str(p), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_adapter_type_outside_menu(coa_run, tmp_path, capsys):
+    run = Run.open(coa_run.path)
+    cfg = run.layout.uniform("Q8_0").to_json()
+    name = run.layout.names()[0]
+    cfg["types"][name] = "F16"  # fits the rows, but the run never trained on it
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(cfg))
+    assert main(["adapter", str(coa_run.path), "--config", str(p), "-o", str(tmp_path / "a.gguf")]) == 1
+    assert "not in its menu" in capsys.readouterr().err
+
+
+def test_cli_adapter_other_model_refused(coa_run, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("not a model")
+    assert main(["adapter", str(coa_run.path), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf"),
+                 "--model", str(other)]) == 1
+    assert "not the model" in capsys.readouterr().err
+
+
+def test_cli_train_errors(tiny_model_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    assert main(["train", str(tiny_model_dir), "--data", str(short), "-o", str(tmp_path / "r")]) == 1
+    assert "too short" in capsys.readouterr().err
+    assert main(["train", str(tiny_model_dir), "--data", str(tmp_path / "none.txt"), "-o", str(tmp_path / "r")]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert main(["adapter", str(tmp_path), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")]) == 1
+    assert "not a coalora run" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint(coa_run, tmp_path, capsys):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(coa_run.path, broken)
+    (broken / "checkpoint.pt").write_bytes(b"garbage")
+    assert main(["adapter", str(broken), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")]) == 1
+    assert "corrupt" in capsys.readouterr().err

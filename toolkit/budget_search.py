@@ -1,0 +1,152 @@
+"""The best configuration for a device: lowest predicted loss within a budget in exact file bytes.
+
+Starting points: archived configurations under the budget, the greedy sensitivity allocation at the
+budget, and uniform types that fit. Each of the best few is improved by steepest descent over
+single-tensor type changes that keep ``layout.file_bytes(cfg) <= budget_bytes`` (the surrogate
+decides which upgrade spends the leftover bytes best). Optionally the top few are measured with
+``evaluate`` and the best measured one wins.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from toolkit.configuration import Configuration, ModelLayout, pad
+from toolkit.errors import CoaloraError
+from toolkit.pareto_search import Archive, Surrogate
+from toolkit.sensitivity import allocate, check_budget, total_error
+
+Predict = Callable[[Sequence[Configuration]], Sequence[float]]
+
+
+@dataclass
+class SearchResult:
+    cfg: Configuration
+    file_bytes: int
+    bpw: float
+    predicted_loss: float | None      # None when only an error table ranked the candidates
+    measured_loss: float | None = None
+    budget_bytes: int = 0
+    source: str = ""                  # archive | greedy | uniform:<T> | cheapest, plus "+local"
+
+    @property
+    def predicted_ppl(self) -> float | None:
+        return None if self.predicted_loss is None else math.exp(self.predicted_loss)
+
+    def extra(self) -> dict:
+        return {"file_bytes": self.file_bytes, "bpw": self.bpw, "budget_bytes": self.budget_bytes,
+                "predicted_loss": self.predicted_loss, "predicted_ppl": self.predicted_ppl,
+                "measured_loss": self.measured_loss, "source": self.source}
+
+
+def _local_search(layout: ModelLayout, sur: Surrogate, cfg: Configuration, budget: int,
+                  max_steps: int = 30) -> tuple[Configuration, float]:
+    """Steepest descent of the GP mean over single-tensor type changes within the byte budget."""
+    enc = sur.encode
+    names = layout.names()
+    menus = [[q for q in layout.menu(n)] for n in names]
+    types = dict(cfg.types)
+    bits, err = enc.sums(cfg)
+    size = layout.file_bytes(cfg)
+    best = float(sur.predict([cfg])[0][0])
+    for _ in range(max_steps):
+        moves, dbits, derr, dsize = [], [], [], []
+        for n, menu in zip(names, menus):
+            cur = types[n]
+            cb, spec = pad(layout[n].bytes(cur)), layout[n]
+            for q in menu:
+                if q.name == cur.name:
+                    continue
+                nb = pad(spec.bytes(q))
+                if size - cb + nb > budget:
+                    continue
+                d = np.zeros(enc.n_bits)
+                d[enc.cols[n]] = 8.0 * (spec.bytes(q) - spec.bytes(cur))
+                moves.append((n, q))
+                dbits.append(d)
+                dsize.append(nb - cb)
+                derr.append(0.0 if enc.errors is None else enc.errors[n][q.name] - enc.errors[n][cur.name])
+        if not moves:
+            break
+        X = enc.features(bits + np.array(dbits), err + np.array(derr))
+        import torch
+        with torch.no_grad():
+            mu = sur.gp.posterior(X).mean.squeeze(-1).numpy()
+        k = int(np.argmin(mu))
+        if mu[k] >= best - 1e-9:
+            break
+        n, q = moves[k]
+        types[n] = q
+        bits, err, size, best = bits + dbits[k], err + derr[k], size + dsize[k], float(mu[k])
+    return Configuration(types), best
+
+
+def best_configuration(layout: ModelLayout, archive: Archive | None, budget_bytes: int,
+                       predict: Predict | None = None, evaluate: Callable | None = None,
+                       errors: dict | None = None, n_confirm: int = 3, n_starts: int = 3) -> SearchResult:
+    """Lowest-loss configuration with ``layout.file_bytes(cfg) <= budget_bytes``.
+
+    ``predict`` overrides the archive's GP surrogate; with neither (fewer than 3 archived records)
+    the error table ranks candidates and ``predicted_loss`` is None. ``evaluate`` (real loss of a
+    list of configurations) confirms the ``n_confirm`` best. Budgets outside the reachable range
+    raise CoaloraError with that range.
+    """
+    budget_bytes = int(budget_bytes)
+    check_budget(layout, budget_bytes)
+    archive = archive or Archive()
+    sur = Surrogate(layout, archive, errors) if len(archive) >= 3 else None
+    if predict is None and sur is not None:
+        predict = lambda cs: sur.predict(cs)[0]  # noqa: E731
+    if predict is None and errors is None:
+        raise CoaloraError("nothing to rank configurations with: the archive has fewer than 3 evaluated "
+                           "configurations and there is no sensitivity table")
+
+    menus = {n: {q.name for q in layout.menu(n)} for n in layout.names()}
+    on_menu = lambda c: all(q.name in menus.get(n, ()) for n, q in c.types.items())  # noqa: E731
+    cands: dict[Configuration, str] = {}
+    for r in archive.records:
+        if r.file_bytes <= budget_bytes and on_menu(r.config()):
+            cands.setdefault(r.config(), "archive")
+    if errors is not None:
+        cands.setdefault(allocate(layout, errors, budget_bytes), "greedy")
+    for t in layout.menu_names:
+        c = layout.uniform(t)
+        if on_menu(c) and layout.file_bytes(c) <= budget_bytes:
+            cands.setdefault(c, f"uniform:{t}")
+    cheapest = Configuration({n: min(layout.menu(n), key=lambda q: layout[n].bytes(q)) for n in layout.names()})
+    cands.setdefault(cheapest, "cheapest")
+
+    pool = list(cands)
+    if predict is not None:
+        scores = np.asarray(predict(pool), dtype=float)
+    else:
+        scores = np.array([total_error(layout, errors, c) for c in pool])
+    order = list(np.argsort(scores))
+    ranked = [(pool[i], cands[pool[i]], float(scores[i])) for i in order]
+
+    if sur is not None and predict is not None:  # GP-guided local moves from the best few starts
+        improved = {}
+        for c, src, _ in ranked[:n_starts]:
+            c2, _ = _local_search(layout, sur, c, budget_bytes)
+            if c2 not in cands:
+                improved.setdefault(c2, src + "+local")
+        if improved:
+            extra = list(improved)
+            s2 = np.asarray(predict(extra), dtype=float)
+            ranked = sorted(ranked + [(c, improved[c], float(s)) for c, s in zip(extra, s2)], key=lambda x: x[2])
+
+    measured = None
+    best_cfg, best_src, best_score = ranked[0]
+    if evaluate is not None and n_confirm > 0:
+        top = ranked[:n_confirm]
+        real = list(evaluate([c for c, _, _ in top]))
+        k = int(np.argmin(real))
+        best_cfg, best_src, best_score = top[k]
+        measured = float(real[k])
+    size = layout.file_bytes(best_cfg)
+    assert size <= budget_bytes, "internal error: the search left the byte budget"
+    return SearchResult(best_cfg, size, layout.bits_per_weight(best_cfg),
+                        best_score if predict is not None else None, measured, budget_bytes, best_src)

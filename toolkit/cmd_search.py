@@ -1,0 +1,91 @@
+"""`coalora search RUN`: the best configuration of a trained run within a byte budget."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from toolkit.errors import CoaloraError
+
+
+def _budget(run, budget_bytes, bpw, profile):
+    """(budget bytes, what it came from, layout to search: a profile's avoided types are off the menu)."""
+    from toolkit.sensitivity import bytes_for_bpw
+
+    given = [x is not None for x in (budget_bytes, bpw, profile)]
+    if sum(given) != 1:
+        raise CoaloraError("give exactly one of --budget-bytes, --bpw, --profile")
+    if budget_bytes is not None:
+        if budget_bytes <= 0:
+            raise CoaloraError("--budget-bytes must be positive")
+        return budget_bytes, f"{budget_bytes:,} bytes", run.layout
+    if bpw is not None:
+        if not 0 < bpw <= 32:
+            raise CoaloraError("--bpw must be in (0, 32]")
+        return bytes_for_bpw(run.layout, bpw), f"{bpw:g} bits per weight", run.layout
+    try:
+        from toolkit.profiles import load_profile
+    except ImportError:
+        raise CoaloraError("device profiles are not available in this installation; use --budget-bytes or --bpw") from None
+    p = load_profile(profile)
+    layout = run.layout
+    avoid = tuple(getattr(p, "avoid", ()) or ())
+    if avoid:
+        from toolkit.configuration import ModelLayout
+        layout = ModelLayout(layout.tensors, layout.fixed_bytes, layout.n_blocks,
+                             tuple(m for m in layout.menu_names if m not in avoid))
+    return int(p.model_budget_bytes(run.layout)), f"profile {getattr(p, 'name', profile)}", layout
+
+
+def register(cli):
+    @cli.command("search")
+    @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
+    @click.option("--budget-bytes", type=int, default=None, help="Largest model file, in bytes.")
+    @click.option("--bpw", type=float, default=None, help="Largest bits per weight of the quantized tensors.")
+    @click.option("--profile", default=None, help="Device profile (name or TOML path) giving the model budget.")
+    @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+                  help="Write the configuration JSON here.")
+    @click.option("--confirm", default=0, show_default=True,
+                  help="Measure the best N candidates' calibration loss with the run's model (about 1 s each).")
+    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+    def search_cmd(run_dir, budget_bytes, bpw, profile, output, confirm, as_json):
+        """Best quantization configuration of RUN within a budget (exact file bytes, never over)."""
+        from toolkit.budget_search import best_configuration
+        from toolkit.pareto_search import Archive
+        from toolkit.sensitivity import load_error_table
+
+        if sum(x is not None for x in (budget_bytes, bpw, profile)) != 1:
+            raise CoaloraError("give exactly one of --budget-bytes, --bpw, --profile")
+        if confirm < 0:
+            raise CoaloraError("--confirm must not be negative")
+        try:
+            from toolkit.run import Run
+        except ImportError:
+            raise CoaloraError("training runs are not available in this installation") from None
+        run = Run.open(run_dir)
+        budget, what, layout = _budget(run, budget_bytes, bpw, profile)
+        archive = Archive.load(run.archive_path) if run.archive_path.exists() else Archive()
+        errors = load_error_table(run.path / "sensitivity.json")
+        res = best_configuration(layout, archive, budget, errors=errors,
+                                 evaluate=run.calibration_loss if confirm else None, n_confirm=confirm)
+        if output:
+            res.cfg.save(output, extra=res.extra())
+        out = {"run": str(run.path), "budget": what, **res.extra(), "types": res.cfg.histogram(),
+               "output": output}
+        if as_json:
+            click.echo(json.dumps(out, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"coalora search: {run.path} ({what})", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        fmt = lambda v: "-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}")  # noqa: E731
+        for k in ("budget_bytes", "file_bytes", "bpw", "predicted_loss", "predicted_ppl", "measured_loss"):
+            t.add_row(k.replace("_", " "), fmt(out[k]))
+        t.add_row("source", res.source)
+        t.add_row("types", ", ".join(f"{k}×{v}" for k, v in out["types"].items()))
+        if output:
+            t.add_row("written", output)
+        Console().print(t)

@@ -1,0 +1,152 @@
+"""`coalora train`, `coalora finetune`, `coalora adapter`."""
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from toolkit import assets
+from toolkit.configuration import BLOCK_KINDS, DEFAULT_MENU, Configuration
+from toolkit.errors import CoaloraError
+
+
+def _train_options(f):
+    opts = [
+        click.option("--rank", default=8, show_default=True, help="LoRA rank r."),
+        click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scale alpha/r)."),
+        click.option("--steps", default=200, show_default=True, help="Optimizer steps."),
+        click.option("--seq-len", default=256, show_default=True, help="Tokens per sequence."),
+        click.option("--batch", default=4, show_default=True, help="Sequences per step."),
+        click.option("--lr", default=1e-3, show_default=True, help="Learning rate of the LoRA."),
+        click.option("--targets", default=",".join(BLOCK_KINDS), show_default=True,
+                     help="Comma-separated GGUF module kinds that get a LoRA."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--checkpoint-every", default=25, show_default=True, help="Steps between checkpoints."),
+        click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint."),
+        click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _targets(s: str) -> tuple:
+    kinds = tuple(k.strip() for k in s.split(",") if k.strip())
+    bad = [k for k in kinds if k not in BLOCK_KINDS]
+    if bad or not kinds:
+        raise CoaloraError(f"unknown target module {bad[0] if bad else s!r}; choose from {', '.join(BLOCK_KINDS)}")
+    return kinds
+
+
+def _report(run, as_json: bool) -> None:
+    m = run.meta
+    summary = {"run": str(run.path), "mode": m["options"]["mode"], "steps": m["step"],
+               "final_loss": m.get("final_loss"), "train_seconds": m.get("train_seconds"),
+               "tokens_per_second": m.get("tokens_per_second"), "training_configurations": len(run.trainset())}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary.items():
+            click.echo(f"{k:>24}: {v}")
+
+
+def _run_training(model, data, out, mode, fixed, rank, alpha, steps, seq_len, batch, lr, targets, seed,
+                  checkpoint_every, resume, as_json, **extra):
+    from toolkit.training import TrainOptions, train
+
+    model_path = assets.resolve_model(model) if not resume else None
+    texts = assets.resolve_texts(data) if not resume else []
+    if not resume and not texts:
+        raise CoaloraError("no training text given (--data FILE..., or --data austen)")
+    opts = TrainOptions(mode=mode, rank=rank, alpha=alpha, steps=steps, seq_len=seq_len, batch=batch, lr=lr,
+                        targets=_targets(targets), seed=seed, checkpoint_every=checkpoint_every, **extra)
+    run = train(out, model_path, texts, opts, resume=resume, fixed_config=fixed, progress=not as_json,
+                log=(lambda s: None) if as_json else click.echo)
+    _report(run, as_json)
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("model")
+    @click.option("--data", "-d", multiple=True, default=("austen",), show_default=True,
+                  help="Training text files; 'austen' = the five training novels.")
+    @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+    @click.option("--mode", type=click.Choice(["coa", "shared"]), default="coa", show_default=True,
+                  help="coa: LoRA + configuration-aware model; shared: one LoRA for all configurations.")
+    @click.option("--rounds", default=2, show_default=True, help="Training / configuration-search rounds.")
+    @click.option("--search-candidates", default=12, show_default=True,
+                  help="Configurations the search evaluates for real per round.")
+    @click.option("--menu", default=",".join(DEFAULT_MENU), show_default=True, help="Quant types to choose from.")
+    @_train_options
+    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, **kw):
+        """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
+
+        MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
+        Example: coalora train smollm2 --data austen -o runs/smol --steps 200
+        """
+        from converters.quant_types import get
+        menu_t = tuple(get(t).name for t in menu.split(",") if t.strip())
+        _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
+                      menu=menu_t, **kw)
+
+    train_cmd.name = "train"
+
+    @cli.command()
+    @click.argument("model")
+    @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                  help="Configuration JSON (or a quant type name for a uniform configuration).")
+    @click.option("--data", "-d", multiple=True, default=("austen",), show_default=True)
+    @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+    @_train_options
+    def finetune(model, config_path, data, out, **kw):
+        """Fine-tune a LoRA for ONE configuration (the per-configuration baseline, QLoRA-style).
+
+        Example: coalora finetune smollm2 --config cfg.json -o runs/ft-q4
+        """
+        from converters.model_loading import load_model
+        fixed = None
+        if not kw["resume"]:
+            layout = load_model(assets.resolve_model(model)).layout()
+            fixed = _config_arg(config_path, layout)
+        _run_training(model, data, out, "single", fixed, **kw)
+
+    @cli.command()
+    @click.argument("run_dir", metavar="RUN")
+    @click.option("--config", "config_path", required=True, help="Configuration JSON, or a quant type name.")
+    @click.option("-o", "--out", required=True, type=click.Path(), help="Adapter file (.gguf) or PEFT folder.")
+    @click.option("--format", "fmt", type=click.Choice(["gguf", "peft"]), default="gguf", show_default=True)
+    @click.option("--model", "model", default=None, help="Refuse unless the run was trained on this model.")
+    @click.option("--json", "as_json", is_flag=True)
+    def adapter(run_dir, config_path, out, fmt, model, as_json):
+        """Generate the LoRA adapter of RUN for a configuration (llama.cpp GGUF or PEFT).
+
+        Example: coalora adapter runs/smol --config cfg.json -o adapter.gguf
+        """
+        from toolkit.run import Run
+        run = Run.open(run_dir)
+        if model:
+            run.check_model(assets.resolve_model(model))
+        cfg = _config_arg(config_path, run.layout)
+        run.model()
+        t = time.perf_counter()
+        run.adapter_tensors(cfg)
+        gen_ms = (time.perf_counter() - t) * 1e3
+        size = run.write_adapter(cfg, out, fmt)
+        info = {"adapter": str(out), "format": fmt, "bytes": size, "generation_ms": round(gen_ms, 2),
+                "configuration_bpw": round(run.layout.bits_per_weight(cfg), 4),
+                "model_file_bytes": run.layout.file_bytes(cfg)}
+        click.echo(json.dumps(info, indent=2) if as_json else
+                   f"wrote {out} ({size:,} bytes; generated in {gen_ms:.1f} ms for a "
+                   f"{info['configuration_bpw']:.2f}-bpw configuration)")
+
+
+def _config_arg(arg: str, layout) -> Configuration:
+    """A configuration JSON path, or a quant type name meaning 'every tensor in that type'."""
+    from pathlib import Path
+    from converters.quant_types import CATALOGUE
+    if not Path(arg).exists() and arg.upper() in CATALOGUE:
+        return layout.uniform(arg)
+    cfg = Configuration.load(arg)
+    layout.validate(cfg, strict_menu=False)
+    return cfg

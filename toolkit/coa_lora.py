@@ -1,0 +1,181 @@
+"""CoA-LoRA in torch: quantization-exact LoRA layers and the configuration-aware model.
+
+A ``QuantLoRALinear`` computes ``x W_q^T + s * x A^T (I + M)^T B^T`` where ``W_q`` is the
+dequantization of the ggml bytes of the current quant type, ``A, B`` the shared LoRA and ``M``
+an r x r adjustment that the ``ConfigAwareModel`` derives from the configuration (CoA-LoRA).
+Switching configuration swaps cached weights and recomputes M: nothing is re-quantized.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from converters.quant_types import CATALOGUE_NAMES, get
+from toolkit.configuration import BLOCK_KINDS, Configuration, ModelLayout
+
+MODES = ("coa", "shared", "single")
+
+
+class QuantLoRALinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        n_out, n_in = weight.shape
+        self.weight = weight  # plain tensor, swapped per configuration, never trained
+        self.rank, self.scale = rank, alpha / rank
+        a = torch.empty(rank, n_in)
+        bound = 1.0 / math.sqrt(n_in)
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank))
+        self.M: torch.Tensor | None = None
+
+    def folded_A(self) -> torch.Tensor:
+        """(I + M) A: the lora_a that llama.cpp receives."""
+        return self.lora_A if self.M is None else self.lora_A + self.M @ self.lora_A
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.lora_A)
+        if self.M is not None:
+            h = h + F.linear(h, self.M)
+        return F.linear(x, self.weight) + self.scale * F.linear(h, self.lora_B)
+
+
+class ConfigAwareModel(nn.Module):
+    """Per layer: quant-type, block and module-kind embeddings plus bits per weight -> r x r matrix M.
+
+    One small MLP is shared by all layers; its last layer starts at zero so training starts from
+    ``I + M = I`` (the plain shared LoRA).
+    """
+
+    def __init__(self, n_blocks: int, rank: int, type_names=CATALOGUE_NAMES, emb: int = 16, hidden: int = 64):
+        super().__init__()
+        self.rank = rank
+        self.type_names = tuple(type_names)
+        self.type_emb = nn.Embedding(len(self.type_names), emb)
+        self.block_emb = nn.Embedding(max(n_blocks, 1), emb)
+        self.kind_emb = nn.Embedding(len(BLOCK_KINDS), emb)
+        self.mlp = nn.Sequential(nn.Linear(3 * emb + 2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, rank * rank))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def features(self, layout: ModelLayout, cfg: Configuration, names: list[str]) -> dict[str, torch.Tensor]:
+        specs = [layout[n] for n in names]
+        qs = [cfg.types[n] for n in names]
+        return {
+            "type": torch.tensor([self.type_names.index(q.name) for q in qs]),
+            "block": torch.tensor([s.block for s in specs]),
+            "kind": torch.tensor([BLOCK_KINDS.index(s.kind) for s in specs]),
+            "bpw": torch.tensor([q.bits_per_weight / 8.0 - 1.0 for q in qs]),
+            "global": torch.full((len(names),), layout.bits_per_weight(cfg) / 8.0 - 1.0),
+        }
+
+    def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = torch.cat([self.type_emb(f["type"]), self.block_emb(f["block"]), self.kind_emb(f["kind"]),
+                       f["bpw"][:, None].float(), f["global"][:, None].float()], dim=1)
+        return self.mlp(x).view(-1, self.rank, self.rank)
+
+
+class CoALoRAModel(nn.Module):
+    """A Hugging Face causal LM whose target projections are ``QuantLoRALinear`` and whose
+    quantizable tensors follow a ``Configuration`` through a ``WeightBank``."""
+
+    def __init__(self, loaded, bank, layout: ModelLayout, *, mode: str = "coa", rank: int = 8, alpha: float = 16.0,
+                 targets=BLOCK_KINDS, seed: int = 0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.loaded, self.bank, self.layout, self.mode = loaded, bank, layout, mode
+        self.base = loaded.model
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        g = torch.Generator().manual_seed(seed)
+        self.lora_names = [t.name for t in layout.tensors if t.kind in targets]
+        self.layers = nn.ModuleDict()
+        for name in self.lora_names:
+            parent, attr = self._module_slot(name)
+            old = getattr(parent, attr)
+            layer = QuantLoRALinear(old.weight.detach(), rank, alpha, g)
+            setattr(parent, attr, layer)
+            self.layers[name.replace(".", "_")] = layer
+        self.cam = ConfigAwareModel(layout.n_blocks, rank) if mode == "coa" else None
+        self.cfg: Configuration | None = None
+        self._features = None
+
+    def _module_slot(self, gguf_name: str):
+        hf = self.loaded.hf_name(gguf_name)  # e.g. model.layers.0.self_attn.q_proj.weight
+        path = hf.rsplit(".", 1)[0].split(".")
+        parent = self.base
+        for p in path[:-1]:
+            parent = getattr(parent, p)
+        return parent, path[-1]
+
+    def layer(self, name: str) -> QuantLoRALinear:
+        return self.layers[name.replace(".", "_")]
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_configuration(self, cfg: Configuration) -> None:
+        """Point every quantizable tensor at the dequantized ggml bytes of its type in ``cfg``."""
+        for name, q in cfg.types.items():
+            w = self.bank.weight(name, q)
+            spec = self.layout[name]
+            if spec.kind in BLOCK_KINDS:
+                if name in self.layers_by_name:
+                    self.layers_by_name[name].weight = w
+                else:
+                    parent, attr = self._module_slot(name)
+                    getattr(parent, attr).weight.data = w
+            else:  # token_embd / output: parameters of the HF model (tied heads follow the embedding)
+                parent, attr = self._module_slot(name)
+                getattr(parent, attr).weight.data = w
+        self.cfg = cfg
+        if self.cam is not None:
+            self._features = self.cam.features(self.layout, cfg, self.lora_names)
+
+    @property
+    def layers_by_name(self) -> dict[str, QuantLoRALinear]:
+        return {n: self.layers[n.replace(".", "_")] for n in self.lora_names}
+
+    def adjustments(self) -> torch.Tensor | None:
+        return None if self.cam is None else self.cam(self._features)
+
+    def refresh_M(self) -> None:
+        Ms = self.adjustments()
+        for i, name in enumerate(self.lora_names):
+            self.layer(name).M = None if Ms is None else Ms[i]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        if self.cfg is None:
+            raise RuntimeError("set_configuration() first")
+        self.refresh_M()
+        return self.base(input_ids=input_ids, labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def adapter_tensors(self, cfg: Configuration) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The llama.cpp LoRA pairs for ``cfg``: (I + M) folded into A, B rows in GGUF order."""
+        Ms = None
+        if self.cam is not None:
+            Ms = self.cam(self.cam.features(self.layout, cfg, self.lora_names))
+        out = {}
+        for i, name in enumerate(self.lora_names):
+            layer = self.layer(name)
+            a = layer.lora_A if Ms is None else layer.lora_A + Ms[i] @ layer.lora_A
+            b = self.loaded.permute_rows(name, layer.lora_B.numpy())
+            out[name] = (a.numpy().astype(np.float32), np.ascontiguousarray(b, dtype=np.float32))
+        return out
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(("layers.", "cam."))}
+
+    def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        missing = [k for k in own if k.startswith(("layers.", "cam.")) and k not in state]
+        if missing or any(k not in own or own[k].shape != v.shape for k, v in state.items()):
+            raise ValueError("checkpoint does not match this model")
+        self.load_state_dict(state, strict=False)

@@ -1,0 +1,162 @@
+"""`coalora emit`: for a device profile, the best configuration within its budget as a model + adapter pair.
+
+DIST/NAME/model.gguf     mixed-precision model (the configuration the search picked)
+DIST/NAME/adapter.gguf   the LoRA adapter CoA-LoRA generates for that configuration
+DIST/NAME/manifest.json  configuration, sizes, sha256, predicted perplexity and memory, commands
+
+The folder is built beside its destination and renamed into place, so DIST/NAME is either the old
+pair or the new one, never a mixture.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from toolkit import memory_model as mm
+from toolkit.configuration import ModelLayout
+from toolkit.errors import CoaloraError
+from toolkit.evaluation import N_CTX, N_WINDOWS, eval_windows, model_bos, perplexity, torch_window_nll, windows_digest
+from toolkit.fileio import sha256_file, write_json
+from toolkit.profiles import Profile
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.gguf"
+ADAPTER_FILE = "adapter.gguf"
+FORMAT = "coalora-dist/1"
+
+
+def commands(profile: Profile, model: str = MODEL_FILE, adapter: str = ADAPTER_FILE) -> dict[str, str]:
+    args = " ".join(profile.llama_args())
+    return {"llama-cli": f"llama-cli -m {model} --lora {adapter} {args}",
+            "llama-server": f"llama-server -m {model} --lora {adapter} {args} --host 127.0.0.1 --port 8080"}
+
+
+def search_layout(layout: ModelLayout, profile: Profile) -> ModelLayout:
+    """The run's layout with the profile's avoided quant types taken off the menu."""
+    if not profile.avoid:
+        return layout
+    menu = tuple(m for m in layout.menu_names if m not in profile.avoid)
+    return ModelLayout(layout.tensors, layout.fixed_bytes, layout.n_blocks, menu)
+
+
+def _best(run, layout: ModelLayout, budget: int):
+    from toolkit import budget_search, pareto_search
+
+    if not Path(run.archive_path).exists():
+        raise CoaloraError(f"run {run.path} has no search archive ({run.archive_path}); train it first")
+    archive = pareto_search.Archive.load(run.archive_path)
+    return budget_search.best_configuration(layout, archive, budget)
+
+
+def eval_text(text_path=None) -> Path:
+    from toolkit import assets
+
+    p = Path(text_path) if text_path else assets.novel_path(assets.EVAL_NOVEL)
+    if not p.is_file():
+        raise CoaloraError(f"evaluation text not found: {p}" + ("" if text_path else "; run `coalora assets --fetch`"))
+    return p
+
+
+def gguf_windows(model_path, text: str, n_windows: int, n_ctx: int):
+    """Evaluation windows tokenized by the GGUF's own tokenizer (llama.cpp, vocabulary only): emit and
+    validate then score exactly the same token ids."""
+    from llama_cpp import Llama
+
+    from toolkit.llama_runtime import _quiet_llama_logs
+
+    _quiet_llama_logs()
+    try:
+        vocab = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise CoaloraError(f"llama.cpp cannot read the vocabulary of {model_path}: {e}") from None
+    try:
+        bos = model_bos(vocab)
+        return eval_windows(vocab, text, n_windows, n_ctx, bos=bos), bos
+    finally:
+        vocab.close()
+
+
+def _num(x):
+    return None if x is None else float(x)
+
+
+def _install(tmp: Path, dest: Path) -> None:
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int = N_CTX, text_path=None,
+         log=lambda msg: None) -> dict:
+    """Write DIST/<profile.name>/ for ``run`` and return its manifest."""
+    t0 = time.perf_counter()
+    from converters.gguf_model_writer import write_gguf
+
+    loaded = run.loaded()
+    layout = run.layout
+    arch = mm.ArchInfo.from_loaded(loaded)
+    o = run.meta.get("options", {})
+    adapter_guess = mm.adapter_bytes_estimate(layout, int(o.get("rank", 16)), o.get("targets"))
+    budget = profile.model_budget_bytes(layout, arch, adapter_guess)
+    log(f"{profile.name}: model budget {budget / 1e6:.1f} MB")
+    res = _best(run, search_layout(layout, profile), budget)
+    cfg = res.cfg
+    avoided = sorted({q.name for q in cfg.types.values()} & set(profile.avoid))
+    text_file = eval_text(text_path)
+    text = text_file.read_text()
+
+    out_dir = Path(out_dir)
+    dest = out_dir / profile.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.", suffix=".part", dir=out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        model_path, adapter_path = tmp / MODEL_FILE, tmp / ADAPTER_FILE
+        log(f"{profile.name}: writing {MODEL_FILE} ({res.file_bytes / 1e6:.1f} MB, {res.bpw:.2f} bpw)")
+        write_gguf(loaded, model_path, cfg, quantized=run.quantized_bytes, progress=False)
+        run.write_adapter(cfg, adapter_path)
+        model_bytes, adapter_bytes = model_path.stat().st_size, adapter_path.stat().st_size
+
+        log(f"{profile.name}: predicting perplexity on {n_windows} windows of {n_ctx} tokens")
+        windows, bos = gguf_windows(model_path, text, n_windows, n_ctx)
+        nll = torch_window_nll(run.torch_logits_fn(cfg), windows)
+        ppl = perplexity(nll)
+
+        mem = profile.memory(arch, model_bytes, adapter_bytes)
+        manifest = {
+            "format": FORMAT,
+            "profile": profile.to_dict(),
+            "run": str(Path(run.path).resolve()),
+            "source_model": {"path": str(Path(run.meta["model"]).resolve()), "sha256": run.meta.get("model_sha256")},
+            "architecture": arch.__dict__,
+            "configuration": cfg.to_json()["types"],
+            "histogram": cfg.histogram(),
+            "search": {"budget_bytes": budget, "file_bytes": int(res.file_bytes), "bits_per_weight": float(res.bpw),
+                       "predicted_loss": _num(res.predicted_loss), "predicted_ppl": _num(res.predicted_ppl),
+                       "source": getattr(res, "source", ""),
+                       "avoided_types_used": avoided},
+            "files": {MODEL_FILE: {"bytes": model_bytes, "sha256": sha256_file(model_path)},
+                      ADAPTER_FILE: {"bytes": adapter_bytes, "sha256": sha256_file(adapter_path)}},
+            "evaluation": {"text": text_file.name, "text_sha256": sha256_file(text_file), "n_windows": n_windows,
+                           "n_ctx": n_ctx, "bos": bos, "windows_sha256": windows_digest(windows),
+                           "predicted_perplexity": ppl},
+            "memory": mem.as_dict(),
+            "fits": {"model_budget": model_bytes <= budget, "memory_model": mem.total <= profile.process_budget_bytes},
+            "commands": commands(profile),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        write_json(tmp / MANIFEST, manifest)
+        _install(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

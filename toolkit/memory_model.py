@@ -1,0 +1,141 @@
+"""How much memory a llama.cpp process needs for a model + adapter at a given context (CPU backend).
+
+    total = model file bytes            (mmapped weights; all pages are touched at inference)
+          + adapter file bytes          (llama.cpp copies LoRA tensors into their own buffer)
+          + KV cache                    n_layers x n_ctx x (n_embd_k + n_embd_v) x bytes/element of the cache type
+                                        (n_embd_k = n_kv_heads x head_dim, read from attn_k's rows)
+          + compute buffers             4 B x n_ubatch x max(n_vocab + 2 n_embd, (n_head + 1) n_ctx + 2 n_ff)
+                                        without flash attention (the KQ scores of a ubatch dominate at long
+                                        context, the logits of a ubatch at short); with flash attention the KQ
+                                        term drops: 4 B x n_ubatch x (n_vocab + 2 n_embd)
+          + runtime overhead            RUNTIME_OVERHEAD: binary, libc, thread stacks, vocab tables
+                                        (a python process with llama_cpp imported is ~42 MiB RSS)
+
+The compute formula was fitted to what llama.cpp's scheduler reserves for SmolLM2-135M (0.3.36,
+n_ubatch 512): 98.25 MiB at n_ctx 512 and 2048, 166.4 MiB at 8192; the formula gives 98.25 / 98.25 / 166.0.
+It is an upper bound on resident memory: short prompts touch only part of the compute buffer.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from toolkit.errors import CoaloraError
+
+MiB = 1 << 20
+RUNTIME_OVERHEAD = 64 * MiB
+# bytes per element of a llama.cpp KV cache type (-ctk / -ctv)
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                 "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+# ggml type ids for llama_cpp.Llama(type_k=..., type_v=...)
+KV_TYPE_GGML = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+ASSUMED_HEAD_DIM = 64  # only when the head count is unknown (a layout without GGUF metadata)
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """The shape numbers the memory model needs."""
+    n_layers: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    n_head: int
+    n_embd_k: int   # per layer and token, = n_kv_heads x head_dim
+    n_embd_v: int
+
+    @classmethod
+    def from_gguf(cls, path) -> "ArchInfo":
+        from gguf import GGUFReader
+
+        try:
+            r = GGUFReader(str(path))
+        except Exception as e:
+            raise CoaloraError(f"cannot read {Path(path).name}: {e}") from None
+        arch = r.get_field("general.architecture").contents()
+
+        def kv(key):
+            f = r.get_field(f"{arch}.{key}")
+            if f is None:
+                raise CoaloraError(f"{Path(path).name} has no {arch}.{key}")
+            return int(f.contents())
+
+        n_head, n_embd = kv("attention.head_count"), kv("embedding_length")
+        f = r.get_field(f"{arch}.attention.head_count_kv")
+        n_kv = int(f.contents()) if f is not None else n_head
+        head_dim = n_embd // n_head
+        vocab = next((int(t.shape[1]) for t in r.tensors if t.name == "token_embd.weight"), 0)
+        return cls(kv("block_count"), n_embd, kv("feed_forward_length"), vocab, n_head, n_kv * head_dim,
+                   n_kv * head_dim)
+
+    @classmethod
+    def from_loaded(cls, loaded) -> "ArchInfo":
+        c = loaded.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return cls(int(c.num_hidden_layers), int(c.hidden_size), int(c.intermediate_size), int(c.vocab_size),
+                   int(c.num_attention_heads), int(n_kv * head_dim), int(n_kv * head_dim))
+
+    @classmethod
+    def from_layout(cls, layout, n_vocab: int | None = None, n_head: int | None = None) -> "ArchInfo":
+        """From a ModelLayout alone; the head count defaults to n_embd / 64 when not given."""
+        by_kind = {}
+        for t in layout.tensors:
+            by_kind.setdefault(t.kind, t)
+        try:
+            k, v, up = by_kind["attn_k"], by_kind["attn_v"], by_kind["ffn_up"]
+        except KeyError as e:
+            raise CoaloraError(f"the layout has no {e.args[0]} tensor; cannot size the KV cache") from None
+        n_embd = k.n_per_row
+        emb = by_kind.get("token_embd") or by_kind.get("output")
+        vocab = n_vocab or (emb.n_rows if emb else 0)
+        return cls(layout.n_blocks, n_embd, up.n_rows, vocab, n_head or max(1, n_embd // ASSUMED_HEAD_DIM),
+                   k.n_rows, v.n_rows)
+
+
+def kv_bytes_per_element(kv_type: str) -> float:
+    try:
+        return KV_TYPE_BYTES[kv_type.lower()]
+    except KeyError:
+        raise CoaloraError(f"unknown KV cache type {kv_type!r}; known: {', '.join(KV_TYPE_BYTES)}") from None
+
+
+def kv_cache_bytes(arch: ArchInfo, n_ctx: int, kv_type: str = "f16") -> int:
+    return int(arch.n_layers * n_ctx * (arch.n_embd_k + arch.n_embd_v) * kv_bytes_per_element(kv_type))
+
+
+def compute_bytes(arch: ArchInfo, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = False) -> int:
+    ub = min(n_ubatch, n_ctx)
+    logits_term = arch.n_vocab + 2 * arch.n_embd
+    if flash_attn:
+        return 4 * ub * logits_term
+    return 4 * ub * max(logits_term, (arch.n_head + 1) * n_ctx + 2 * arch.n_ff)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    model_bytes: int
+    adapter_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.model_bytes + self.adapter_bytes + self.kv_cache_bytes + self.compute_bytes + self.overhead_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total}
+
+
+def estimate(arch: ArchInfo, model_bytes: int, adapter_bytes: int, n_ctx: int, kv_type: str = "f16",
+             n_ubatch: int = 512, flash_attn: bool = False, overhead: int = RUNTIME_OVERHEAD) -> MemoryEstimate:
+    return MemoryEstimate(int(model_bytes), int(adapter_bytes), kv_cache_bytes(arch, n_ctx, kv_type),
+                          compute_bytes(arch, n_ctx, n_ubatch, flash_attn), int(overhead))
+
+
+def adapter_bytes_estimate(layout, rank: int, targets=None, bytes_per_value: int = 4) -> int:
+    """Size of an F32 LoRA GGUF of ``rank`` over the layout's block tensors of the ``targets`` kinds."""
+    n = sum(rank * (t.n_per_row + t.n_rows) for t in layout.tensors
+            if t.block >= 0 and (targets is None or t.kind in targets))
+    n_tensors = sum(2 for t in layout.tensors if t.block >= 0 and (targets is None or t.kind in targets))
+    return n * bytes_per_value + n_tensors * (32 + 96) + 4096  # data + alignment + tensor infos + header

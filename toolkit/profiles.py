@@ -1,0 +1,140 @@
+"""Device profiles: the TOML files shipped in the ``device_profiles`` package, or a user's own TOML file.
+
+A profile says how much memory a device has, what share of it the llama.cpp process may take, how it
+runs llama.cpp (context, threads, ubatch, KV cache type, flash attention) and which quant types suit
+its CPU. ``Profile.model_budget_bytes(layout)`` is what is left for the model file once the adapter,
+the KV cache, the compute buffers and the runtime are paid for (see :mod:`toolkit.memory_model`),
+capped by the profile's optional explicit ``model_budget_bytes``.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from converters.quant_types import CATALOGUE_NAMES
+from toolkit import memory_model as mm
+from toolkit.errors import CoaloraError
+
+REQUIRED = ("name", "description", "memory_bytes", "model_share", "context_length", "threads")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    memory_bytes: int
+    model_share: float
+    context_length: int
+    threads: int
+    kv_cache_type: str = "f16"
+    ubatch: int = 512
+    flash_attn: bool = False
+    prefer: tuple[str, ...] = ()
+    avoid: tuple[str, ...] = ()
+    model_budget_cap: int | None = None   # the TOML's model_budget_bytes
+    source: str = field(default="", compare=False)
+
+    @property
+    def process_budget_bytes(self) -> int:
+        """Memory the whole llama.cpp process may use on this device."""
+        return int(self.memory_bytes * self.model_share)
+
+    def memory(self, arch: mm.ArchInfo, model_bytes: int, adapter_bytes: int) -> mm.MemoryEstimate:
+        return mm.estimate(arch, model_bytes, adapter_bytes, self.context_length, self.kv_cache_type,
+                           self.ubatch, self.flash_attn)
+
+    def model_budget_bytes(self, layout, arch: mm.ArchInfo | None = None, adapter_bytes: int | None = None,
+                           rank: int = 16, targets=None) -> int:
+        """Bytes available for the model file. ``adapter_bytes`` defaults to an F32 LoRA of ``rank``."""
+        arch = arch or mm.ArchInfo.from_layout(layout)
+        if adapter_bytes is None:
+            adapter_bytes = mm.adapter_bytes_estimate(layout, rank, targets)
+        rest = self.memory(arch, 0, adapter_bytes).total
+        budget = self.process_budget_bytes - rest
+        if self.model_budget_cap is not None:
+            budget = min(budget, self.model_budget_cap)
+        if budget <= 0:
+            raise CoaloraError(f"profile {self.name}: the adapter, KV cache and compute buffers for a context of "
+                               f"{self.context_length} already take {rest / mm.MiB:.0f} MiB of the "
+                               f"{self.process_budget_bytes / mm.MiB:.0f} MiB the profile allows")
+        return int(budget)
+
+    def llama_args(self) -> list[str]:
+        """llama-cli / llama-server options this profile runs with (besides -m and --lora)."""
+        args = ["-c", str(self.context_length), "-t", str(self.threads), "-b", str(self.ubatch),
+                "-ub", str(self.ubatch), "-ctk", self.kv_cache_type, "-ctv", self.kv_cache_type,
+                "-fa", "on" if self.flash_attn else "off"]
+        return args
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model_budget_bytes"] = d.pop("model_budget_cap")
+        d["prefer"], d["avoid"] = list(self.prefer), list(self.avoid)
+        d["process_budget_bytes"] = self.process_budget_bytes
+        return d
+
+
+def _parse(data: dict, source: str) -> Profile:
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise CoaloraError(f"profile {source} lacks {', '.join(missing)}")
+    known = set(REQUIRED) | {"kv_cache_type", "ubatch", "flash_attn", "prefer", "avoid", "model_budget_bytes"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CoaloraError(f"profile {source}: unknown key {unknown[0]!r}")
+    try:
+        p = Profile(name=str(data["name"]), description=str(data["description"]),
+                    memory_bytes=int(data["memory_bytes"]), model_share=float(data["model_share"]),
+                    context_length=int(data["context_length"]), threads=int(data["threads"]),
+                    kv_cache_type=str(data.get("kv_cache_type", "f16")).lower(), ubatch=int(data.get("ubatch", 512)),
+                    flash_attn=bool(data.get("flash_attn", False)),
+                    prefer=tuple(str(q).upper() for q in data.get("prefer", ())),
+                    avoid=tuple(str(q).upper() for q in data.get("avoid", ())),
+                    model_budget_cap=(int(data["model_budget_bytes"]) if "model_budget_bytes" in data else None),
+                    source=source)
+    except (TypeError, ValueError) as e:
+        raise CoaloraError(f"profile {source}: {e}") from None
+    if p.memory_bytes <= 0 or not 0 < p.model_share <= 1 or p.context_length < 1 or p.threads < 1 or p.ubatch < 1:
+        raise CoaloraError(f"profile {source}: memory_bytes, context_length, threads and ubatch must be positive "
+                           f"and model_share in (0, 1]")
+    mm.kv_bytes_per_element(p.kv_cache_type)
+    if p.kv_cache_type not in ("f16", "f32", "bf16") and not p.flash_attn:
+        raise CoaloraError(f"profile {source}: a {p.kv_cache_type} KV cache needs flash_attn = true in llama.cpp")
+    bad = [q for q in p.prefer + p.avoid if q not in CATALOGUE_NAMES]
+    if bad:
+        raise CoaloraError(f"profile {source}: unknown quant type {bad[0]!r}")
+    return p
+
+
+def _shipped() -> dict[str, Path]:
+    root = resources.files("device_profiles")
+    return {Path(e.name).stem: Path(str(e)) for e in root.iterdir() if e.name.endswith(".toml")}
+
+
+def list_profiles() -> list[Profile]:
+    return [load_profile(p) for _, p in sorted(_shipped().items())]
+
+
+def profile_names() -> list[str]:
+    return sorted(_shipped())
+
+
+def load_profile(name_or_path) -> Profile:
+    """A shipped profile by name, or any TOML file by path."""
+    s = str(name_or_path)
+    path = Path(s)
+    if not (s.endswith(".toml") or path.is_file()):
+        shipped = _shipped()
+        if s not in shipped:
+            raise CoaloraError(f"unknown device profile {s!r}; known: {', '.join(sorted(shipped))} "
+                               f"(or give the path of a .toml file)")
+        path = shipped[s]
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CoaloraError(f"profile file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CoaloraError(f"cannot read profile {path}: {e}") from None
+    return _parse(data, str(path))

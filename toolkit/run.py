@@ -1,0 +1,182 @@
+"""A training run folder: what was trained, on which model, and everything derived from it.
+
+RUN/run.json       options, model path and sha256, model layout, status and training statistics
+RUN/checkpoint.pt  LoRA + configuration-aware model + optimizer state (latest step)
+RUN/trainset.json  the training configuration set
+RUN/archive.json   configurations evaluated by the search (bits, loss)
+RUN/tokens.npy     the tokenized training text
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toolkit import assets
+from toolkit.configuration import Configuration, ModelLayout
+from toolkit.errors import CoaloraError
+from toolkit.fileio import atomic_path, model_fingerprint, write_json
+
+
+def quant_cache_dir(model_sha256: str) -> Path:
+    return assets.home() / "quant-cache" / model_sha256[:16]
+
+
+class Run:
+    def __init__(self, path: Path, meta: dict, loaded=None):
+        self.path = Path(path)
+        self.meta = meta
+        self._loaded = loaded
+
+    # -- files --------------------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @property
+    def trainset_path(self) -> Path:
+        return self.path / "trainset.json"
+
+    @property
+    def archive_path(self) -> Path:
+        return self.path / "archive.json"
+
+    @classmethod
+    def open(cls, path, require_trained: bool = True) -> "Run":
+        path = Path(path)
+        meta_path = path / "run.json"
+        if not meta_path.exists():
+            raise CoaloraError(f"{path} is not a coalora run (no run.json); create one with `coalora train`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CoaloraError(f"{meta_path} is unreadable: {e}") from None
+        run = cls(path, meta)
+        if require_trained and meta.get("status") != "trained":
+            raise CoaloraError(f"run {path} has no trained model yet (status: {meta.get('status', 'unknown')}); "
+                               f"finish it with `coalora train ... --resume`")
+        return run
+
+    def save_meta(self) -> None:
+        write_json(self.meta_path, self.meta)
+
+    # -- model ----------------------------------------------------------------------------------
+    @functools.cached_property
+    def layout(self) -> ModelLayout:
+        return ModelLayout.from_description(self.meta["layout"])
+
+    def loaded(self):
+        """The Hugging Face model the run was trained on (loaded once)."""
+        from converters.model_loading import load_model
+
+        if self._loaded is None:
+            model_path = Path(self.meta["model"])
+            if not model_path.exists():
+                raise CoaloraError(f"the run's model {model_path} is missing")
+            self._loaded = load_model(model_path)
+        return self._loaded
+
+    def check_model(self, model_path) -> None:
+        """Refuse a model other than the one this run was trained on."""
+        if model_fingerprint(model_path) != self.meta["model_sha256"]:
+            raise CoaloraError(f"{model_path} is not the model run {self.path} was trained on "
+                               f"({self.meta['model']})")
+
+    @functools.cache
+    def bank(self):
+        from toolkit.weight_bank import WeightBank
+
+        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]))
+
+    def quantized_bytes(self, name: str, qtype) -> np.ndarray:
+        return self.bank().quantized_bytes(name, qtype)
+
+    @functools.cache
+    def model(self):
+        """The CoA-LoRA torch model (one per run: it wraps the loaded model in place), latest checkpoint loaded."""
+        from toolkit.coa_lora import CoALoRAModel
+
+        o = self.meta["options"]
+        m = CoALoRAModel(self.loaded(), self.bank(), self.layout, mode=o["mode"], rank=o["rank"], alpha=o["alpha"],
+                         targets=tuple(o["targets"]), seed=o["seed"])
+        if self.checkpoint_path.exists():
+            m.load_lora_state(load_checkpoint(self.checkpoint_path)["lora"])
+        m.eval()
+        return m
+
+    def trainset(self) -> list[Configuration]:
+        if not self.trainset_path.exists():
+            return []
+        return [Configuration.from_json(d) for d in json.loads(self.trainset_path.read_text())]
+
+    def check_configuration(self, cfg: Configuration) -> None:
+        """A CoA run answers for the types it was trained on; other modes' adapters ignore the configuration."""
+        self.layout.validate(cfg, strict_menu=self.meta["options"]["mode"] == "coa")
+
+    # -- products -------------------------------------------------------------------------------
+    def adapter_tensors(self, cfg: Configuration) -> dict:
+        self.check_configuration(cfg)
+        return self.model().adapter_tensors(cfg)
+
+    def write_adapter(self, cfg: Configuration, path, fmt: str = "gguf") -> int:
+        tensors = self.adapter_tensors(cfg)
+        o = self.meta["options"]
+        if fmt == "peft":
+            from converters.peft_adapter_writer import write_peft
+            return write_peft(path, self.loaded(), tensors, rank=o["rank"], alpha=o["alpha"])
+        from converters.gguf_adapter_writer import write_lora_gguf
+        return write_lora_gguf(path, self.loaded().arch, o["alpha"], tensors,
+                               name=f"coalora {o['mode']} adapter",
+                               extra={"coalora.model_sha256": self.meta["model_sha256"],
+                                      "coalora.mode": o["mode"]})
+
+    def torch_logits_fn(self, cfg: Configuration):
+        self.check_configuration(cfg)
+        model = self.model()
+
+        @torch.no_grad()
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            model.set_configuration(cfg)
+            return model(ids).logits
+
+        return logits
+
+    @torch.no_grad()
+    def calibration_loss(self, cfgs: list[Configuration]) -> list[float]:
+        from toolkit.training import calibration_stream
+
+        model = self.model()
+        batch = calibration_stream(self).calibration_batch()
+        out = []
+        for cfg in cfgs:
+            model.set_configuration(cfg)
+            out.append(float(model(batch, labels=batch).loss))
+        return out
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        raise CoaloraError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
+                           f"delete it to train from scratch") from None
+    if not isinstance(state, dict) or "lora" not in state or "step" not in state:
+        raise CoaloraError(f"checkpoint {path} is not a coalora checkpoint")
+    return state
+
+
+def env_threads() -> int:
+    return int(os.environ.get("COALORA_THREADS", torch.get_num_threads()))

@@ -1,0 +1,237 @@
+"""Per-tensor quantization sensitivity and greedy bit allocation under an exact byte budget.
+
+``error_table`` measures, for every tensor and every type of its menu, the (optionally
+importance-weighted) squared Frobenius error of a real ggml round trip. ``allocate`` picks one type
+per tensor that minimizes the summed error subject to ``layout.file_bytes(cfg) <= budget_bytes``,
+and ``initial_training_set`` spreads such allocations over a bit range, one or more per 0.25-bit bin
+(LQ-LoRA style); it seeds the Pareto configuration search.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from converters.ggml_quant import roundtrip
+from toolkit.configuration import Configuration, ModelLayout, pad
+from toolkit.errors import CoaloraError
+from toolkit.fileio import write_json
+
+# errors[tensor name][type name] = quantization error of that tensor in that type
+ErrorTable = dict[str, dict[str, float]]
+
+
+def tensor_errors(weight: np.ndarray, types, importance: np.ndarray | None = None,
+                  max_rows: int | None = 2048, seed: int = 0) -> dict[str, float]:
+    """Squared Frobenius error ``sum_ij imp_j (W - deq(q(W)))_ij^2`` of ``weight`` for each type.
+
+    ``importance`` weights the input columns (llama.cpp's imatrix: mean squared activation per
+    column). Tall tensors (embeddings) are estimated on ``max_rows`` random rows, scaled back up.
+    """
+    w = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1, weight.shape[-1])
+    scale = 1.0
+    if max_rows and w.shape[0] > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(w.shape[0], max_rows, replace=False))
+        scale = w.shape[0] / max_rows
+        w = np.ascontiguousarray(w[rows])
+    imp = None if importance is None else np.asarray(importance, dtype=np.float64).reshape(1, -1)
+    out = {}
+    for q in types:
+        _, deq = roundtrip(w, q)
+        d = (w.astype(np.float64) - deq) ** 2
+        out[getattr(q, "name", str(q))] = float(scale * (d.sum() if imp is None else (d * imp).sum()))
+    return out
+
+
+def _layout_key(layout: ModelLayout, extra: str = "") -> str:
+    return hashlib.sha256((json.dumps(layout.describe()) + extra).encode()).hexdigest()[:16]
+
+
+def error_table(layout: ModelLayout, weight: Callable[[str], np.ndarray],
+                importance: dict[str, np.ndarray] | None = None, cache: str | Path | None = None,
+                max_rows: int | None = 2048, progress: bool = False) -> ErrorTable:
+    """Error of every tensor in every menu type, from real ggml round trips; cached in ``cache`` (JSON).
+
+    ``weight(name)`` returns the float32 (rows, n_per_row) weight; ``importance`` maps tensor names to
+    per-column importance vectors. The cache is keyed on the layout, menu and whether importance is used.
+    """
+    key = _layout_key(layout, f"imp={importance is not None};rows={max_rows}")
+    if cache is not None and Path(cache).exists():
+        try:
+            d = json.loads(Path(cache).read_text())
+            if d.get("key") == key:
+                return d["errors"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass  # a stale or broken cache is recomputed
+    names = layout.names()
+    it = names
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(names, desc="sensitivity", unit="tensor")
+    table: ErrorTable = {}
+    for n in it:
+        imp = None if importance is None else importance.get(n)
+        table[n] = tensor_errors(weight(n), layout.menu(n), imp, max_rows=max_rows)
+    if cache is not None:
+        write_json(cache, {"key": key, "errors": table})
+    return table
+
+
+def load_error_table(path) -> ErrorTable | None:
+    """The table cached at ``path`` by :func:`error_table`, or None when there is none."""
+    try:
+        return json.loads(Path(path).read_text())["errors"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------- allocation
+
+
+class _Problem:
+    """Dense arrays of a layout's menus: padded bytes and errors per (tensor, menu slot)."""
+
+    def __init__(self, layout: ModelLayout, errors: ErrorTable):
+        self.layout = layout
+        self.names = layout.names()
+        self.menus = [[q.name for q in layout.menu(n)] for n in self.names]
+        for n, m in zip(self.names, self.menus):
+            if not m:
+                raise CoaloraError(f"{n}: no type of the menu fits its rows")
+            missing = [q for q in m if q not in errors.get(n, {})]
+            if missing:
+                raise CoaloraError(f"error table has no {missing[0]} error for {n}; recompute it")
+        k = max(len(m) for m in self.menus)
+        self.bytes = np.full((len(self.names), k), np.iinfo(np.int64).max // 4, dtype=np.int64)
+        self.err = np.full((len(self.names), k), np.inf)
+        for i, (n, m) in enumerate(zip(self.names, self.menus)):
+            for j, q in enumerate(m):
+                self.bytes[i, j] = pad(layout[n].bytes(q))
+                self.err[i, j] = errors[n][q]
+        self.cheapest = np.array([int(np.argmin(self.bytes[i, :len(m)])) for i, m in enumerate(self.menus)])
+        self.dearest = np.array([int(np.argmax(self.bytes[i, :len(m)])) for i, m in enumerate(self.menus)])
+
+    def total_bytes(self, choice: np.ndarray) -> int:
+        return self.layout.fixed_bytes + int(self.bytes[np.arange(len(choice)), choice].sum())
+
+    def config(self, choice) -> Configuration:
+        return Configuration({n: self.menus[i][j] for i, (n, j) in enumerate(zip(self.names, choice))})
+
+    def hull_steps(self):
+        """Upgrade steps along each tensor's lower convex hull of (bytes, error), best ratio first."""
+        steps = []
+        for i, m in enumerate(self.menus):
+            pts = sorted(range(len(m)), key=lambda j: (self.bytes[i, j], self.err[i, j]))
+            hull = []
+            for j in pts:  # keep only types that lower the error, on the convex hull
+                if hull and self.err[i, j] >= self.err[i, hull[-1]]:
+                    continue
+                while len(hull) >= 2:
+                    a, b = hull[-2], hull[-1]
+                    # b is above the chord a->j: drop it
+                    lhs = (self.err[i, a] - self.err[i, b]) * (self.bytes[i, j] - self.bytes[i, a])
+                    rhs = (self.err[i, a] - self.err[i, j]) * (self.bytes[i, b] - self.bytes[i, a])
+                    if lhs <= rhs:
+                        hull.pop()
+                    else:
+                        break
+                hull.append(j)
+            for a, b in zip(hull, hull[1:]):
+                db = self.bytes[i, b] - self.bytes[i, a]
+                steps.append(((self.err[i, a] - self.err[i, b]) / max(db, 1), i, a, b))
+        steps.sort(key=lambda s: -s[0])
+        return steps
+
+
+def byte_range(layout: ModelLayout) -> tuple[int, int]:
+    """Smallest and largest file bytes a configuration of ``layout`` can have (cheapest / dearest menu types)."""
+    lo = hi = layout.fixed_bytes
+    for n in layout.names():
+        b = [pad(layout[n].bytes(q)) for q in layout.menu(n)]
+        if not b:
+            raise CoaloraError(f"{n}: no type of the menu fits its rows")
+        lo += min(b)
+        hi += max(b)
+    return lo, hi
+
+
+def bpw_of_bytes(layout: ModelLayout, file_bytes: int) -> float:
+    """Approximate bits per weight of a file of ``file_bytes`` (padding counted as weights)."""
+    return 8.0 * (file_bytes - layout.fixed_bytes) / layout.n_weights()
+
+
+def bytes_for_bpw(layout: ModelLayout, bpw: float) -> int:
+    """A file budget whose configurations all have at most ``bpw`` bits per weight."""
+    return layout.fixed_bytes + int(math.floor(bpw * layout.n_weights() / 8.0))
+
+
+def check_budget(layout: ModelLayout, budget_bytes: int) -> None:
+    lo, hi = byte_range(layout)
+    if not lo <= budget_bytes <= hi:
+        raise CoaloraError(
+            f"budget {budget_bytes:,} bytes is outside the reachable range {lo:,}..{hi:,} bytes "
+            f"({bpw_of_bytes(layout, lo):.3f}..{bpw_of_bytes(layout, hi):.3f} bpw)")
+
+
+def allocate(layout: ModelLayout, errors: ErrorTable, budget_bytes: int) -> Configuration:
+    """Types minimizing the summed error with ``layout.file_bytes(cfg) <= budget_bytes`` (exact bytes).
+
+    Greedy on each tensor's convex hull, best error reduction per byte first (optimal up to the last
+    step that does not fit), then a fill pass that spends the leftover bytes on the best single-tensor
+    changes among all menu types. Raises CoaloraError when the budget is outside the reachable range.
+    """
+    check_budget(layout, budget_bytes)
+    p = _Problem(layout, errors)
+    choice = p.cheapest.copy()
+    left = budget_bytes - p.total_bytes(choice)
+    for _, i, a, b in p.hull_steps():  # skipping a step blocks that tensor's later hull steps
+        if choice[i] == a and p.bytes[i, b] - p.bytes[i, a] <= left:
+            left -= p.bytes[i, b] - p.bytes[i, a]
+            choice[i] = b
+    return p.config(_fill(p, choice, left))
+
+
+def _fill(p: _Problem, choice: np.ndarray, left: int) -> np.ndarray:
+    """Spend ``left`` bytes on single-tensor type changes, largest error drop per byte first."""
+    rows = np.arange(len(choice))
+    while True:
+        cur_b = p.bytes[rows, choice][:, None]
+        cur_e = p.err[rows, choice][:, None]
+        db = p.bytes - cur_b
+        de = cur_e - p.err
+        ok = (db <= left) & (de > 0)
+        if not ok.any():
+            return choice
+        score = np.where(ok, de / np.maximum(db, 1), -np.inf)
+        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        left -= int(db[i, j])
+        choice = choice.copy()
+        choice[i] = j
+
+
+def total_error(layout: ModelLayout, errors: ErrorTable, cfg: Configuration) -> float:
+    return float(sum(errors[n][q.name] for n, q in cfg.types.items()))
+
+
+def initial_training_set(layout: ModelLayout, errors: ErrorTable, bpw_lo: float, bpw_hi: float,
+                         bin_width: float = 0.25, per_bin: int = 1) -> list[Configuration]:
+    """Greedy allocations at budgets spread over ``[bpw_lo, bpw_hi]``: ``per_bin`` per ``bin_width``-bit bin.
+
+    Budgets are clipped to the reachable range; duplicates are dropped, so a bin the menus cannot
+    reach (e.g. between two types no tensor mixes) may stay empty.
+    """
+    if bpw_hi <= bpw_lo or bin_width <= 0 or per_bin < 1:
+        raise CoaloraError("need bpw_lo < bpw_hi, bin_width > 0 and per_bin >= 1")
+    lo, hi = byte_range(layout)
+    out: dict[Configuration, None] = {}
+    n_bins = max(1, int(math.ceil((bpw_hi - bpw_lo) / bin_width - 1e-9)))
+    for k in range(n_bins):
+        for s in range(per_bin):
+            bpw = bpw_lo + bin_width * (k + (s + 1) / (per_bin + 1))
+            budget = min(max(bytes_for_bpw(layout, bpw), lo), hi)
+            out.setdefault(allocate(layout, errors, budget), None)
+    return list(out)

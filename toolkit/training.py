@@ -1,0 +1,241 @@
+"""Joint training of the shared LoRA and the configuration-aware model (CoA-LoRA), and the baselines.
+
+mode "coa":    LoRA + configuration-aware model, configurations drawn from the training set,
+               which the Pareto search refines between rounds.
+mode "shared": one LoRA for all configurations of the training set, no configuration-aware model.
+mode "single": one LoRA fine-tuned for one fixed configuration (the per-configuration baseline).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toolkit.configuration import BLOCK_KINDS, DEFAULT_MENU, Configuration
+from toolkit.errors import CoaloraError
+from toolkit.fileio import model_fingerprint, write_json
+from toolkit.run import Run, load_checkpoint, save_checkpoint
+from toolkit.text_data import TokenStream, tokenize_files
+
+
+@dataclass
+class TrainOptions:
+    mode: str = "coa"
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 200
+    seq_len: int = 256
+    batch: int = 4
+    lr: float = 1e-3
+    cam_lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    warmup: int = 10
+    targets: tuple = BLOCK_KINDS
+    menu: tuple = DEFAULT_MENU
+    seed: int = 0
+    rounds: int = 2
+    search_candidates: int = 12
+    checkpoint_every: int = 25
+    calib_windows: int = 4
+    include_embeddings: bool = True
+
+    def lr_at(self, step: int, base: float) -> float:
+        if step < self.warmup:
+            return base * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# Options that must not change when a run is resumed.
+_FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
+           "targets", "menu", "seed", "rounds", "include_embeddings")
+
+
+@functools.cache
+def _stream_for(path: str, seq_len: int, calib_windows: int) -> TokenStream:
+    return TokenStream(np.load(path), seq_len, calib_windows=calib_windows)
+
+
+def calibration_stream(run: Run) -> TokenStream:
+    o = run.meta["options"]
+    return _stream_for(str(run.path / "tokens.npy"), o["seq_len"], o["calib_windows"])
+
+
+def _initial_trainset(run: Run, opts: TrainOptions) -> list[Configuration]:
+    from toolkit import sensitivity
+
+    errors = sensitivity.error_table(run.layout, run.bank().original, cache=run.path / "sensitivity.json")
+    lo, hi = sensitivity.byte_range(run.layout)
+    return sensitivity.initial_training_set(run.layout, errors, sensitivity.bpw_of_bytes(run.layout, lo),
+                                            sensitivity.bpw_of_bytes(run.layout, hi))
+
+
+def _search_round(run: Run, round_index: int, opts: TrainOptions, log) -> list[Configuration]:
+    """Evaluate candidates for real with the current model, archive them, return the new training set."""
+    from toolkit import pareto_search
+
+    archive = pareto_search.Archive.load(run.archive_path) if run.archive_path.exists() else pareto_search.Archive()
+    archive, trainset = pareto_search.refine(run.layout, archive, run.calibration_loss, n_new=opts.search_candidates,
+                                             seed=opts.seed + round_index, round_index=round_index,
+                                             seed_configurations=run.trainset())
+    archive.save(run.archive_path)
+    write_json(run.trainset_path, [c.to_json() for c in trainset])
+    pareto_search.plot_pareto(archive, trainset, run.path / "pareto.png")
+    pareto_search.write_pareto_json(archive, trainset, run.path / "pareto.json")
+    log(f"search round {round_index}: archive {len(archive)} configurations, training set {len(trainset)}")
+    return trainset
+
+
+def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool = False,
+          fixed_config: Configuration | None = None, progress: bool = True, log=print,
+          interrupt_at: int | None = None) -> Run:
+    from converters.model_loading import load_model
+
+    run_dir = Path(run_dir)
+    torch.manual_seed(opts.seed)
+    if resume:
+        run = Run.open(run_dir, require_trained=False)
+        old = run.meta["options"]
+        changed = [k for k in _FROZEN if _norm(old.get(k)) != _norm(asdict(opts)[k])]
+        if changed:
+            raise CoaloraError(f"--resume with different {', '.join(changed)} than the run was started with")
+        run.meta["options"]["steps"] = opts.steps
+    else:
+        if (run_dir / "run.json").exists():
+            raise CoaloraError(f"{run_dir} already holds a run; use --resume or another output folder")
+        model_path = Path(model_path)
+        loaded = load_model(model_path)
+        layout = loaded.layout(include_embeddings=opts.include_embeddings)
+        layout.menu_names = tuple(opts.menu)
+        run = Run(run_dir, loaded=loaded, meta={
+            "status": "training", "model": str(model_path.resolve()), "model_sha256": model_fingerprint(model_path),
+            "arch": loaded.arch, "options": _jsonable(asdict(opts)), "layout": layout.describe(),
+            "data": [str(Path(p).resolve()) for p in data_paths], "step": 0,
+        })
+        tokens = tokenize_files(loaded.tokenizer, data_paths)
+        TokenStream(tokens, opts.seq_len, calib_windows=opts.calib_windows)  # validates length
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.save(run_dir / "tokens.npy", tokens)
+        if fixed_config is not None:
+            layout.validate(fixed_config, strict_menu=False)
+            trainset = [fixed_config]
+        else:
+            trainset = _initial_trainset(run, opts)
+        write_json(run.trainset_path, [c.to_json() for c in trainset])
+        run.save_meta()
+
+    stream = calibration_stream(run)
+    model = run.model()  # fresh LoRA, or the checkpoint's when resuming
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    groups = [{"params": lora, "lr": opts.lr, "base_lr": opts.lr}]
+    if model.cam is not None:
+        groups.append({"params": list(model.cam.parameters()), "lr": opts.cam_lr, "base_lr": opts.cam_lr})
+    optim = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
+    start, rounds_done, elapsed = 0, 0, 0.0
+    if resume and run.checkpoint_path.exists():
+        state = load_checkpoint(run.checkpoint_path)
+        try:
+            optim.load_state_dict(state["optim"])
+        except (ValueError, KeyError, RuntimeError):
+            raise CoaloraError(f"checkpoint {run.checkpoint_path} does not match this run") from None
+        start, rounds_done, elapsed = state["step"], state.get("rounds_done", 0), state.get("elapsed", 0.0)
+    trainset = run.trainset()
+    if not trainset:
+        raise CoaloraError(f"run {run_dir} has an empty training configuration set")
+
+    _warm_bank(run, trainset, progress)
+    rounds = max(1, opts.rounds) if opts.mode == "coa" else 1
+    per_round = math.ceil(opts.steps / rounds)
+    tokens_per_step = opts.batch * opts.seq_len
+    bar = _progress(progress, opts.steps, start)
+    t0, ema = time.perf_counter(), None
+    model.train()
+    for step in range(start, opts.steps):
+        if step > 0 and step % per_round == 0 and step // per_round > rounds_done:
+            rounds_done = step // per_round
+            _checkpoint(run, model, optim, step, rounds_done, elapsed + time.perf_counter() - t0)
+            trainset = _search_round(run, rounds_done, opts, log)
+            _warm_bank(run, trainset, progress)
+            model.train()
+        if interrupt_at is not None and step == interrupt_at:
+            raise KeyboardInterrupt
+        g = torch.Generator().manual_seed(opts.seed * 7919 + step)
+        cfg = trainset[int(torch.randint(len(trainset), (1,), generator=g))]
+        model.set_configuration(cfg)
+        batch = stream.batch(opts.seed, step, opts.batch)
+        for grp in optim.param_groups:
+            grp["lr"] = opts.lr_at(step, grp["base_lr"])
+        loss = model(batch, labels=batch).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), opts.clip)
+        optim.step()
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        done = step + 1
+        rate = (done - start) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+        bar(done, f"loss {ema:.3f}  {rate:,.0f} tok/s  cfg {run.layout.bits_per_weight(cfg):.2f} bpw")
+        if done % opts.checkpoint_every == 0 or done == opts.steps:
+            _checkpoint(run, model, optim, done, rounds_done, elapsed + time.perf_counter() - t0)
+    bar(None, "")
+    elapsed += time.perf_counter() - t0
+    _checkpoint(run, model, optim, opts.steps, rounds_done, elapsed)
+    run.meta.update(status="trained", step=opts.steps, train_seconds=round(elapsed, 2),
+                    tokens_per_second=round((opts.steps - start) * tokens_per_step / max(elapsed, 1e-9), 1),
+                    final_loss=ema)
+    run.save_meta()
+    if opts.mode == "coa":
+        _search_round(run, rounds_done + 1, opts, log)
+    return run
+
+
+def _checkpoint(run: Run, model, optim, step: int, rounds_done: int, elapsed: float) -> None:
+    save_checkpoint(run.checkpoint_path, {"lora": model.lora_state(), "optim": optim.state_dict(), "step": step,
+                                          "rounds_done": rounds_done, "elapsed": elapsed})
+    run.meta["step"] = step
+    run.save_meta()
+
+
+def _warm_bank(run: Run, cfgs: list[Configuration], progress: bool) -> None:
+    """Quantize (with ggml) and dequantize every (tensor, type) the configurations use, once."""
+    bank = run.bank()
+    pairs = sorted({(n, q.name) for c in cfgs for n, q in c.types.items()})
+    bar = _progress(progress and len(pairs) > 50, len(pairs), 0, "quantizing with ggml")
+    for i, (n, q) in enumerate(pairs):
+        bank.weight(n, q)
+        bar(i + 1, "")
+    bar(None, "")
+
+
+def _progress(enabled: bool, total: int, start: int, label: str = "training"):
+    if not enabled:
+        return lambda done, text: None
+    from tqdm import tqdm
+
+    import sys
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total, initial=start, desc=label, unit="step" if label == "training" else "tensor",
+               dynamic_ncols=True, leave=False, mininterval=0.2 if tty else 30.0)
+
+    def update(done, text):
+        if done is None:
+            bar.close()
+            return
+        bar.n = done
+        bar.set_postfix_str(text, refresh=False)
+        bar.refresh()
+
+    return update
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v

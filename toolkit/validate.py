@@ -1,0 +1,229 @@
+"""`coalora validate DIST/NAME`: check an emitted pair on CPU with llama-cpp-python before it ships.
+
+Order matters: checksums first (a damaged or swapped file is refused before llama.cpp reads a byte),
+then the adapter is checked against the model (gguf.GGUFReader), and only then llama.cpp runs:
+- perplexity without and with the adapter, on the manifest's evaluation windows (toolkit.evaluation);
+- KL divergence and top-1 agreement against the unquantized model: an F16 GGUF of the run's source
+  model, written once and cached in $COALORA_HOME/reference/ (or ``reference=`` any F16/F32 GGUF);
+- prompt and generation tokens/s and peak resident memory, measured in a separate process that runs
+  with the profile's own settings (context, threads, ubatch, KV type), so the RSS is that of llama.cpp
+  and not of this process.
+Verdicts: checksums hold, the pair fits the profile (memory model and measured), perplexity with the
+adapter within 0.5% of the manifest's prediction.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from toolkit import memory_model as mm
+from toolkit.errors import CoaloraError
+from toolkit.evaluation import StreamComparison, nll_from_logits, perplexity, windows_digest
+from toolkit.fileio import sha256_file
+
+PPL_TOLERANCE = 0.005
+MEASURE_PROMPT_TOKENS = 256
+MEASURE_GEN_TOKENS = 32
+
+
+def read_manifest(dist_dir) -> dict:
+    from toolkit.emit import FORMAT, MANIFEST
+
+    dist_dir = Path(dist_dir)
+    p = dist_dir / MANIFEST
+    if not p.is_file():
+        raise CoaloraError(f"{dist_dir} is not an emitted pair (no {MANIFEST}); create it with `coalora emit`")
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CoaloraError(f"{p} is unreadable: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
+        raise CoaloraError(f"{p} is not a {FORMAT} manifest")
+    return m
+
+
+def check_checksums(dist_dir, manifest: dict) -> dict:
+    """Size and sha256 of every file the manifest lists; CoaloraError on the first that differs."""
+    out = {}
+    for name, rec in manifest["files"].items():
+        p = Path(dist_dir) / name
+        if not p.is_file():
+            raise CoaloraError(f"{p} is missing")
+        size = p.stat().st_size
+        if size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+            raise CoaloraError(f"{name} does not match its manifest checksum (damaged or swapped file); "
+                               f"re-run `coalora emit`")
+        out[name] = rec["sha256"]
+    return out
+
+
+def profile_of(manifest: dict):
+    from toolkit.profiles import _parse
+
+    d = dict(manifest["profile"])
+    d = {k: v for k, v in d.items() if k not in ("source", "process_budget_bytes")}
+    if d.get("model_budget_bytes") is None:
+        d.pop("model_budget_bytes", None)
+    return _parse(d, f"manifest profile {d.get('name')}")
+
+
+def reference_gguf(manifest: dict, log=lambda m: None) -> Path | None:
+    """An F16 GGUF of the run's unquantized source model, cached by its sha256; None if the source is gone."""
+    from toolkit import assets
+    from toolkit.fileio import atomic_path
+
+    src = manifest.get("source_model") or {}
+    path, sha = src.get("path"), src.get("sha256")
+    if not path or not Path(path).exists():
+        return None
+    key = (sha or (sha256_file(path) if Path(path).is_file() else Path(path).name))[:16]
+    ref = assets.home() / "reference" / f"{key}-F16.gguf"
+    if not ref.exists():
+        from converters.gguf_model_writer import write_gguf
+        from converters.model_loading import load_model
+
+        log(f"writing the F16 reference of {Path(path).name} (once) to {ref}")
+        loaded = load_model(path)
+        with atomic_path(ref) as tmp:
+            write_gguf(loaded, tmp, loaded.layout().uniform("F16"), progress=False)
+    return ref
+
+
+# ---- measurement in a child process -----------------------------------------------------------
+def _measure_child(args: dict) -> dict:
+    """Runs in the child: load with the profile's settings, time a prompt and a generation, report peak RSS."""
+    import resource
+
+    import llama_cpp
+
+    from toolkit.llama_runtime import _quiet_llama_logs, load_adapter, set_adapter
+
+    _quiet_llama_logs()
+    t = time.perf_counter()
+    kv = mm.KV_TYPE_GGML[args["kv_type"]]
+    llm = llama_cpp.Llama(model_path=args["model"], n_ctx=args["n_ctx"], n_batch=args["ubatch"],
+                          n_ubatch=args["ubatch"], n_threads=args["threads"], n_threads_batch=args["threads"],
+                          n_gpu_layers=0, flash_attn=args["flash_attn"], type_k=kv, type_v=kv, verbose=False)
+    h = load_adapter(llm, args["adapter"], args["model"])
+    set_adapter(llm, h)
+    load_s = time.perf_counter() - t
+    prompt = args["prompt"]
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prompt_s = time.perf_counter() - t
+    t = time.perf_counter()
+    n = 0
+    for tok in llm.generate(prompt, temp=0.0, reset=False):
+        n += 1
+        if n >= args["n_gen"]:
+            break
+    gen_s = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"load_s": load_s, "prompt_tokens": len(prompt), "prompt_tokens_per_s": len(prompt) / prompt_s,
+            "gen_tokens": n, "gen_tokens_per_s": n / gen_s if gen_s > 0 else 0.0, "peak_rss_bytes": peak}
+
+
+def measure(model, adapter, profile, prompt: list[int], n_gen: int = MEASURE_GEN_TOKENS, timeout: float = 600) -> dict:
+    args = {"model": str(model), "adapter": str(adapter), "n_ctx": profile.context_length, "ubatch": profile.ubatch,
+            "threads": profile.threads, "kv_type": profile.kv_cache_type, "flash_attn": profile.flash_attn,
+            "prompt": [int(t) for t in prompt], "n_gen": n_gen}
+    try:
+        res = subprocess.run([sys.executable, "-m", "toolkit.validate", "--measure-child"], input=json.dumps(args),
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CoaloraError(f"the measurement process ran past {timeout:.0f} s") from None
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
+        raise CoaloraError(f"the measurement process failed: {last}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---- validation -------------------------------------------------------------------------------
+def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, measure_memory: bool = True,
+             threads: int | None = None, log=lambda m: None) -> dict:
+    from toolkit.emit import ADAPTER_FILE, MODEL_FILE, eval_text, gguf_windows
+    from toolkit.llama_runtime import load_adapter, open_model, set_adapter, validate_adapter_file, window_logits
+
+    t0 = time.perf_counter()
+    dist_dir = Path(dist_dir)
+    manifest = read_manifest(dist_dir)
+    sums = check_checksums(dist_dir, manifest)          # before llama.cpp sees anything
+    model, adapter = dist_dir / MODEL_FILE, dist_dir / ADAPTER_FILE
+    info = validate_adapter_file(adapter, model)
+    profile = profile_of(manifest)
+
+    ev = manifest["evaluation"]
+    n_windows = n_windows or ev["n_windows"]
+    n_ctx = ev["n_ctx"]
+    text = eval_text(data).read_text()
+    windows, _ = gguf_windows(model, text, n_windows, n_ctx)
+    same_protocol = data is None and n_windows == ev["n_windows"] and windows_digest(windows) == ev["windows_sha256"]
+
+    ref_path = Path(reference) if reference else reference_gguf(manifest, log)
+    llm = open_model(model, n_ctx=n_ctx, n_threads=threads)
+    ref = open_model(ref_path, n_ctx=n_ctx, n_threads=threads) if ref_path else None
+    try:
+        handle = load_adapter(llm, adapter, model)
+        nll_base, nll_adapted = [], []
+        cmp_base, cmp_adapted = StreamComparison(), StreamComparison()
+        for i, w in enumerate(windows):
+            log(f"window {i + 1}/{len(windows)}")
+            set_adapter(llm, None)
+            base = window_logits(llm, w)
+            set_adapter(llm, handle)
+            adapted = window_logits(llm, w)
+            nll_base.append(nll_from_logits(base, w))
+            nll_adapted.append(nll_from_logits(adapted, w))
+            if ref is not None:
+                r = window_logits(ref, w)
+                cmp_base.add(r, base)
+                cmp_adapted.add(r, adapted)
+        handle.close()
+    finally:
+        llm.close()
+        if ref is not None:
+            ref.close()
+    ppl_base, ppl_adapted = perplexity(np.stack(nll_base)), perplexity(np.stack(nll_adapted))
+    predicted = ev["predicted_perplexity"]
+    rel = ppl_adapted / predicted - 1
+
+    measured = None
+    if measure_memory:
+        log("measuring speed and peak memory in a separate process")
+        prompt = [t for w in windows for t in w][:min(MEASURE_PROMPT_TOKENS, profile.context_length - MEASURE_GEN_TOKENS)]
+        measured = measure(model, adapter, profile, prompt)
+
+    mem = manifest["memory"]
+    allowed = profile.process_budget_bytes
+    verdicts = {
+        "checksums": True,
+        "fits_memory_model": mem["total_bytes"] <= allowed and bool(manifest["fits"]["model_budget"]),
+        "fits_measured": None if measured is None else measured["peak_rss_bytes"] <= allowed,
+        "perplexity_matches_prediction": (abs(rel) <= PPL_TOLERANCE) if same_protocol else None,
+    }
+    report = {
+        "dist": str(dist_dir), "profile": profile.name, "checksums": sums,
+        "adapter": {"rank": info.rank, "alpha": info.alpha, "tensors": len(info.targets)},
+        "evaluation": {"n_windows": n_windows, "n_ctx": n_ctx, "same_windows_as_manifest": same_protocol,
+                       "perplexity_base": ppl_base, "perplexity_adapter": ppl_adapted,
+                       "predicted_perplexity": predicted, "relative_difference": rel},
+        "reference": None if ref is None else {"path": str(ref_path), "base": cmp_base.summary(),
+                                               "adapter": cmp_adapted.summary()},
+        "memory": {"predicted_total_bytes": mem["total_bytes"], "allowed_bytes": allowed,
+                   "measured_peak_rss_bytes": None if measured is None else measured["peak_rss_bytes"]},
+        "speed": None if measured is None else {k: measured[k] for k in ("load_s", "prompt_tokens_per_s",
+                                                                           "gen_tokens_per_s")},
+        "verdicts": verdicts,
+        "ok": all(v is not False for v in verdicts.values()),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return report
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--measure-child"]:
+    print(json.dumps(_measure_child(json.loads(sys.stdin.read()))))
