@@ -60,8 +60,9 @@ def inspect_gguf(path) -> dict:
         "tensor_bytes_padded": sum(pad(t["bytes"], alignment) for t in tensors),
         "types": dict(sorted(hist.items())),
         "quantized_bytes": q_bytes, "quantized_weights": q_elems,
+        # bits per weight of all weight matrices (F32/F16 ones too; norms excluded), as layout.bits_per_weight
+        "bits_per_weight": 8.0 * w_bytes / w_elems if w_elems else 0.0,
         "bits_per_weight_quantized": 8.0 * q_bytes / q_elems if q_elems else None,
-        "bits_per_weight_matrices": 8.0 * w_bytes / w_elems if w_elems else None,
         "metadata": {k: v for k, v in meta.items() if not isinstance(v, str) or len(v) < 200},
         "tensors": tensors,
     }

@@ -202,7 +202,10 @@ def _load_gguf(path: Path) -> LoadedModel:
         raise _unsupported(arch)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    plain_tqdm = getattr(gguf_utils, "tqdm", None)
     try:
+        gguf_utils.tqdm = lambda it, *a, **k: it  # its own tqdm bar ignores transformers' progress setting
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -213,6 +216,9 @@ def _load_gguf(path: Path) -> LoadedModel:
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
         raise CoaloraError(f"cannot load GGUF {path}: {_one_line(e)}") from None
+    finally:
+        if plain_tqdm is not None:
+            gguf_utils.tqdm = plain_tqdm
     # The weights are plain dequantized float32 now: forget the GGUF "quantizer" so that
     # .float(), .to() and save_pretrained behave as for any float model.
     if hasattr(model.config, "quantization_config"):

@@ -146,6 +146,7 @@ def test_inspect_json(tiny, tmp_path, capsys):
     q = sum(layout[n].bytes(t) for n, t in cfg.types.items())
     assert r["quantized_bytes"] == q
     assert abs(r["bits_per_weight_quantized"] - layout.bits_per_weight(cfg)) < 1e-9
+    assert abs(r["bits_per_weight"] - layout.bits_per_weight(cfg)) < 1e-9
 
 
 def test_tokenizer_metadata_and_tokenize(tiny, tiny_f32):

@@ -298,8 +298,9 @@ def test_one_base_two_adapters_each_own_perplexity(env, tmp_path):
         llm.close()
     want_a = perplexity(torch_window_nll(run.torch_logits_fn(cfg), windows))
     want_b = perplexity(torch_window_nll(other.torch_logits_fn(cfg), windows))
-    assert abs(ppl["a"] / want_a - 1) < 1e-3 and abs(ppl["b"] / want_b - 1) < 1e-3
-    assert abs(want_a / want_b - 1) > 1e-3
+    # llama.cpp's quantized matmuls also round the activations (q8), torch does not: the 0.5% verdict tolerance
+    assert abs(ppl["a"] / want_a - 1) < 0.005 and abs(ppl["b"] / want_b - 1) < 0.005
+    assert abs(want_a / want_b - 1) > 0.02 and abs(ppl["a"] / ppl["b"] - 1) > 0.02
     assert ppl["a"] == ppl["a2"]
 
 

@@ -171,3 +171,29 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["search", str(tmp_path), "--bpw", "4"]) == 1  # a folder that is no run
     err = capsys.readouterr().err
     assert err.startswith("coalora: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_search_on_a_run_folder(setup, tmp_path, capsys):
+    """A run folder as the trainer leaves it (run.json with the layout, archive.json, sensitivity.json)."""
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "trained", "layout": layout.describe()}))
+    archive.save(run / "archive.json")
+    (run / "sensitivity.json").write_text(json.dumps({"key": "x", "errors": errors}))
+    out = tmp_path / "cfg.json"
+    assert main(["search", str(run), "--bpw", "4.5", "-o", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    saved = json.loads(out.read_text())
+    cfg = Configuration.from_json(saved)
+    assert layout.file_bytes(cfg) == saved["file_bytes"] == res["file_bytes"] <= bytes_for_bpw(layout, 4.5)
+    assert saved["bpw"] <= 4.5 and saved["predicted_ppl"] == pytest.approx(math.exp(saved["predicted_loss"]))
+    lo, _ = byte_range(layout)
+    assert main(["search", str(run), "--budget-bytes", str(lo - 1)]) == 1
+    assert "reachable range" in capsys.readouterr().err
+    assert main(["search", str(run), "--budget-bytes", str(lo + 5000)]) == 0
+    assert "file bytes" in capsys.readouterr().out

@@ -43,45 +43,56 @@ class SearchResult:
 
 
 def _local_search(layout: ModelLayout, sur: Surrogate, cfg: Configuration, budget: int,
-                  max_steps: int = 30) -> tuple[Configuration, float]:
-    """Steepest descent of the GP mean over single-tensor type changes within the byte budget."""
+                  max_steps: int = 24, kappa: float = 1.0) -> Configuration:
+    """Spend the bytes left under the budget on single-tensor upgrades, steepest descent of the GP's
+    pessimistic loss (mean + ``kappa`` std, so it does not wander where the surrogate knows nothing)."""
+    import torch
+
     enc = sur.encode
     names = layout.names()
-    menus = [[q for q in layout.menu(n)] for n in names]
+    menus = [list(layout.menu(n)) for n in names]
     types = dict(cfg.types)
     bits, err = enc.sums(cfg)
     size = layout.file_bytes(cfg)
-    best = float(sur.predict([cfg])[0][0])
+    mu, sd = sur.predict([cfg])
+    best = float(mu[0] + kappa * sd[0])
     for _ in range(max_steps):
         moves, dbits, derr, dsize = [], [], [], []
         for n, menu in zip(names, menus):
-            cur = types[n]
-            cb, spec = pad(layout[n].bytes(cur)), layout[n]
+            cur, spec = types[n], layout[n]
+            cb = pad(spec.bytes(cur))
             for q in menu:
-                if q.name == cur.name:
-                    continue
                 nb = pad(spec.bytes(q))
-                if size - cb + nb > budget:
+                if nb <= cb or size - cb + nb > budget:  # upgrades that fit only
                     continue
                 d = np.zeros(enc.n_bits)
                 d[enc.cols[n]] = 8.0 * (spec.bytes(q) - spec.bytes(cur))
                 moves.append((n, q))
                 dbits.append(d)
                 dsize.append(nb - cb)
-                derr.append(0.0 if enc.errors is None else enc.errors[n][q.name] - enc.errors[n][cur.name])
+                if enc.errors is not None:
+                    row = enc.errors[n]
+                    derr.append(row[q.name] - row.get(cur.name, max(row.values())))
         if not moves:
             break
-        X = enc.features(bits + np.array(dbits), err + np.array(derr))
-        import torch
+        X = enc.features(bits + np.array(dbits), err + np.array(derr) if derr else None)
         with torch.no_grad():
-            mu = sur.gp.posterior(X).mean.squeeze(-1).numpy()
-        k = int(np.argmin(mu))
-        if mu[k] >= best - 1e-9:
+            post = sur.gp.posterior(X)
+            score = (post.mean + kappa * post.variance.clamp_min(0).sqrt()).squeeze(-1).numpy()
+        k = int(np.argmin(score))
+        if score[k] >= best - 1e-9:
             break
         n, q = moves[k]
         types[n] = q
-        bits, err, size, best = bits + dbits[k], err + derr[k], size + dsize[k], float(mu[k])
-    return Configuration(types), best
+        bits, size, best = bits + dbits[k], size + dsize[k], float(score[k])
+        if derr:
+            err += derr[k]
+    return Configuration(types)
+
+
+def _pessimistic(sur: Surrogate, cfgs: Sequence[Configuration], kappa: float = 1.0) -> np.ndarray:
+    mu, sd = sur.predict(cfgs)
+    return mu + kappa * sd
 
 
 def best_configuration(layout: ModelLayout, archive: Archive | None, budget_bytes: int,
@@ -99,7 +110,9 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     archive = archive or Archive()
     sur = Surrogate(layout, archive, errors) if len(archive) >= 3 else None
     if predict is None and sur is not None:
-        predict = lambda cs: sur.predict(cs)[0]  # noqa: E731
+        predict = _gp_mean = lambda cs: sur.predict(cs)[0]  # noqa: E731
+    else:
+        _gp_mean = None
     if predict is None and errors is None:
         raise CoaloraError("nothing to rank configurations with: the archive has fewer than 3 evaluated "
                            "configurations and there is no sensitivity table")
@@ -119,29 +132,27 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     cheapest = Configuration({n: min(layout.menu(n), key=lambda q: layout[n].bytes(q)) for n in layout.names()})
     cands.setdefault(cheapest, "cheapest")
 
+    if sur is not None and predict is not None:  # GP-guided upgrades from the best few starts
+        first = list(cands)
+        for i in np.argsort(_pessimistic(sur, first), kind="stable")[:n_starts]:
+            c = first[i]
+            cands.setdefault(_local_search(layout, sur, c, budget_bytes), cands[c] + "+local")
+
     pool = list(cands)
     if predict is not None:
         scores = np.asarray(predict(pool), dtype=float)
+        # rank by a pessimistic estimate when the GP is the predictor: trust measured neighbourhoods
+        rank = _pessimistic(sur, pool) if predict is _gp_mean else scores
     else:
-        scores = np.array([total_error(layout, errors, c) for c in pool])
-    order = list(np.argsort(scores))
-    ranked = [(pool[i], cands[pool[i]], float(scores[i])) for i in order]
-
-    if sur is not None and predict is not None:  # GP-guided local moves from the best few starts
-        improved = {}
-        for c, src, _ in ranked[:n_starts]:
-            c2, _ = _local_search(layout, sur, c, budget_bytes)
-            if c2 not in cands:
-                improved.setdefault(c2, src + "+local")
-        if improved:
-            extra = list(improved)
-            s2 = np.asarray(predict(extra), dtype=float)
-            ranked = sorted(ranked + [(c, improved[c], float(s)) for c, s in zip(extra, s2)], key=lambda x: x[2])
+        scores = rank = np.array([total_error(layout, errors, c) for c in pool])
+    ranked = [(pool[i], cands[pool[i]], float(scores[i])) for i in np.argsort(rank, kind="stable")]
 
     measured = None
     best_cfg, best_src, best_score = ranked[0]
     if evaluate is not None and n_confirm > 0:
         top = ranked[:n_confirm]
+        arch = [x for x in ranked if x[1] == "archive"][:1]  # the best archived one always competes
+        top += [x for x in arch if x[0] not in {c for c, _, _ in top}]
         real = list(evaluate([c for c, _, _ in top]))
         k = int(np.argmin(real))
         best_cfg, best_src, best_score = top[k]

@@ -82,6 +82,8 @@ class ModelLayout:
         return apply_overrides(self, Configuration({t.name: "F32" for t in self.tensors}), [(".*", qtype)])
 
     def validate(self, cfg: "Configuration", strict_menu: bool = True) -> None:
+        """Every tensor typed, rows fit the type and, if ``strict_menu``, the type is in the tensor's menu
+        (F32, the unquantized reference, is always accepted)."""
         unknown = [n for n in cfg.types if n not in self._index]
         if unknown:
             raise CoaloraError(f"configuration names unknown tensor {unknown[0]!r} ({len(unknown)} unknown)")
@@ -92,7 +94,7 @@ class ModelLayout:
             spec = self._index[n]
             if not q.fits_row(spec.n_per_row):
                 raise CoaloraError(f"{n}: {q.name} needs rows of a multiple of {q.block_size}, rows have {spec.n_per_row}")
-            if strict_menu and q.name not in {m.name for m in self.menu(n)}:
+            if strict_menu and q.name != "F32" and q.name not in {m.name for m in self.menu(n)}:
                 raise CoaloraError(f"{n}: {q.name} is not in its menu ({', '.join(m.name for m in self.menu(n))})")
 
     def describe(self) -> dict:
@@ -155,19 +157,24 @@ class Configuration:
 
 
 def apply_overrides(layout: ModelLayout, base: Configuration, overrides: list[tuple[str, str]]) -> tuple[Configuration, list[str]]:
-    """``llama-quantize --tensor-type REGEX=TYPE`` semantics: later rules win; a rule matching nothing is an error."""
-    types = dict(base.types)
+    """``llama-quantize --tensor-type REGEX=TYPE`` semantics: the first rule whose regex matches a tensor
+    name decides its type (as llama.cpp does); a rule matching no tensor is an error. Types whose block
+    does not divide the rows fall back as llama.cpp does; the notes say which and why."""
+    rules = []
     for pattern, qname in overrides:
         try:
-            rx = re.compile(pattern)
+            rules.append((re.compile(pattern), get(qname), pattern))
         except re.error as e:
             raise CoaloraError(f"bad tensor regex {pattern!r}: {e}") from None
-        q = get(qname)
-        hits = [n for n in types if rx.search(n)]
-        if not hits:
+    types = dict(base.types)
+    for rx, _, pattern in rules:
+        if not any(rx.search(n) for n in types):
             raise CoaloraError(f"tensor regex {pattern!r} matches no quantizable tensor")
-        for n in hits:
-            types[n] = q
+    for n in types:
+        for rx, q, _ in rules:
+            if rx.search(n):
+                types[n] = q
+                break
     notes = []
     for n, q in types.items():
         real, why = resolve(q, layout[n].n_per_row)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from toolkit import memory_model as mm
-from toolkit.configuration import ModelLayout
+from toolkit.configuration import Configuration, ModelLayout
 from toolkit.errors import CoaloraError
 from toolkit.evaluation import N_CTX, N_WINDOWS, eval_windows, model_bos, perplexity, torch_window_nll, windows_digest
 from toolkit.fileio import sha256_file, write_json
@@ -42,13 +42,18 @@ def search_layout(layout: ModelLayout, profile: Profile) -> ModelLayout:
     return ModelLayout(layout.tensors, layout.fixed_bytes, layout.n_blocks, menu)
 
 
-def _best(run, layout: ModelLayout, budget: int):
-    from toolkit import budget_search, pareto_search
+def largest(layout: ModelLayout) -> Configuration:
+    return Configuration({n: max(layout.menu(n), key=lambda q: layout[n].bytes(q)) for n in layout.names()})
 
-    if not Path(run.archive_path).exists():
-        raise CoaloraError(f"run {run.path} has no search archive ({run.archive_path}); train it first")
-    archive = pareto_search.Archive.load(run.archive_path)
-    return budget_search.best_configuration(layout, archive, budget)
+
+def _best(run, layout: ModelLayout, budget: int):
+    """The search's pick within ``budget``: archive surrogate, and the run's sensitivity table when it has one."""
+    from toolkit import budget_search, pareto_search
+    from toolkit.sensitivity import load_error_table
+
+    archive = pareto_search.Archive.load(run.archive_path) if Path(run.archive_path).exists() else None
+    errors = load_error_table(Path(run.path) / "sensitivity.json")
+    return budget_search.best_configuration(layout, archive, budget, errors=errors)
 
 
 def eval_text(text_path=None) -> Path:
@@ -105,8 +110,13 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
     o = run.meta.get("options", {})
     adapter_guess = mm.adapter_bytes_estimate(layout, int(o.get("rank", 16)), o.get("targets"))
     budget = profile.model_budget_bytes(layout, arch, adapter_guess)
+    slayout = search_layout(layout, profile)
+    budget = min(budget, slayout.file_bytes(largest(slayout)))  # room beyond the largest configuration is unused
     log(f"{profile.name}: model budget {budget / 1e6:.1f} MB")
-    res = _best(run, search_layout(layout, profile), budget)
+    try:
+        res = _best(run, slayout, budget)
+    except CoaloraError as e:
+        raise CoaloraError(f"profile {profile.name}: {e}") from None
     cfg = res.cfg
     avoided = sorted({q.name for q in cfg.types.values()} & set(profile.avoid))
     text_file = eval_text(text_path)
@@ -146,7 +156,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
                        "avoided_types_used": avoided},
             "files": {MODEL_FILE: {"bytes": model_bytes, "sha256": sha256_file(model_path)},
                       ADAPTER_FILE: {"bytes": adapter_bytes, "sha256": sha256_file(adapter_path)}},
-            "evaluation": {"text": text_file.name, "text_sha256": sha256_file(text_file), "n_windows": n_windows,
+            "evaluation": {"text": text_file.name, "text_path": str(text_file.resolve()), "text_sha256": sha256_file(text_file), "n_windows": n_windows,
                            "n_ctx": n_ctx, "bos": bos, "windows_sha256": windows_digest(windows),
                            "predicted_perplexity": ppl},
             "memory": mem.as_dict(),

@@ -199,8 +199,9 @@ class Encoder:
         return self.features(np.array([b for b, _ in s]).reshape(-1, self.n_bits), np.array([e for _, e in s]))
 
 
-def fit_gp(X: torch.Tensor, y: torch.Tensor):
-    """A SingleTaskGP (normalized inputs, standardized loss) fitted by marginal likelihood."""
+def fit_gp(X: torch.Tensor, y: torch.Tensor, maxiter: int = 100):
+    """A SingleTaskGP (normalized inputs, standardized loss) fitted by marginal likelihood
+    (L-BFGS capped at ``maxiter`` iterations: tens of points do not need more, and it keeps searches fast)."""
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import SingleTaskGP
     from botorch.models.transforms import Normalize, Standardize
@@ -212,7 +213,8 @@ def fit_gp(X: torch.Tensor, y: torch.Tensor):
     gp = SingleTaskGP(X, y.reshape(-1, 1), input_transform=Normalize(X.shape[-1], bounds=bounds),
                       outcome_transform=Standardize(1))
     try:
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp),
+                         optimizer_kwargs={"options": {"maxiter": maxiter}})
     except Exception:  # a failed optimizer run keeps the prior hyperparameters; still a usable model
         pass
     gp.eval()

@@ -67,10 +67,17 @@ def calibration_stream(run: Run) -> TokenStream:
     return _stream_for(str(run.path / "tokens.npy"), o["seq_len"], o["calib_windows"])
 
 
+def sensitivity_errors(run: Run) -> dict:
+    """Per-tensor, per-type ggml quantization errors of the run's model (cached in the run folder)."""
+    from toolkit import sensitivity
+
+    return sensitivity.error_table(run.layout, run.bank().original, cache=run.path / "sensitivity.json")
+
+
 def _initial_trainset(run: Run, opts: TrainOptions) -> list[Configuration]:
     from toolkit import sensitivity
 
-    errors = sensitivity.error_table(run.layout, run.bank().original, cache=run.path / "sensitivity.json")
+    errors = sensitivity_errors(run)
     lo, hi = sensitivity.byte_range(run.layout)
     return sensitivity.initial_training_set(run.layout, errors, sensitivity.bpw_of_bytes(run.layout, lo),
                                             sensitivity.bpw_of_bytes(run.layout, hi))
@@ -83,10 +90,10 @@ def _search_round(run: Run, round_index: int, opts: TrainOptions, log) -> list[C
     archive = pareto_search.Archive.load(run.archive_path) if run.archive_path.exists() else pareto_search.Archive()
     archive, trainset = pareto_search.refine(run.layout, archive, run.calibration_loss, n_new=opts.search_candidates,
                                              seed=opts.seed + round_index, round_index=round_index,
-                                             seed_configurations=run.trainset())
+                                             seed_configurations=run.trainset(), errors=sensitivity_errors(run))
     archive.save(run.archive_path)
     write_json(run.trainset_path, [c.to_json() for c in trainset])
-    pareto_search.plot_pareto(archive, trainset, run.path / "pareto.png")
+    pareto_search.plot_pareto(archive, trainset, run.path / "pareto.png", layout=run.layout)
     pareto_search.write_pareto_json(archive, trainset, run.path / "pareto.json")
     log(f"search round {round_index}: archive {len(archive)} configurations, training set {len(trainset)}")
     return trainset

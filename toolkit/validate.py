@@ -118,12 +118,14 @@ def _measure_child(args: dict) -> dict:
     prompt_s = time.perf_counter() - t
     t = time.perf_counter()
     n = 0
-    for tok in llm.generate(prompt, temp=0.0, reset=False):
+    for tok in llm.generate(prompt, temp=0.0):  # reuses the evaluated prompt (prefix match)
         n += 1
         if n >= args["n_gen"]:
             break
     gen_s = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    h.close()
+    llm.close()
     return {"load_s": load_s, "prompt_tokens": len(prompt), "prompt_tokens_per_s": len(prompt) / prompt_s,
             "gen_tokens": n, "gen_tokens_per_s": n / gen_s if gen_s > 0 else 0.0, "peak_rss_bytes": peak}
 
@@ -160,9 +162,12 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
     ev = manifest["evaluation"]
     n_windows = n_windows or ev["n_windows"]
     n_ctx = ev["n_ctx"]
-    text = eval_text(data).read_text()
+    if data is None and ev.get("text_path") and Path(ev["text_path"]).is_file():
+        data = ev["text_path"]
+    text_file = eval_text(data)
+    text = text_file.read_text()
     windows, _ = gguf_windows(model, text, n_windows, n_ctx)
-    same_protocol = data is None and n_windows == ev["n_windows"] and windows_digest(windows) == ev["windows_sha256"]
+    same_protocol = sha256_file(text_file) == ev["text_sha256"] and n_windows == ev["n_windows"] and windows_digest(windows) == ev["windows_sha256"]
 
     ref_path = Path(reference) if reference else reference_gguf(manifest, log)
     llm = open_model(model, n_ctx=n_ctx, n_threads=threads)
@@ -195,7 +200,7 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
     measured = None
     if measure_memory:
         log("measuring speed and peak memory in a separate process")
-        prompt = [t for w in windows for t in w][:min(MEASURE_PROMPT_TOKENS, profile.context_length - MEASURE_GEN_TOKENS)]
+        prompt = [t for w in windows for t in w][:min(MEASURE_PROMPT_TOKENS, profile.context_length - 2 * MEASURE_GEN_TOKENS)]
         measured = measure(model, adapter, profile, prompt)
 
     mem = manifest["memory"]
@@ -226,4 +231,11 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--measure-child"]:
-    print(json.dumps(_measure_child(json.loads(sys.stdin.read()))))
+    import os
+
+    try:
+        print(json.dumps(_measure_child(json.loads(sys.stdin.read()))), flush=True)
+    except BaseException as e:  # report it; the interpreter teardown would hide it
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(0)  # skip interpreter teardown: llama_cpp's finalizers can fail at shutdown
