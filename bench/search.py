@@ -24,7 +24,6 @@ Writes bench/results/search.json and bench/results/search.md.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -202,7 +201,7 @@ def main(argv=None):
     plot_pareto(archives["ehvi"], [r.config() for r in per_bin_fronts(archives["ehvi"].records)],
                 outdir / "search_ehvi.png", title="SmolLM2: EHVI search archive")
 
-    head = f"| method | evals | HV | " + " | ".join(f"HV@{c}" for c in counts) + " | best loss ≤4.5 / ≤5.0 / ≤6.0 bpw | s |"
+    head = "| method | evals | HV | " + " | ".join(f"HV@{c}" for c in counts) + " | best loss ≤4.5 / ≤5.0 / ≤6.0 bpw | s |"
     lines = [f"# Configuration search on SmolLM2\n", f"Objective: {objective.description}.\n",
              f"Range {BPW_LO}-{BPW_HI} bpw; hypervolume reference point (bpw {ref[0]:.2f}, loss {ref[1]:.4f}), "
              f"shared by all methods.\n", head, "|" + "---|" * (head.count("|") - 1)]

@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 
-from converters.quant_types import get
 from toolkit.budget_search import best_configuration
 from toolkit.cli import main
 from toolkit.configuration import Configuration, ModelLayout, TensorSpec
@@ -106,8 +105,8 @@ def test_refine_increases_hypervolume(setup, tmp_path):
     ref = reference_point(archive.points())
     hv0 = hypervolume(archive.points(), ref)
     # the sensitivity table is deliberately not given to the search: the surrogate must learn
-    archive, trainset = refine(layout, archive, evaluate, n_new=6, seed=0, pool_size=120)
-    assert len(archive) == len(init) + 6 and {r.round for r in archive.records} == {0, 1}
+    archive, trainset = refine(layout, archive, evaluate, n_new=4, seed=0, pool_size=80)
+    assert len(archive) == len(init) + 4 and {r.round for r in archive.records} == {0, 1}
     assert hypervolume(archive.points(), ref) > hv0
     keys = {c.key() for c in trainset}
     assert keys <= archive.keys()

@@ -16,15 +16,31 @@ from torch.nn import functional as F
 
 from converters.quant_types import CATALOGUE_NAMES, get
 from toolkit.configuration import BLOCK_KINDS, Configuration, ModelLayout
+from toolkit.ggml_activations import quantize_activations, vec_dot_kind
 
 MODES = ("coa", "shared", "single")
 
 
-class QuantLoRALinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator):
+class GGMLLinear(nn.Module):
+    """``x W_q^T`` as llama.cpp's CPU backend computes it: ``W_q`` the dequantized ggml bytes of the current
+    type, ``x`` rounded to the type's vec_dot format first (see :mod:`toolkit.ggml_activations`)."""
+
+    def __init__(self, weight: torch.Tensor):
         super().__init__()
-        n_out, n_in = weight.shape
         self.weight = weight  # plain tensor, swapped per configuration, never trained
+        self.act_kind: str | None = None
+
+    def set_weight(self, weight: torch.Tensor, qtype: str) -> None:
+        self.weight, self.act_kind = weight, vec_dot_kind(qtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(quantize_activations(x, self.act_kind), self.weight)
+
+
+class QuantLoRALinear(GGMLLinear):
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__(weight)
+        n_out, n_in = weight.shape
         self.rank, self.scale = rank, alpha / rank
         a = torch.empty(rank, n_in)
         bound = 1.0 / math.sqrt(n_in)
@@ -33,15 +49,11 @@ class QuantLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank))
         self.M: torch.Tensor | None = None
 
-    def folded_A(self) -> torch.Tensor:
-        """(I + M) A: the lora_a that llama.cpp receives."""
-        return self.lora_A if self.M is None else self.lora_A + self.M @ self.lora_A
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.lora_A)
+        h = F.linear(x, self.lora_A)  # llama.cpp keeps the LoRA path in F32
         if self.M is not None:
             h = h + F.linear(h, self.M)
-        return F.linear(x, self.weight) + self.scale * F.linear(h, self.lora_B)
+        return super().forward(x) + self.scale * F.linear(h, self.lora_B)
 
 
 class ConfigAwareModel(nn.Module):
@@ -96,12 +108,27 @@ class CoALoRAModel(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.lora_names = [t.name for t in layout.tensors if t.kind in targets]
         self.layers = nn.ModuleDict()
-        for name in self.lora_names:
-            parent, attr = self._module_slot(name)
-            old = getattr(parent, attr)
-            layer = QuantLoRALinear(old.weight.detach(), rank, alpha, g)
+        self.plain: dict[str, GGMLLinear] = {}
+        for t in layout.tensors:
+            if t.kind not in BLOCK_KINDS:
+                continue
+            parent, attr = self._module_slot(t.name)
+            w = getattr(parent, attr).weight.detach()
+            if t.name in self.lora_names:
+                layer = QuantLoRALinear(w, rank, alpha, g)
+                self.layers[t.name.replace(".", "_")] = layer
+            else:
+                layer = self.plain[t.name] = GGMLLinear(w)
             setattr(parent, attr, layer)
-            self.layers[name.replace(".", "_")] = layer
+        # The output head: llama.cpp multiplies with output.weight, or token_embd.weight when tied.
+        head = self.base.get_output_embeddings()
+        self.head_source = "output.weight" if "output.weight" in layout.names() else "token_embd.weight"
+        self.head = GGMLLinear(head.weight.detach())
+        self.base.lm_head = self.head
+        # Embeddings outside the layout are written in the writer's default type; follow it.
+        from converters.model_loading import EMBEDDING_DEFAULT_TYPE
+        self.fixed_types = {n: get(EMBEDDING_DEFAULT_TYPE) for n in ("token_embd.weight", "output.weight")
+                            if n not in layout.names() and (n != "output.weight" or self.head_source == n)}
         self.cam = ConfigAwareModel(layout.n_blocks, rank) if mode == "coa" else None
         self.cfg: Configuration | None = None
         self._features = None
@@ -122,18 +149,17 @@ class CoALoRAModel(nn.Module):
 
     def set_configuration(self, cfg: Configuration) -> None:
         """Point every quantizable tensor at the dequantized ggml bytes of its type in ``cfg``."""
-        for name, q in cfg.types.items():
+        for name, q in {**self.fixed_types, **cfg.types}.items():
             w = self.bank.weight(name, q)
-            spec = self.layout[name]
-            if spec.kind in BLOCK_KINDS:
-                if name in self.layers_by_name:
-                    self.layers_by_name[name].weight = w
-                else:
-                    parent, attr = self._module_slot(name)
-                    getattr(parent, attr).weight.data = w
-            else:  # token_embd / output: parameters of the HF model (tied heads follow the embedding)
-                parent, attr = self._module_slot(name)
-                getattr(parent, attr).weight.data = w
+            if name in self.layers_by_name:
+                self.layers_by_name[name].set_weight(w, q.name)
+            elif name in self.plain:
+                self.plain[name].set_weight(w, q.name)
+            else:  # token_embd (a lookup: exact dequantized rows) and output
+                if name == "token_embd.weight":
+                    self.base.get_input_embeddings().weight.data = w
+                if name == self.head_source:
+                    self.head.set_weight(w, q.name)
         self.cfg = cfg
         if self.cam is not None:
             self._features = self.cam.features(self.layout, cfg, self.lora_names)

@@ -265,8 +265,8 @@ def mutate(layout: ModelLayout, cfg: Configuration, rng: random.Random) -> Confi
 def make_candidate_pool(layout: ModelLayout, archive: Archive, n: int, seed: int = 0,
                         errors: dict | None = None, bpw_range: tuple[float, float] | None = None,
                         bin_width: float = BIN_WIDTH) -> list[Configuration]:
-    """Up to ``n`` new configurations: mutations of per-bin front members (two thirds) and, with an
-    error table, greedy allocations at random budgets with randomly perturbed tensor sensitivities."""
+    """Up to ``n`` new configurations: mutations of per-bin front members and, with an error table,
+    up to min(n/3, 40) allocations at random budgets with randomly perturbed tensor sensitivities."""
     from toolkit.sensitivity import allocate, byte_range, bytes_for_bpw
 
     rng = random.Random(seed)
@@ -274,7 +274,7 @@ def make_candidate_pool(layout: ModelLayout, archive: Archive, n: int, seed: int
     lo_b, hi_b = bpw_range or (archive.points()[:, 0].min() - bin_width, archive.points()[:, 0].max() + bin_width)
     parents = [r.config() for r in per_bin_fronts(archive.records, bin_width)] or archive.configs()
     out: dict[Configuration, None] = {}
-    n_greedy = n // 3 if errors is not None else 0
+    n_greedy = min(n // 3, 40) if errors is not None else 0
     lo, hi = byte_range(layout)
     attempts = 0
     while len(out) < n_greedy and attempts < 3 * n_greedy:

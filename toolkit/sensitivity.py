@@ -121,31 +121,6 @@ class _Problem:
     def config(self, choice) -> Configuration:
         return Configuration({n: self.menus[i][j] for i, (n, j) in enumerate(zip(self.names, choice))})
 
-    def hull_steps(self):
-        """Upgrade steps along each tensor's lower convex hull of (bytes, error), best ratio first."""
-        steps = []
-        for i, m in enumerate(self.menus):
-            pts = sorted(range(len(m)), key=lambda j: (self.bytes[i, j], self.err[i, j]))
-            hull = []
-            for j in pts:  # keep only types that lower the error, on the convex hull
-                if hull and self.err[i, j] >= self.err[i, hull[-1]]:
-                    continue
-                while len(hull) >= 2:
-                    a, b = hull[-2], hull[-1]
-                    # b is above the chord a->j: drop it
-                    lhs = (self.err[i, a] - self.err[i, b]) * (self.bytes[i, j] - self.bytes[i, a])
-                    rhs = (self.err[i, a] - self.err[i, j]) * (self.bytes[i, b] - self.bytes[i, a])
-                    if lhs <= rhs:
-                        hull.pop()
-                    else:
-                        break
-                hull.append(j)
-            for a, b in zip(hull, hull[1:]):
-                db = self.bytes[i, b] - self.bytes[i, a]
-                steps.append(((self.err[i, a] - self.err[i, b]) / max(db, 1), i, a, b))
-        steps.sort(key=lambda s: -s[0])
-        return steps
-
 
 def byte_range(layout: ModelLayout) -> tuple[int, int]:
     """Smallest and largest file bytes a configuration of ``layout`` can have (cheapest / dearest menu types)."""
@@ -177,21 +152,43 @@ def check_budget(layout: ModelLayout, budget_bytes: int) -> None:
             f"({bpw_of_bytes(layout, lo):.3f}..{bpw_of_bytes(layout, hi):.3f} bpw)")
 
 
-def allocate(layout: ModelLayout, errors: ErrorTable, budget_bytes: int) -> Configuration:
+def allocate(layout: ModelLayout, errors: ErrorTable, budget_bytes: int, resolution: int = 16384) -> Configuration:
     """Types minimizing the summed error with ``layout.file_bytes(cfg) <= budget_bytes`` (exact bytes).
 
-    Greedy on each tensor's convex hull, best error reduction per byte first (optimal up to the last
-    step that does not fit), then a fill pass that spends the leftover bytes on the best single-tensor
-    changes among all menu types. Raises CoaloraError when the budget is outside the reachable range.
+    A multiple-choice knapsack solved by dynamic programming over the bytes above the cheapest
+    configuration, in ``resolution`` units with every tensor's cost rounded UP (so the answer is
+    always within the exact budget, and its error never rises with the budget), then a fill pass
+    that spends the bytes the rounding left on the best single-tensor changes. Raises
+    CoaloraError when the budget is outside the reachable range.
     """
     check_budget(layout, budget_bytes)
     p = _Problem(layout, errors)
-    choice = p.cheapest.copy()
+    base = p.total_bytes(p.cheapest)
+    lo, hi = byte_range(layout)
+    unit = max(1, -(-(hi - lo) // resolution))
+    cap = (budget_bytes - base) // unit
+    rows = np.arange(len(p.names))
+    extra = p.bytes - p.bytes[rows, p.cheapest][:, None]          # >= 0 on the menu, huge off it
+    w = np.where(extra < np.iinfo(np.int64).max // 8, -(-extra // unit), cap + 1)
+    best = np.zeros(cap + 1)                                       # best[c]: least error within c units
+    arg = np.zeros((len(p.names), cap + 1), dtype=np.int8)
+    for i in rows:
+        new = np.full(cap + 1, np.inf)
+        for j in range(len(p.menus[i])):
+            if w[i, j] > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[w[i, j]:] = best[:cap + 1 - w[i, j]] + p.err[i, j]
+            better = cand < new
+            new[better] = cand[better]
+            arg[i, better] = j
+        best = new
+    choice = np.zeros(len(p.names), dtype=np.int64)
+    c = int(np.argmin(best))  # best is non-increasing in c up to float ties; take the least-capacity optimum
+    for i in rows[::-1]:
+        choice[i] = arg[i, c]
+        c -= int(w[i, choice[i]])
     left = budget_bytes - p.total_bytes(choice)
-    for _, i, a, b in p.hull_steps():  # skipping a step blocks that tensor's later hull steps
-        if choice[i] == a and p.bytes[i, b] - p.bytes[i, a] <= left:
-            left -= p.bytes[i, b] - p.bytes[i, a]
-            choice[i] = b
     return p.config(_fill(p, choice, left))
 
 

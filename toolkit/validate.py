@@ -95,10 +95,21 @@ def reference_gguf(manifest: dict, log=lambda m: None) -> Path | None:
 
 
 # ---- measurement in a child process -----------------------------------------------------------
+def _peak_rss() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec and
+    would report the (much larger) parent that forked us."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _measure_child(args: dict) -> dict:
     """Runs in the child: load with the profile's settings, time a prompt and a generation, report peak RSS."""
-    import resource
-
     import llama_cpp
 
     from toolkit.llama_runtime import _quiet_llama_logs, load_adapter, set_adapter
@@ -123,7 +134,7 @@ def _measure_child(args: dict) -> dict:
         if n >= args["n_gen"]:
             break
     gen_s = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = _peak_rss()
     h.close()
     llm.close()
     return {"load_s": load_s, "prompt_tokens": len(prompt), "prompt_tokens_per_s": len(prompt) / prompt_s,
