@@ -76,7 +76,7 @@ def build_configuration(layout, default_type: str, overrides, recipe=None):
         if base is None:
             get(default_type)
             cfg, notes = apply_overrides(layout, Configuration({t.name: "F32" for t in layout.tensors}),
-                                         [(".*", default_type), *overrides])
+                                         [*overrides, (".*", default_type)])  # first match wins
         else:
             layout.validate(base, strict_menu=False) if not overrides else None
             cfg, notes = apply_overrides(layout, base, overrides)
@@ -118,7 +118,10 @@ def register(cli: click.Group) -> None:
                   help="Override the type of tensors matching REGEX (as llama-quantize --tensor-type); repeatable.")
     @click.option("--recipe", type=click.Path(path_type=Path), help="Configuration JSON giving a type per tensor.")
     def convert_cmd(model, out, qtype, tensor_types, recipe):
-        """Convert a Hugging Face folder or a GGUF file to a (mixed-)quantized llama.cpp GGUF."""
+        """Convert a Hugging Face folder, a GGUF file or 'smollm2' to a (mixed-)quantized llama.cpp GGUF.
+
+        Example: coalora convert smollm2 -o smol.gguf --type Q8_0 --tensor-type 'ffn_up=Q4_0'
+        """
         from converters.quant_types import UnknownQuantType, get
         try:
             qtype = get(qtype).name
@@ -127,8 +130,8 @@ def register(cli: click.Group) -> None:
         overrides = _parse_overrides(tensor_types)
         if recipe is not None and not Path(recipe).is_file():
             raise CoaloraError(f"configuration file not found: {recipe}")
-        if not Path(model).exists():
-            raise CoaloraError(f"model not found: {model}")
+        from toolkit.assets import resolve_model
+        model = resolve_model(str(model))
         _check_writable(out)
         con = _console()
         from converters.gguf_model_writer import write_gguf

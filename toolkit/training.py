@@ -8,6 +8,7 @@ mode "single": one LoRA fine-tuned for one fixed configuration (the per-configur
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -71,7 +72,13 @@ def sensitivity_errors(run: Run) -> dict:
     """Per-tensor, per-type ggml quantization errors of the run's model (cached in the run folder)."""
     from toolkit import sensitivity
 
-    return sensitivity.error_table(run.layout, run.bank().original, cache=run.path / "sensitivity.json")
+    from toolkit.run import quant_cache_dir
+
+    shared = quant_cache_dir(run.meta["model_sha256"]) / "sensitivity.json"  # reused by later runs of the model
+    errors = sensitivity.error_table(run.layout, run.bank().original, cache=shared)
+    if not (run.path / "sensitivity.json").exists():  # the run folder keeps its own copy for search / emit
+        write_json(run.path / "sensitivity.json", json.loads(shared.read_text()))
+    return errors
 
 
 def _initial_trainset(run: Run, opts: TrainOptions) -> list[Configuration]:
@@ -88,6 +95,9 @@ def _search_round(run: Run, round_index: int, opts: TrainOptions, log) -> list[C
     from toolkit import pareto_search
 
     archive = pareto_search.Archive.load(run.archive_path) if run.archive_path.exists() else pareto_search.Archive()
+    # Losses of earlier rounds belong to an earlier adapter: score the whole archive with the current one.
+    for record, loss in zip(archive.records, run.calibration_loss(archive.configs())):
+        record.loss = loss
     archive, trainset = pareto_search.refine(run.layout, archive, run.calibration_loss, n_new=opts.search_candidates,
                                              seed=opts.seed + round_index, round_index=round_index,
                                              seed_configurations=run.trainset(), errors=sensitivity_errors(run))
