@@ -13,6 +13,12 @@ RESULTS = ROOT / "bench" / "results"
 COALORA = [sys.executable, "-m", "toolkit.cli"]
 
 
+def peak_child_rss_mb() -> float:
+    """Largest resident memory any finished child process (e.g. a training run) reached, in MB."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 def cli(*args, check=True) -> tuple[dict | str, float]:
     """Run ``coalora ARGS --json`` in a subprocess; returns (parsed JSON or text, wall seconds)."""
     t = time.perf_counter()

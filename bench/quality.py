@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, cli, markdown_table, write_results  # noqa: E402
+from bench.common import RESULTS, cli, markdown_table, peak_child_rss_mb, write_results  # noqa: E402
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
@@ -172,10 +172,12 @@ def main() -> None:
           f"{args.windows} windows x 512 tokens of Pride and Prejudice; perplexity by llama.cpp.\n\n"
           + markdown_table(rows, cols)
           + f"\n\nTraining time: one CoA-LoRA run {seconds['coa']:.0f} s serves every budget; "
-            f"the per-configuration LoRAs for {len(BUDGET_FROM)} budgets took {per_config_total:.0f} s together.")
+            f"the per-configuration LoRAs for {len(BUDGET_FROM)} budgets took {per_config_total:.0f} s together. "
+            f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB.")
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
                                            "windows": args.windows, "n_ctx": 512},
-                              "rows": rows, "train_seconds": seconds, "per_config_total_s": per_config_total}, md)
+                              "rows": rows, "train_seconds": seconds, "per_config_total_s": per_config_total,
+                              "peak_child_rss_mb": peak_child_rss_mb()}, md)
     plot(rows, RESULTS / "quality.png")
 
 

@@ -97,3 +97,21 @@ def austen_text(name: str) -> str:
     if not p.exists():
         pytest.skip(f"Austen text missing ({p}); run `coalora assets --fetch`")
     return p.read_text()
+
+
+# Small settings for the SmolLM2 run the integration tests share.
+SMOLLM2_RUN_OPTIONS = dict(steps=6, seq_len=64, batch=2, rounds=2, search_candidates=4, checkpoint_every=6,
+                           lr=2e-3, cam_lr=2e-3)
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2_gguf, tmp_path_factory):
+    """A small trained CoA-LoRA run on SmolLM2 with Austen (a ``toolkit.run.Run``), shared by integration tests."""
+    from toolkit import assets
+    from toolkit.training import TrainOptions, train
+
+    texts = [assets.novel_path(n) for n in assets.TRAIN_NOVELS]
+    if not all(p.exists() for p in texts):
+        pytest.skip("Austen text missing; run `coalora assets --fetch`")
+    return train(tmp_path_factory.mktemp("smollm2") / "run", smollm2_gguf, texts[:1],
+                 TrainOptions(**SMOLLM2_RUN_OPTIONS), progress=False, log=lambda s: None)

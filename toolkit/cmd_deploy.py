@@ -97,19 +97,22 @@ def register(cli):
     @click.option("--windows", "n_windows", type=int, help="Number of evaluation windows (default: the manifest's).")
     @click.option("--reference", type=click.Path(path_type=Path), help="Unquantized F16/F32 GGUF to compare with.")
     @click.option("--no-measure", is_flag=True, help="Skip the speed / peak-memory measurement.")
+    @click.option("--measure-tokens", type=int, help="Prompt tokens of the measurement (default: fill the context).")
+    @click.option("--threads", type=int, help="Threads for llama.cpp (default: the profile's).")
     @click.option("--json", "as_json", is_flag=True)
-    def validate_cmd(dist, data, n_windows, reference, no_measure, as_json):
+    def validate_cmd(dist, data, n_windows, reference, no_measure, measure_tokens, threads, as_json):
         """Check an emitted pair on CPU: checksums, adapter, perplexity, KL, speed, memory."""
         from rich.table import Table
 
         from toolkit.validate import validate
 
-        if n_windows is not None and n_windows < 1:
-            raise CoaloraError("--windows must be at least 1")
+        for opt, v in (("--windows", n_windows), ("--measure-tokens", measure_tokens), ("--threads", threads)):
+            if v is not None and v < 1:
+                raise CoaloraError(f"{opt} must be at least 1")
         status, log = _status(_console(stderr=True))
         with status:
             r = validate(dist, data=data, n_windows=n_windows, reference=reference, measure_memory=not no_measure,
-                         log=log)
+                         threads=threads, measure_tokens=measure_tokens, log=log)
         if as_json:
             click.echo(json.dumps(r, indent=2))
         else:

@@ -141,7 +141,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
         nll = torch_window_nll(run.torch_logits_fn(cfg), windows)
         ppl = perplexity(nll)
 
-        mem = profile.memory(arch, model_bytes, adapter_bytes)
+        mem = profile.memory(arch, model_bytes, adapter_bytes, mm.repack_bytes(layout, cfg))
         manifest = {
             "format": FORMAT,
             "profile": profile.to_dict(),

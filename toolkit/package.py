@@ -29,7 +29,7 @@ def readme(manifest: dict) -> str:
 
 Predicted perplexity on {ev['n_windows']} x {ev['n_ctx']}-token windows of {ev['text']}: {ev['predicted_perplexity']:.3f}.
 Predicted memory with a {p['context_length']}-token context: {mem['total_bytes'] / 2**20:.0f} MiB
-(model {mem['model_bytes'] / 2**20:.0f}, adapter {mem['adapter_bytes'] / 2**20:.0f}, KV cache {mem['kv_cache_bytes'] / 2**20:.0f},
+(model {mem['model_bytes'] / 2**20:.0f}, repacked weights {mem.get('repack_bytes', 0) / 2**20:.0f}, adapter {mem['adapter_bytes'] / 2**20:.0f}, KV cache {mem['kv_cache_bytes'] / 2**20:.0f},
 compute {mem['compute_bytes'] / 2**20:.0f}, runtime {mem['overhead_bytes'] / 2**20:.0f} MiB).
 
 Check the files: `sha256sum model.gguf adapter.gguf` and compare with `manifest.json`.

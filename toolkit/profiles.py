@@ -41,9 +41,10 @@ class Profile:
         """Memory the whole llama.cpp process may use on this device."""
         return int(self.memory_bytes * self.model_share)
 
-    def memory(self, arch: mm.ArchInfo, model_bytes: int, adapter_bytes: int) -> mm.MemoryEstimate:
+    def memory(self, arch: mm.ArchInfo, model_bytes: int, adapter_bytes: int, repack: int = 0) -> mm.MemoryEstimate:
+        """``repack``: mm.repack_bytes() of the configuration, once it is known."""
         return mm.estimate(arch, model_bytes, adapter_bytes, self.context_length, self.kv_cache_type,
-                           self.ubatch, self.flash_attn)
+                           self.ubatch, self.flash_attn, repack=repack)
 
     def model_budget_bytes(self, layout, arch: mm.ArchInfo | None = None, adapter_bytes: int | None = None,
                            rank: int = 16, targets=None) -> int:

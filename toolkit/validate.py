@@ -7,7 +7,10 @@ then the adapter is checked against the model (gguf.GGUFReader), and only then l
   model, written once and cached in $COALORA_HOME/reference/ (or ``reference=`` any F16/F32 GGUF);
 - prompt and generation tokens/s and peak resident memory, measured in a separate process that runs
   with the profile's own settings (context, threads, ubatch, KV type), so the RSS is that of llama.cpp
-  and not of this process.
+  and not of this process. By default the prompt fills the context, since the KQ scores of the compute
+  buffer grow with the filled cells and the memory model predicts a full context; the child does not
+  re-read the files with gguf (this process has checked them): GGUFReader's pass over the model would
+  add a transient of about the model's size to the peak.
 Verdicts: checksums hold, the pair fits the profile (memory model and measured), perplexity with the
 adapter within 0.5% of the manifest's prediction.
 """
@@ -27,7 +30,6 @@ from toolkit.evaluation import StreamComparison, nll_from_logits, perplexity, wi
 from toolkit.fileio import sha256_file
 
 PPL_TOLERANCE = 0.005
-MEASURE_PROMPT_TOKENS = 256
 MEASURE_GEN_TOKENS = 32
 
 
@@ -112,7 +114,9 @@ def _measure_child(args: dict) -> dict:
     """Runs in the child: load with the profile's settings, time a prompt and a generation, report peak RSS."""
     import llama_cpp
 
-    from toolkit.llama_runtime import _quiet_llama_logs, load_adapter, set_adapter
+    from toolkit.llama_runtime import _quiet_llama_logs, set_adapter
+
+    from toolkit.llama_runtime import AdapterHandle, AdapterInfo, _model_ptr
 
     _quiet_llama_logs()
     t = time.perf_counter()
@@ -120,7 +124,11 @@ def _measure_child(args: dict) -> dict:
     llm = llama_cpp.Llama(model_path=args["model"], n_ctx=args["n_ctx"], n_batch=args["ubatch"],
                           n_ubatch=args["ubatch"], n_threads=args["threads"], n_threads_batch=args["threads"],
                           n_gpu_layers=0, flash_attn=args["flash_attn"], type_k=kv, type_v=kv, verbose=False)
-    h = load_adapter(llm, args["adapter"], args["model"])
+    # the parent validated this adapter against this model (validate_adapter_file) before starting us
+    ptr = llama_cpp.llama_adapter_lora_init(_model_ptr(llm), args["adapter"].encode("utf-8"))
+    if not ptr:
+        raise RuntimeError(f"llama.cpp refused the adapter {args['adapter']}")
+    h = AdapterHandle(llm, ptr, AdapterInfo(Path(args["adapter"]), "", None, 0, {}))
     set_adapter(llm, h)
     load_s = time.perf_counter() - t
     prompt = args["prompt"]
@@ -141,9 +149,12 @@ def _measure_child(args: dict) -> dict:
             "gen_tokens": n, "gen_tokens_per_s": n / gen_s if gen_s > 0 else 0.0, "peak_rss_bytes": peak}
 
 
-def measure(model, adapter, profile, prompt: list[int], n_gen: int = MEASURE_GEN_TOKENS, timeout: float = 600) -> dict:
+def measure(model, adapter, profile, prompt: list[int], n_gen: int = MEASURE_GEN_TOKENS, timeout: float = 1800,
+            threads: int | None = None) -> dict:
+    """Load, prompt and generate with the profile's settings in a child process (``threads`` overrides the
+    profile's thread count). ``model`` and ``adapter`` must have been checked with validate_adapter_file."""
     args = {"model": str(model), "adapter": str(adapter), "n_ctx": profile.context_length, "ubatch": profile.ubatch,
-            "threads": profile.threads, "kv_type": profile.kv_cache_type, "flash_attn": profile.flash_attn,
+            "threads": threads or profile.threads, "kv_type": profile.kv_cache_type, "flash_attn": profile.flash_attn,
             "prompt": [int(t) for t in prompt], "n_gen": n_gen}
     try:
         res = subprocess.run([sys.executable, "-m", "toolkit.validate", "--measure-child"], input=json.dumps(args),
@@ -158,7 +169,9 @@ def measure(model, adapter, profile, prompt: list[int], n_gen: int = MEASURE_GEN
 
 # ---- validation -------------------------------------------------------------------------------
 def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, measure_memory: bool = True,
-             threads: int | None = None, log=lambda m: None) -> dict:
+             threads: int | None = None, measure_tokens: int | None = None, log=lambda m: None) -> dict:
+    """``measure_tokens``: prompt length of the memory / speed measurement (default: fill the profile's
+    context, what the memory model predicts); ``threads`` overrides the profile's for all llama.cpp work."""
     from toolkit.emit import ADAPTER_FILE, MODEL_FILE, eval_text, gguf_windows
     from toolkit.llama_runtime import load_adapter, open_model, set_adapter, validate_adapter_file, window_logits
 
@@ -210,9 +223,13 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
 
     measured = None
     if measure_memory:
-        log("measuring speed and peak memory in a separate process")
-        prompt = [t for w in windows for t in w][:min(MEASURE_PROMPT_TOKENS, profile.context_length - 2 * MEASURE_GEN_TOKENS)]
-        measured = measure(model, adapter, profile, prompt)
+        n_prompt = profile.context_length - MEASURE_GEN_TOKENS
+        if measure_tokens is not None:
+            n_prompt = max(1, min(int(measure_tokens), n_prompt))
+        log(f"measuring speed and peak memory in a separate process ({n_prompt}-token prompt)")
+        pool = [t for w in windows for t in w]
+        prompt = (pool * (n_prompt // len(pool) + 1))[:n_prompt]  # the text's tokens, repeated as needed
+        measured = measure(model, adapter, profile, prompt, threads=threads)
 
     mem = manifest["memory"]
     allowed = profile.process_budget_bytes
@@ -231,7 +248,10 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
         "reference": None if ref is None else {"path": str(ref_path), "base": cmp_base.summary(),
                                                "adapter": cmp_adapted.summary()},
         "memory": {"predicted_total_bytes": mem["total_bytes"], "allowed_bytes": allowed,
-                   "measured_peak_rss_bytes": None if measured is None else measured["peak_rss_bytes"]},
+                   "measured_peak_rss_bytes": None if measured is None else measured["peak_rss_bytes"],
+                   "measured_prompt_tokens": None if measured is None else measured["prompt_tokens"],
+                   "relative_difference": None if measured is None
+                   else measured["peak_rss_bytes"] / mem["total_bytes"] - 1},
         "speed": None if measured is None else {k: measured[k] for k in ("load_s", "prompt_tokens_per_s",
                                                                            "gen_tokens_per_s")},
         "verdicts": verdicts,
