@@ -19,6 +19,7 @@ import numpy as np
 
 from toolkit.configuration import BLOCK_KINDS, ModelLayout, TensorSpec
 from toolkit.errors import CoaloraError
+from toolkit.fileio import read_json
 
 # GGUF architecture name -> gguf-py enum; HF model_type -> GGUF architecture name.
 SUPPORTED_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA}
@@ -293,10 +294,7 @@ def _hf_tokenizer_fields(lm: LoadedModel):
     tj = lm.source / "tokenizer.json"
     if not tj.exists():
         raise CoaloraError(f"{lm.source}: no tokenizer.json (only fast byte-level BPE tokenizers are supported)")
-    try:
-        spec = json.loads(tj.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CoaloraError(f"cannot read {tj}: {e}") from None
+    spec = read_json(tj)
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise CoaloraError(f"{tj}: tokenizer model {model.get('type')!r} is not supported (byte-level BPE only)")

@@ -6,7 +6,6 @@ Sizes are exact: ``layout.file_bytes(cfg)`` is the size of the GGUF file coalora
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,13 +140,10 @@ class Configuration:
 
     @classmethod
     def load(cls, path) -> "Configuration":
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise CoaloraError(f"configuration file not found: {path}") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise CoaloraError(f"cannot read configuration {path}: {e}") from None
-        return cls.from_json(d)
+        from toolkit.fileio import read_json
+        if not Path(path).is_file():
+            raise CoaloraError(f"configuration file not found: {path}")
+        return cls.from_json(read_json(path))
 
     def histogram(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -45,6 +45,16 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path):
+    """Parsed JSON of ``path``; an unreadable or malformed file is a one-line CoaloraError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CoaloraError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CoaloraError(f"{path} is unreadable: {e}") from None
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

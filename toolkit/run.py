@@ -9,7 +9,6 @@ RUN/tokens.npy     the tokenized training text
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from toolkit import assets
 from toolkit.configuration import Configuration, ModelLayout
 from toolkit.errors import CoaloraError
-from toolkit.fileio import atomic_path, model_fingerprint, write_json
+from toolkit.fileio import atomic_path, model_fingerprint, read_json, write_json
 
 
 def quant_cache_dir(model_sha256: str) -> Path:
@@ -55,11 +54,8 @@ class Run:
         meta_path = path / "run.json"
         if not meta_path.exists():
             raise CoaloraError(f"{path} is not a coalora run (no run.json); create one with `coalora train`")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CoaloraError(f"{meta_path} is unreadable: {e}") from None
-        run = cls(path, meta)
+        run = cls(path, read_json(meta_path))
+        meta = run.meta
         if require_trained and meta.get("status") != "trained":
             raise CoaloraError(f"run {path} has no trained model yet (status: {meta.get('status', 'unknown')}); "
                                f"finish it with `coalora train ... --resume`")
@@ -115,7 +111,7 @@ class Run:
     def trainset(self) -> list[Configuration]:
         if not self.trainset_path.exists():
             return []
-        return [Configuration.from_json(d) for d in json.loads(self.trainset_path.read_text())]
+        return [Configuration.from_json(d) for d in read_json(self.trainset_path)]
 
     def check_configuration(self, cfg: Configuration) -> None:
         """A CoA run answers for the types it was trained on; other modes' adapters ignore the configuration."""
