@@ -58,6 +58,8 @@ def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | N
     n_rows, n_per_row = w.shape
     if not q.fits_row(n_per_row):
         raise GGMLError(f"{q.name} needs rows of a multiple of {q.block_size}, got {n_per_row}")
+    if not np.isfinite(w).all():
+        raise GGMLError("weights contain NaN or Inf; refusing to quantize them")
     lib = libggml()
     imat_ptr = None
     if imatrix is not None:
@@ -73,7 +75,7 @@ def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | N
     if n != out.nbytes:
         raise GGMLError(f"ggml wrote {n} bytes, expected {out.nbytes}")
     if not lib.ggml_validate_row_data(int(q.ggml), out.ctypes.data, out.nbytes):
-        raise GGMLError(f"ggml rejected its own {q.name} data (NaN or Inf in the weights?)")
+        raise GGMLError(f"ggml rejected its own {q.name} data")
     return out
 
 

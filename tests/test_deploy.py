@@ -314,7 +314,7 @@ def test_cli_profiles_and_errors(tmp_path):
 
 
 # ---- SmolLM2: a real CoA run, every shipped profile, and one model file serving two adapters --------
-SMOL_WINDOWS, SMOL_CTX = 2, 256          # small evaluation: 2 windows of 256 tokens
+SMOL_WINDOWS, SMOL_CTX = 4, 512          # small evaluation: 4 windows of 512 tokens
 MEMORY_TOLERANCE = 0.15                  # measured peak RSS vs the memory model (issue requirement)
 MEASURED_PROFILES = ("rpi4-4gb",)        # full-context measurement is slow on CPU; this one has the
                                          # largest repack buffer and a flash-attention compute buffer
@@ -326,8 +326,8 @@ def smol_dist(smollm2_run, tmp_path_factory):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["jetson-orin-nano-8gb", "laptop-16gb", "phone-6gb", "phone-8gb", "rpi4-4gb",
-                                  "rpi5-8gb"])
+# Three budgets (low, middle, high) keep CI short; `coalora demo` runs every shipped profile.
+@pytest.mark.parametrize("name", ["rpi4-4gb", "phone-6gb", "jetson-orin-nano-8gb"])
 def test_smollm2_profile_emit_validate_package(smollm2_run, smol_dist, name, tmp_path):
     from toolkit.emit import emit
     from toolkit.package import package
@@ -388,7 +388,8 @@ def test_smollm2_one_model_two_adapters_swapped(smollm2_run, tmp_path):
     model, ad_a, ad_b = dist / "model.gguf", dist / "adapter.gguf", tmp_path / "neighbour.gguf"
     cfg_b = _neighbour(run, Configuration.from_json({"types": m["configuration"]}))
     run.write_adapter(cfg_b, ad_b)
-    assert ad_a.read_bytes() != ad_b.read_bytes()
+    coa = run.meta["options"]["mode"] == "coa"  # other modes' adapters ignore the configuration
+    assert (ad_a.read_bytes() != ad_b.read_bytes()) == coa
     windows, _ = gguf_windows(model, eval_text().read_text(), SMOL_WINDOWS, SMOL_CTX)
 
     llm = open_model(model, n_ctx=SMOL_CTX, n_threads=2)
@@ -411,4 +412,5 @@ def test_smollm2_one_model_two_adapters_swapped(smollm2_run, tmp_path):
             llm.close()
     assert swapped["a"] == swapped["a2"]
     assert abs(swapped["a"] / fresh["a"] - 1) < 1e-6 and abs(swapped["b"] / fresh["b"] - 1) < 1e-6
-    assert swapped["a"] != swapped["b"] and swapped["none"] not in (swapped["a"], swapped["b"])
+    assert swapped["none"] not in (swapped["a"], swapped["b"])
+    assert (swapped["a"] != swapped["b"]) == coa
