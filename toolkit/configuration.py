@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converters.quant_types import CATALOGUE_NAMES, QuantType, get, menu, resolve
+from converters.quant_types import QuantType, get, menu, resolve
 from toolkit.errors import CoaloraError
 
 GGUF_ALIGNMENT = 32
