@@ -38,6 +38,8 @@ BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
 def llama_quantize(src: Path, dst: Path, ftype_name: str) -> float:
     import llama_cpp
 
+    from toolkit.llama_runtime import _quiet_llama_logs
+    _quiet_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
     params.nthread = 2
@@ -83,6 +85,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--work", type=Path, default=Path("bench/work/quality"))
+    ap.add_argument("--budgets", default=",".join(BUDGET_FROM),
+                    help="Stock types whose file sizes are the budgets of rows 3-6.")
     args = ap.parse_args()
     from toolkit import assets
     from toolkit.configuration import Configuration
@@ -139,7 +143,8 @@ def main() -> None:
         row("2", f"stock {t} + full-precision LoRA", stock[t], p, seconds["fp"])
 
     coa = Run.open(work / "runs" / "coa")
-    for t in BUDGET_FROM:
+    budgets = [t for t in args.budgets.split(",") if t]
+    for t in budgets:
         budget = stock[t].stat().st_size
         cfg_path = work / f"cfg-{t}.json"
         if not cfg_path.exists():
@@ -164,7 +169,7 @@ def main() -> None:
     for r in rows:
         r["gap_to_floor_pct"] = round(100 * (r["ppl"] / floor - 1), 2)
     per_config_total = sum(json.loads((work / "runs" / f"ft-{t}" / "run.json").read_text())["train_seconds"]
-                           for t in BUDGET_FROM)
+                           for t in budgets)
     cols = [("row", "row"), ("budget", "budget"), ("method", "method"), ("file_bytes", "file bytes"),
             ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor_pct", "gap to floor %"),
             ("finetune_s", "fine-tuning s")]
@@ -172,7 +177,7 @@ def main() -> None:
           f"{args.windows} windows x 512 tokens of Pride and Prejudice; perplexity by llama.cpp.\n\n"
           + markdown_table(rows, cols)
           + f"\n\nTraining time: one CoA-LoRA run {seconds['coa']:.0f} s serves every budget; "
-            f"the per-configuration LoRAs for {len(BUDGET_FROM)} budgets took {per_config_total:.0f} s together. "
+            f"the per-configuration LoRAs for {len(budgets)} budgets took {per_config_total:.0f} s together. "
             f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB.")
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
                                            "windows": args.windows, "n_ctx": 512},
