@@ -230,14 +230,25 @@ def _warm_bank(run: Run, cfgs: list[Configuration], progress: bool) -> None:
 
 
 def _progress(enabled: bool, total: int, start: int, label: str = "training"):
+    """A tqdm bar on a terminal; elsewhere (logs, CI) a plain line at most every 30 seconds."""
     if not enabled:
         return lambda done, text: None
+    import sys
+
+    if not sys.stderr.isatty():
+        last = [0.0]
+
+        def line(done, text):
+            now = time.perf_counter()
+            if done is not None and (now - last[0] >= 30 or done == total):
+                last[0] = now
+                print(f"{label}: {done}/{total} {text}", file=sys.stderr, flush=True)
+
+        return line
     from tqdm import tqdm
 
-    import sys
-    tty = sys.stderr.isatty()
     bar = tqdm(total=total, initial=start, desc=label, unit="step" if label == "training" else "tensor",
-               dynamic_ncols=True, leave=False, mininterval=0.2 if tty else 30.0)
+               dynamic_ncols=True, leave=False)
 
     def update(done, text):
         if done is None:
