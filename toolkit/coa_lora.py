@@ -108,6 +108,7 @@ class CoALoRAModel(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.lora_names = [t.name for t in layout.tensors if t.kind in targets]
         self.layers = nn.ModuleDict()
+        self.lora_layers: dict[str, QuantLoRALinear] = {}
         self.plain: dict[str, GGMLLinear] = {}
         for t in layout.tensors:
             if t.kind not in BLOCK_KINDS:
@@ -116,7 +117,8 @@ class CoALoRAModel(nn.Module):
             w = getattr(parent, attr).weight.detach()
             if t.name in self.lora_names:
                 layer = QuantLoRALinear(w, rank, alpha, g)
-                self.layers[t.name.replace(".", "_")] = layer
+                self.layers[t.name.replace(".", "_")] = layer  # registers the LoRA parameters
+                self.lora_layers[t.name] = layer
             else:
                 layer = self.plain[t.name] = GGMLLinear(w)
             setattr(parent, attr, layer)
@@ -142,7 +144,7 @@ class CoALoRAModel(nn.Module):
         return parent, path[-1]
 
     def layer(self, name: str) -> QuantLoRALinear:
-        return self.layers[name.replace(".", "_")]
+        return self.lora_layers[name]
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -151,8 +153,8 @@ class CoALoRAModel(nn.Module):
         """Point every quantizable tensor at the dequantized ggml bytes of its type in ``cfg``."""
         for name, q in {**self.fixed_types, **cfg.types}.items():
             w = self.bank.weight(name, q)
-            if name in self.layers_by_name:
-                self.layers_by_name[name].set_weight(w, q.name)
+            if name in self.lora_layers:
+                self.lora_layers[name].set_weight(w, q.name)
             elif name in self.plain:
                 self.plain[name].set_weight(w, q.name)
             else:  # token_embd (a lookup: exact dequantized rows) and output
@@ -163,10 +165,6 @@ class CoALoRAModel(nn.Module):
         self.cfg = cfg
         if self.cam is not None:
             self._features = self.cam.features(self.layout, cfg, self.lora_names)
-
-    @property
-    def layers_by_name(self) -> dict[str, QuantLoRALinear]:
-        return {n: self.layers[n.replace(".", "_")] for n in self.lora_names}
 
     def adjustments(self) -> torch.Tensor | None:
         return None if self.cam is None else self.cam(self._features)
