@@ -197,7 +197,7 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         done = step + 1
         rate = (done - start) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
         bar(done, f"loss {ema:.3f}  {rate:,.0f} tok/s  cfg {run.layout.bits_per_weight(cfg):.2f} bpw")
-        if done % opts.checkpoint_every == 0 or done == opts.steps:
+        if done % opts.checkpoint_every == 0 and done < opts.steps:  # the last one is written below
             _checkpoint(run, model, optim, done, rounds_done, elapsed + time.perf_counter() - t0)
     bar(None, "")
     elapsed += time.perf_counter() - t0
