@@ -11,7 +11,7 @@ Protocol (fixed; one run of this script produces every number):
   2. llama.cpp's stock types made by llama.cpp's own `llama_model_quantize` (Q8_0, Q5_0, Q4_K_M, IQ4_NL,
      Q4_0) from the F32 GGUF, with that same full-precision LoRA (what users do today);
   then at the byte size of the Q8_0, Q5_0 and Q4_0 files (budgets), the configuration coalora's search
-  picks from the CoA-LoRA run, as a mixed-precision GGUF:
+  picks from the CoA-LoRA run (`coalora search --confirm 3`), as a mixed-precision GGUF:
   3. without adapter; 4. with the shared-LoRA baseline; 5. with a LoRA fine-tuned for that very
   configuration (the expensive baseline); 6. with the CoA-LoRA generated adapter.
 - Q4_1 is not offered to the search (SmolLM2's weights were dequantized from Q4_1).
@@ -96,12 +96,19 @@ def main() -> None:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch, "--json"]
 
+    walls = {}
+
     def trained(name, *cmd):
+        """Training seconds of the run (the loop and its search rounds); the whole process's wall time,
+        start-up, sensitivity table and final search round included, goes to ``walls``."""
         run = work / "runs" / name
-        if (run / "run.json").exists() and json.loads((run / "run.json").read_text()).get("status") == "trained":
-            return json.loads((run / "run.json").read_text())["train_seconds"]
-        _, wall = cli(*cmd, "-o", run, *train)
-        print(f"  trained {name} in {wall:.0f} s", flush=True)
+        if not ((run / "run.json").exists()
+                and json.loads((run / "run.json").read_text()).get("status") == "trained"):
+            _, wall = cli(*cmd, "-o", run, *train)
+            (run / "bench-wall.json").write_text(json.dumps({"wall_s": round(wall, 1)}))
+            print(f"  trained {name} in {wall:.0f} s", flush=True)
+        if (run / "bench-wall.json").exists():
+            walls[name] = json.loads((run / "bench-wall.json").read_text())["wall_s"]
         return json.loads((run / "run.json").read_text())["train_seconds"]
 
     def adapter(run_name, cfg_arg, out):
@@ -148,7 +155,7 @@ def main() -> None:
         budget = stock[t].stat().st_size
         cfg_path = work / f"cfg-{t}.json"
         if not cfg_path.exists():
-            cli("search", work / "runs" / "coa", "--budget-bytes", budget, "-o", cfg_path, "--json")
+            cli("search", work / "runs" / "coa", "--budget-bytes", budget, "--confirm", 3, "-o", cfg_path, "--json")
         cfg = Configuration.load(cfg_path)
         mixed = work / f"mixed-{t}.gguf"
         if not mixed.exists():
@@ -178,10 +185,13 @@ def main() -> None:
           + markdown_table(rows, cols)
           + f"\n\nTraining time: one CoA-LoRA run {seconds['coa']:.0f} s serves every budget; "
             f"the per-configuration LoRAs for {len(budgets)} budgets took {per_config_total:.0f} s together. "
+            f"Wall time of each whole training process (start-up, sensitivity table and search rounds "
+            f"included): {', '.join(f'{k} {v:.0f} s' for k, v in walls.items())}. "
             f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB.")
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
                                            "windows": args.windows, "n_ctx": 512},
                               "rows": rows, "train_seconds": seconds, "per_config_total_s": per_config_total,
+                              "train_wall_s": walls,
                               "peak_child_rss_mb": peak_child_rss_mb()}, md)
     plot(rows, RESULTS / "quality.png")
 

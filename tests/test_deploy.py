@@ -311,3 +311,23 @@ def test_cli_profiles_and_errors(tmp_path):
     assert main(["profiles", "toaster"]) == 1
     assert main(["validate", str(tmp_path)]) == 1
     assert main(["package", str(tmp_path), "-o", str(tmp_path / "x.tar.gz")]) == 1
+
+
+def test_demo_writes_table_and_json(tmp_path, monkeypatch, capsys):
+    """The demo command's own part (the pipeline itself runs in the integration tests): a wide table on a
+    pipe, DIR/demo.json with the rows, and a non-zero exit when a profile failed validation."""
+    from toolkit import cmd_demo
+    from toolkit.cli import main
+
+    row = dict(profile="rpi4-4gb", budget_bytes=75_000_000, model_bytes=74_999_000, bpw=4.35, adapter_bytes=9_800_000,
+               ppl_no_adapter=31.1, ppl_adapter=24.1, ppl_predicted=24.12, memory_predicted=254.8e6,
+               memory_measured=235.6e6, verdicts="ok", package="x.tar.gz")
+    rows = [row]
+    monkeypatch.setattr(cmd_demo, "run_demo", lambda out, steps, windows, log: [dict(r) for r in rows])
+    assert main(["demo", "-o", str(tmp_path), "--steps", "3"]) == 0
+    assert "rpi4-4gb" in capsys.readouterr().out  # not cut to "rpi4…" by an 80-column console
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["steps"] == 3 and saved["profiles"][0]["ppl_adapter"] == 24.1
+    rows = [dict(row, verdicts="perplexity")]
+    assert main(["demo", "-o", str(tmp_path), "--json"]) == 1
+    assert json.loads((tmp_path / "demo.json").read_text())["profiles"][0]["verdicts"] == "perplexity"

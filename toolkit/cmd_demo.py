@@ -63,7 +63,12 @@ def register(cli: click.Group) -> None:
 
         Example: coalora demo -o coalora-demo
         """
+        from toolkit.fileio import write_json
+
+        t0 = time.perf_counter()
         rows = run_demo(out, steps, windows, log=(lambda s: None) if as_json else click.echo)
+        write_json(out / "demo.json", {"steps": steps, "windows": windows,
+                                       "wall_seconds": round(time.perf_counter() - t0, 1), "profiles": rows})
         if as_json:
             click.echo(json.dumps(rows, indent=2))
         else:
@@ -73,7 +78,7 @@ def register(cli: click.Group) -> None:
 
 
 def _table(rows: list[dict]) -> None:
-    from rich.console import Console
+    from toolkit.console import console
     from rich.table import Table
 
     t = Table(title="coalora demo: SmolLM2-135M-Instruct fine-tuned on Austen, per device profile")
@@ -85,4 +90,4 @@ def _table(rows: list[dict]) -> None:
         t.add_row(r["profile"], mb(r["budget_bytes"]), mb(r["model_bytes"]), f"{r['bpw']:.2f}", mb(r["adapter_bytes"]),
                   f"{r['ppl_no_adapter']:.3f}", f"{r['ppl_adapter']:.3f}", f"{r['ppl_predicted']:.3f}",
                   f"{mb(r['memory_predicted'])} / {mb(r['memory_measured'])}", r["verdicts"])
-    Console().print(t)
+    console().print(t)

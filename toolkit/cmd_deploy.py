@@ -10,8 +10,8 @@ from toolkit.errors import CoaloraError
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
-    return Console(stderr=stderr, highlight=False)
+    from toolkit.console import console
+    return console(stderr=stderr)
 
 
 def _mb(n) -> str:

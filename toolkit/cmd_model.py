@@ -15,8 +15,8 @@ DEFAULT_TYPE = "F16"
 
 
 def _console():
-    from rich.console import Console
-    return Console(stderr=True, highlight=False)
+    from toolkit.console import console
+    return console(stderr=True)
 
 
 def _human(n: int) -> str:
@@ -98,14 +98,14 @@ def register(cli: click.Group) -> None:
             click.echo(json.dumps([{"name": a.name, "path": str(a.path), "present": a.present,
                                     "description": a.description} for a in items], indent=2))
             return
-        from rich.console import Console
+        from toolkit.console import console
         from rich.table import Table
         t = Table(title=f"coalora assets in {assets.home()}")
         for col in ("asset", "present", "path", "description"):
             t.add_column(col)
         for a in items:
             t.add_row(a.name, "yes" if a.present else "[red]no[/red]", str(a.path), a.description)
-        Console().print(t)
+        console().print(t)
         if not all(a.present for a in items):
             click.echo("some assets are missing; run `coalora assets --fetch`")
 
@@ -160,14 +160,14 @@ def register(cli: click.Group) -> None:
         if as_json:
             click.echo(json.dumps(r, indent=2, default=str))
             return
-        from rich.console import Console
+        from toolkit.console import console
         from rich.table import Table
         t = Table(title=str(file))
         for col, just in (("tensor", "left"), ("type", "left"), ("shape", "left"), ("bytes", "right")):
             t.add_column(col, justify=just)
         for x in r["tensors"]:
             t.add_row(x["name"], x["type"], " x ".join(map(str, x["shape"])), f"{x['bytes']:,}")
-        con = Console()
+        con = console()
         con.print(t)
         bpw = r["bits_per_weight_quantized"]
         con.print(f"architecture {r['architecture']}, {r['n_tensors']} tensors, types "

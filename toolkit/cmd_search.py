@@ -75,7 +75,7 @@ def register(cli):
         if as_json:
             click.echo(json.dumps(out, indent=2))
             return
-        from rich.console import Console
+        from toolkit.console import console
         from rich.table import Table
 
         t = Table(title=f"coalora search: {run.path} ({what})", show_header=False)
@@ -88,4 +88,4 @@ def register(cli):
         t.add_row("types", ", ".join(f"{k}×{v}" for k, v in out["types"].items()))
         if output:
             t.add_row("written", output)
-        Console().print(t)
+        console().print(t)
