@@ -140,8 +140,9 @@ def plot(rows, path: Path) -> None:
     for r in rows:
         ax.annotate(r["rung"], (r["uniform_bpw"], r["uniform_coa_ppl"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
+    ax.set_yscale("log")  # the Q2_K rung is far above the rest
     ax.set_xlabel("bits per weight (quantized tensors)")
-    ax.set_ylabel("perplexity, Pride and Prejudice (llama.cpp)")
+    ax.set_ylabel("perplexity, Pride and Prejudice (llama.cpp, log scale)")
     ax.set_title("SmolLM2-135M: searched vs uniform at equal file size")
     ax.legend(fontsize=8)
     fig.tight_layout()
