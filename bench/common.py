@@ -58,3 +58,25 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
     write_text(RESULTS / f"{name}.md", markdown + "\n")
     print(markdown)
     print(f"\nwrote {RESULTS / (name + '.json')} and .md")
+
+
+def perplexity_plot(path: Path, title: str, draw, log_y: bool = False) -> None:
+    """A perplexity-against-bits-per-weight PNG; ``draw(ax)`` adds the series."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from toolkit.fileio import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw(ax)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (quantized tensors)")
+    ax.set_ylabel("perplexity, Pride and Prejudice (llama.cpp" + (", log scale)" if log_y else ")"))
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, markdown_table, write_results  # noqa: E402
+from bench.common import RESULTS, markdown_table, perplexity_plot, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -128,26 +128,17 @@ def report(payload: dict) -> None:
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax):
+        ax.plot([r["uniform_bpw"] for r in rows], [r["uniform_coa_ppl"] for r in rows], "s--",
+                label="uniform type + CoA adapter")
+        ax.plot([r["searched_bpw"] for r in rows], [r["searched_coa_ppl"] for r in rows], "o-",
+                label="searched mix + CoA adapter")
+        for r in rows:
+            ax.annotate(r["rung"], (r["uniform_bpw"], r["uniform_coa_ppl"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
 
-    from toolkit.fileio import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r["uniform_bpw"] for r in rows], [r["uniform_coa_ppl"] for r in rows], "s--", label="uniform type + CoA adapter")
-    ax.plot([r["searched_bpw"] for r in rows], [r["searched_coa_ppl"] for r in rows], "o-", label="searched mix + CoA adapter")
-    for r in rows:
-        ax.annotate(r["rung"], (r["uniform_bpw"], r["uniform_coa_ppl"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_yscale("log")  # the Q2_K rung is far above the rest
-    ax.set_xlabel("bits per weight (quantized tensors)")
-    ax.set_ylabel("perplexity, Pride and Prejudice (llama.cpp, log scale)")
-    ax.set_title("SmolLM2-135M: searched vs uniform at equal file size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    # log scale: the Q2_K rung is far above the rest
+    perplexity_plot(path, "SmolLM2-135M: searched vs uniform at equal file size", draw, log_y=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, cli, markdown_table, peak_child_rss_mb, write_results  # noqa: E402
+from bench.common import RESULTS, cli, markdown_table, peak_child_rss_mb, perplexity_plot, write_results  # noqa: E402
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
@@ -197,27 +197,18 @@ def main() -> None:
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"2": ("s", "stock + fp LoRA"), "3": ("x", "searched, no adapter"), "4": ("^", "searched + shared"),
               "5": ("D", "searched + per-config LoRA"), "6": ("o", "searched + CoA-LoRA")}
-    for key, (marker, label) in styles.items():
-        pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["row"] == key)
-        if pts:
-            ax.plot(*zip(*pts), marker=marker, label=label, linestyle="-" if key != "2" else "none")
-    floor = next(r["ppl"] for r in rows if r["row"] == "1")
-    ax.axhline(floor, color="gray", linestyle="--", label="F32 + LoRA (floor)")
-    ax.set_xlabel("bits per weight (quantized tensors)")
-    ax.set_ylabel("perplexity, Pride and Prejudice (llama.cpp)")
-    ax.set_title("SmolLM2-135M: adapters at equal file size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    from toolkit.fileio import atomic_path
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+
+    def draw(ax):
+        for key, (marker, label) in styles.items():
+            pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["row"] == key)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=label, linestyle="-" if key != "2" else "none")
+        floor = next(r["ppl"] for r in rows if r["row"] == "1")
+        ax.axhline(floor, color="gray", linestyle="--", label="F32 + LoRA (floor)")
+
+    perplexity_plot(path, "SmolLM2-135M: adapters at equal file size", draw)
 
 
 if __name__ == "__main__":

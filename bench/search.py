@@ -202,7 +202,7 @@ def main(argv=None):
                 outdir / "search_ehvi.png", title="SmolLM2: EHVI search archive")
 
     head = "| method | evals | HV | " + " | ".join(f"HV@{c}" for c in counts) + " | best loss ≤4.5 / ≤5.0 / ≤6.0 bpw | s |"
-    lines = [f"# Configuration search on SmolLM2\n", f"Objective: {objective.description}.\n",
+    lines = ["# Configuration search on SmolLM2\n", f"Objective: {objective.description}.\n",
              f"Range {BPW_LO}-{BPW_HI} bpw; hypervolume reference point (bpw {ref[0]:.2f}, loss {ref[1]:.4f}), "
              f"shared by all methods.\n", head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
