@@ -29,9 +29,10 @@ test-fast: setup
 
 bench: assets
 	$(PY) bench/convert.py
+	$(PY) bench/quality.py          # trains the runs the next three use
+	$(PY) bench/ladder.py
+	$(PY) bench/search.py --run bench/work/quality/runs/coa
 	$(PY) bench/adapter_speed.py
-	$(PY) bench/search.py
-	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
