@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("bench/work/quality/runs/coa"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--confirm", type=int, default=3, help="candidates whose calibration loss is measured")
+    ap.add_argument("--confirm-windows", type=int, default=32, help="held-out windows of 128 tokens per confirmation")
     ap.add_argument("--work", type=Path, default=Path("bench/work/ladder"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the table and plot from ladder.json")
     args = ap.parse_args()
@@ -75,8 +76,8 @@ def main() -> None:
     for cfg_u, t in ladder[:-1]:
         budget = layout.file_bytes(cfg_u)
         ts = time.perf_counter()
-        res = best_configuration(layout, archive, budget, errors=errors, evaluate=run.calibration_loss,
-                                 n_confirm=args.confirm)
+        res = best_configuration(layout, archive, budget, errors=errors, n_confirm=args.confirm,
+                                 evaluate=lambda cs: run.calibration_loss(cs, args.confirm_windows))
         search_s = time.perf_counter() - ts
         mu, au = files(f"uniform-{t}", cfg_u)
         ms, as_ = files(f"searched-{t}", res.cfg)
@@ -97,7 +98,8 @@ def main() -> None:
             p.unlink()
 
     top_cfg, top_t = ladder[-1]
-    report({"run": str(run.path), "windows": args.windows, "confirm": args.confirm, "rows": rows,
+    report({"run": str(run.path), "windows": args.windows, "confirm": args.confirm,
+            "confirm_windows": args.confirm_windows, "rows": rows,
             "top_rung": top_t, "top_bytes": layout.file_bytes(top_cfg),
             "wall_s": round(time.perf_counter() - t0, 1)})
 
@@ -118,7 +120,8 @@ def report(payload: dict) -> None:
     top = f" ({payload['top_bytes']:,} bytes)" if "top_bytes" in payload else ""
     wall = f" Wall time {payload['wall_s']:.0f} s." if "wall_s" in payload else ""
     md = (f"Run {payload['run']}; {payload['windows']} windows x 512 tokens of Pride and Prejudice; perplexity by "
-          f"llama.cpp; search with --confirm {payload['confirm']}.\n\n" + markdown_table(rows, cols)
+          f"llama.cpp; search with --confirm {payload['confirm']}"
+          f" --confirm-windows {payload.get('confirm_windows', 4)}.\n\n" + markdown_table(rows, cols)
           + f"\n\nSearched + CoA adapter has lower perplexity than the uniform file + CoA adapter at {wins} of "
             f"{len(rows)} budgets; at {ties} the search returned the uniform configuration itself (equal). The top "
             f"rung, {payload['top_rung']}{top}, is the largest configuration of the menu, so no other "

@@ -143,6 +143,39 @@ def test_budget_search(setup):
         best_configuration(layout, Archive(), hi)
 
 
+def test_confirmation_always_measures_the_largest_uniform_file(setup):
+    """With real confirmation the search never returns a configuration measured worse than the largest
+    uniform file within the budget (what a user would otherwise ship), even when the GP ranks it low."""
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    for t in ("Q4_K", "Q6_K"):
+        uniform = layout.uniform(t)
+        budget = layout.file_bytes(uniform)
+        seen = []
+
+        def favour_uniform(cfgs):  # the real loss says: the uniform file is best
+            seen.extend(cfgs)
+            return [0.0 if c == uniform else 9.0 for c in cfgs]
+
+        res = best_configuration(layout, archive, budget, errors=errors, evaluate=favour_uniform, n_confirm=1)
+        assert uniform in seen and res.cfg == uniform and res.measured_loss == 0.0
+
+
+def test_calibration_batch_sizes():
+    import torch
+
+    from toolkit.text_data import TokenStream
+
+    s = TokenStream(np.arange(100_000, dtype=np.int32), seq_len=16, calib_windows=4)
+    assert s.calibration_batch().shape == (4, 16)
+    assert s.calibration_batch(32).shape == (32, 16)
+    assert torch.equal(s.calibration_batch(32)[:4], s.calibration_batch())
+    assert len(s.calibration_batch(10_000)) == len(s.calib) // 16  # capped at the held-out tail
+
+
 def test_real_ggml_sensitivity(tmp_path):
     layout = ModelLayout([TensorSpec("blk.0.attn_q.weight", 32, 256, "attn_q", 0),
                           TensorSpec("blk.0.ffn_down.weight", 16, 512, "ffn_down", 0)], 0, 1,

@@ -151,8 +151,14 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     best_cfg, best_src, best_score = ranked[0]
     if evaluate is not None and n_confirm > 0:
         top = ranked[:n_confirm]
-        arch = [x for x in ranked if x[1] == "archive"][:1]  # the best archived one always competes
-        top += [x for x in arch if x[0] not in {c for c, _, _ in top}]
+        # the best archived configuration and the largest uniform file that fits (what a user would
+        # otherwise ship) always compete
+        arch = [x for x in ranked if x[1] == "archive"][:1]
+        uniforms = {layout.uniform(t) for t in layout.menu_names}
+        uni = sorted((x for x in ranked if x[0] in uniforms), key=lambda x: -layout.file_bytes(x[0]))[:1]
+        for x in arch + uni:
+            if x[0] not in {c for c, _, _ in top}:
+                top.append(x)
         real = list(evaluate([c for c, _, _ in top]))
         k = int(np.argmin(real))
         best_cfg, best_src, best_score = top[k]

@@ -47,8 +47,10 @@ def register(cli):
                   help="Write the configuration JSON here.")
     @click.option("--confirm", default=0, show_default=True,
                   help="Measure the best N candidates' calibration loss with the run's model (about 1 s each).")
+    @click.option("--confirm-windows", default=32, show_default=True,
+                  help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-    def search_cmd(run_dir, budget_bytes, bpw, profile, output, confirm, as_json):
+    def search_cmd(run_dir, budget_bytes, bpw, profile, output, confirm, confirm_windows, as_json):
         """Best quantization configuration of RUN within a budget (exact file bytes, never over)."""
         from toolkit.budget_search import best_configuration
         from toolkit.pareto_search import Archive
@@ -56,8 +58,8 @@ def register(cli):
 
         if sum(x is not None for x in (budget_bytes, bpw, profile)) != 1:
             raise CoaloraError("give exactly one of --budget-bytes, --bpw, --profile")
-        if confirm < 0:
-            raise CoaloraError("--confirm must not be negative")
+        if confirm < 0 or confirm_windows < 1:
+            raise CoaloraError("--confirm must not be negative and --confirm-windows must be at least 1")
         try:
             from toolkit.run import Run
         except ImportError:
@@ -67,7 +69,8 @@ def register(cli):
         archive = Archive.load(run.archive_path) if run.archive_path.exists() else Archive()
         errors = load_error_table(run.path / "sensitivity.json")
         res = best_configuration(layout, archive, budget, errors=errors,
-                                 evaluate=run.calibration_loss if confirm else None, n_confirm=confirm)
+                                 evaluate=(lambda cs: run.calibration_loss(cs, confirm_windows)) if confirm else None,
+                                 n_confirm=confirm)
         if output:
             res.cfg.save(output, extra=res.extra())
         out = {"run": str(run.path), "budget": what, **res.extra(), "types": res.cfg.histogram(),

@@ -146,15 +146,19 @@ class Run:
         return logits
 
     @torch.no_grad()
-    def calibration_loss(self, cfgs: list[Configuration]) -> list[float]:
+    def calibration_loss(self, cfgs: list[Configuration], n_windows: int | None = None) -> list[float]:
+        """Mean token loss of each configuration's adapter on held-out windows of the training text
+        (``n_windows`` of them; default the run's ``calib_windows``), 8 windows per forward pass."""
         from toolkit.training import calibration_stream
 
         model = self.model()
-        batch = calibration_stream(self).calibration_batch()
+        batch = calibration_stream(self).calibration_batch(n_windows)
         out = []
         for cfg in cfgs:
             model.set_configuration(cfg)
-            out.append(float(model(batch, labels=batch).loss))
+            losses = [float(model(b, labels=b).loss) for b in batch.split(8)]
+            sizes = [len(b) for b in batch.split(8)]
+            out.append(sum(l * n for l, n in zip(losses, sizes)) / sum(sizes))
         return out
 
 

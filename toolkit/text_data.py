@@ -44,6 +44,9 @@ class TokenStream:
         starts = torch.randint(0, len(self.train) - self.seq_len, (batch_size,), generator=g)
         return torch.stack([self.train[s:s + self.seq_len] for s in starts.tolist()])
 
-    def calibration_batch(self) -> torch.Tensor:
+    def calibration_batch(self, n_windows: int | None = None) -> torch.Tensor:
+        """The first ``n_windows`` (default: the run's ``calib_windows``) held-out windows, at most as many as
+        the held-out tail holds."""
         n = self.seq_len
-        return torch.stack([self.calib[i * n:(i + 1) * n] for i in range(self.calib_windows)])
+        k = min(n_windows or self.calib_windows, len(self.calib) // n)
+        return torch.stack([self.calib[i * n:(i + 1) * n] for i in range(k)])
