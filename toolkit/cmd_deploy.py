@@ -6,12 +6,8 @@ from pathlib import Path
 
 import click
 
+from toolkit.console import console
 from toolkit.errors import CoaloraError
-
-
-def _console(stderr: bool = False):
-    from toolkit.console import console
-    return console(stderr=stderr)
 
 
 def _mb(n) -> str:
@@ -48,7 +44,7 @@ def register(cli):
         for p in profs:
             t.add_row(p.name, f"{p.memory_bytes / 2**30:.0f} GiB", f"{p.model_share:.0%}", _mb(p.model_budget_cap),
                       str(p.context_length), str(p.threads), p.kv_cache_type, ",".join(p.prefer), ",".join(p.avoid))
-        con = _console()
+        con = console()
         con.print(t)
         if name:
             con.print(profs[0].description)
@@ -73,7 +69,7 @@ def register(cli):
         run = Run.open(run_dir)
         profs = list_profiles() if profile == "all" else [load_profile(profile)]
         manifests = []
-        status, log = _status(_console(stderr=True))
+        status, log = _status(console(stderr=True))
         with status:
             for p in profs:
                 manifests.append(emit(run, p, out, n_windows=n_windows, text_path=data, log=log))
@@ -89,7 +85,7 @@ def register(cli):
                       _mb(m["files"]["adapter.gguf"]["bytes"]), f"{m['search']['bits_per_weight']:.2f}",
                       f"{m['evaluation']['predicted_perplexity']:.3f}", _mib(m["memory"]["total_bytes"]),
                       "yes" if ok else "[red]no[/red]")
-        _console().print(t)
+        console().print(t)
 
     @cli.command("validate")
     @click.argument("dist", type=click.Path(path_type=Path))
@@ -109,7 +105,7 @@ def register(cli):
         for opt, v in (("--windows", n_windows), ("--measure-tokens", measure_tokens), ("--threads", threads)):
             if v is not None and v < 1:
                 raise CoaloraError(f"{opt} must be at least 1")
-        status, log = _status(_console(stderr=True))
+        status, log = _status(console(stderr=True))
         with status:
             r = validate(dist, data=data, n_windows=n_windows, reference=reference, measure_memory=not no_measure,
                          threads=threads, measure_tokens=measure_tokens, log=log)
@@ -133,7 +129,7 @@ def register(cli):
                 t.add_row("prompt / generation", f"{sp['prompt_tokens_per_s']:.0f} / {sp['gen_tokens_per_s']:.1f} tok/s")
             for k, v in r["verdicts"].items():
                 t.add_row(k, "skipped" if v is None else ("[green]pass[/green]" if v else "[red]FAIL[/red]"))
-            _console().print(t)
+            console().print(t)
         if not r["ok"]:
             failed = [k for k, v in r["verdicts"].items() if v is False]
             raise CoaloraError(f"validation failed: {', '.join(failed)}")
@@ -146,4 +142,4 @@ def register(cli):
         from toolkit.package import package
 
         p = package(dist, out)
-        _console().print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+        console().print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")

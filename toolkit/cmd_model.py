@@ -14,11 +14,6 @@ from toolkit.errors import CoaloraError
 DEFAULT_TYPE = "F16"
 
 
-def _console():
-    from toolkit.console import console
-    return console(stderr=True)
-
-
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -133,7 +128,8 @@ def register(cli: click.Group) -> None:
         from toolkit.assets import resolve_model
         model = resolve_model(str(model))
         _check_writable(out)
-        con = _console()
+        from toolkit.console import console
+        con = console(stderr=True)
         from converters.gguf_model_writer import write_gguf
         from converters.model_loading import load_model
         with con.status(f"loading {model}"):
