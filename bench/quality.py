@@ -102,14 +102,14 @@ def main() -> None:
         """Training seconds of the run (the loop and its search rounds); the whole process's wall time,
         start-up, sensitivity table and final search round included, goes to ``walls``."""
         run = work / "runs" / name
-        if not ((run / "run.json").exists()
-                and json.loads((run / "run.json").read_text()).get("status") == "trained"):
+        meta = run / "run.json"
+        if not (meta.exists() and json.loads(meta.read_text()).get("status") == "trained"):
             _, wall = cli(*cmd, "-o", run, *train)
             (run / "bench-wall.json").write_text(json.dumps({"wall_s": round(wall, 1)}))
             print(f"  trained {name} in {wall:.0f} s", flush=True)
         if (run / "bench-wall.json").exists():
             walls[name] = json.loads((run / "bench-wall.json").read_text())["wall_s"]
-        return json.loads((run / "run.json").read_text())["train_seconds"]
+        return json.loads(meta.read_text())["train_seconds"]
 
     def adapter(run_name, cfg_arg, out):
         if not out.exists():

@@ -125,10 +125,12 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
             cands.setdefault(r.config(), "archive")
     if errors is not None:
         cands.setdefault(allocate(layout, errors, budget_bytes), "greedy")
+    uniforms = set()  # the uniform files that fit: the largest always reaches confirmation
     for t in layout.menu_names:
         c = layout.uniform(t)
         if on_menu(c) and layout.file_bytes(c) <= budget_bytes:
             cands.setdefault(c, f"uniform:{t}")
+            uniforms.add(c)
     cheapest = Configuration({n: min(layout.menu(n), key=lambda q: layout[n].bytes(q)) for n in layout.names()})
     cands.setdefault(cheapest, "cheapest")
 
@@ -154,7 +156,6 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         # the best archived configuration and the largest uniform file that fits (what a user would
         # otherwise ship) always compete
         arch = [x for x in ranked if x[1] == "archive"][:1]
-        uniforms = {layout.uniform(t) for t in layout.menu_names}
         uni = sorted((x for x in ranked if x[0] in uniforms), key=lambda x: -layout.file_bytes(x[0]))[:1]
         for x in arch + uni:
             if x[0] not in {c for c, _, _ in top}:
