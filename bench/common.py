@@ -50,14 +50,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_results(name: str, payload: dict, markdown: str) -> None:
+def write_results(name: str, payload: dict, markdown: str, results_dir: Path | None = None) -> None:
     from toolkit.fileio import write_json, write_text
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{name}.json", payload)
-    write_text(RESULTS / f"{name}.md", markdown + "\n")
+    out = Path(results_dir or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", payload)
+    write_text(out / f"{name}.md", markdown + "\n")
     print(markdown)
-    print(f"\nwrote {RESULTS / (name + '.json')} and .md")
+    print(f"\nwrote {out / (name + '.json')} and .md")
 
 
 def perplexity_plot(path: Path, title: str, draw, log_y: bool = False) -> None:

@@ -44,8 +44,9 @@ def tiny_corpus(n_words: int = 1500, seed: int = 0) -> str:
     return "\n".join(out) + "\n"
 
 
-def build_tiny_llama(dest, seed: int = 0):
-    """Write a tiny Hugging Face Llama folder (float32 safetensors, config, byte-level BPE tokenizer)."""
+def build_tiny_llama(dest, seed: int = 0, **shape):
+    """Write a tiny Hugging Face Llama folder (float32 safetensors, config, byte-level BPE tokenizer);
+    ``shape`` overrides TINY's sizes (bench/train_speed.py builds SmolLM2's block shapes this way)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -63,7 +64,7 @@ def build_tiny_llama(dest, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                      pad_token_id=fast.pad_token_id, initializer_range=0.08, **TINY)
+                      pad_token_id=fast.pad_token_id, initializer_range=0.08, **{**TINY, **shape})
     model = LlamaForCausalLM(cfg).to(torch.float32)
     with torch.no_grad():  # non-trivial norms so their handling is exercised
         for name, p in model.named_parameters():

@@ -181,3 +181,29 @@ def test_corrupt_checkpoint(coa_run, tmp_path, capsys):
     (broken / "checkpoint.pt").write_bytes(b"garbage")
     assert main(["adapter", str(broken), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")]) == 1
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_device_names_are_checked():
+    from toolkit.errors import CoaloraError
+    from toolkit.run import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(CoaloraError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(CoaloraError, match="sees no CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_matches_cpu(tiny_model_dir, text_file, tmp_path):
+    """The GPU path trains the same model: same losses, and its adapters agree with llama.cpp on the CPU."""
+    opts = dict(FAST, steps=4, rounds=1)
+    runs = {d: train(tmp_path / d, tiny_model_dir, [text_file], TrainOptions(**opts, device=d), progress=False,
+                     log=lambda s: None) for d in ("cpu", "cuda")}
+    assert runs["cuda"].meta["device"].startswith("cuda")
+    assert runs["cuda"].meta["final_loss"] == pytest.approx(runs["cpu"].meta["final_loss"], rel=1e-3)
+    cfg = runs["cpu"].layout.uniform("Q4_0")  # both adapters, scored on the CPU, do equally well
+    losses = [Run.open(runs[d].path).calibration_loss([cfg])[0] for d in ("cpu", "cuda")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)

@@ -22,6 +22,8 @@ def _train_options(f):
         click.option("--targets", default=",".join(BLOCK_KINDS), show_default=True,
                      help="Comma-separated GGUF module kinds that get a LoRA."),
         click.option("--seed", default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True,
+                     help="Where torch trains: auto (a CUDA GPU when torch sees one), cpu, cuda[:N]."),
         click.option("--checkpoint-every", default=25, show_default=True, help="Steps between checkpoints."),
         click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint."),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
@@ -78,8 +80,11 @@ def register(cli: click.Group) -> None:
     @click.option("--search-candidates", default=12, show_default=True,
                   help="Configurations the search evaluates for real per round.")
     @click.option("--menu", default=",".join(DEFAULT_MENU), show_default=True, help="Quant types to choose from.")
+    @click.option("--cam-lr", default=1e-3, show_default=True, help="Learning rate of the configuration-aware model.")
+    @click.option("--top-share", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+                  help="Share of steps trained on the training set's highest-precision configuration.")
     @_train_options
-    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, **kw):
+    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, top_share, **kw):
         """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
 
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
@@ -88,7 +93,7 @@ def register(cli: click.Group) -> None:
         from converters.quant_types import get
         menu_t = tuple(get(t).name for t in menu.split(",") if t.strip())
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
-                      menu=menu_t, **kw)
+                      menu=menu_t, cam_lr=cam_lr, top_share=top_share, **kw)
 
     train_cmd.name = "train"
 

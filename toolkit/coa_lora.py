@@ -87,6 +87,8 @@ class ConfigAwareModel(nn.Module):
         }
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = self.type_emb.weight.device
+        f = {k: v.to(dev) for k, v in f.items()}
         x = torch.cat([self.type_emb(f["type"]), self.block_emb(f["block"]), self.kind_emb(f["kind"]),
                        f["bpw"][:, None].float(), f["global"][:, None].float()], dim=1)
         return self.mlp(x).view(-1, self.rank, self.rank)
@@ -143,6 +145,21 @@ class CoALoRAModel(nn.Module):
             parent = getattr(parent, p)
         return parent, path[-1]
 
+    def to_device(self, device: torch.device) -> "CoALoRAModel":
+        """Move the trainable and fixed parts to ``device``; quantized weights follow through the bank."""
+        self.base.to(device)
+        self.layers.to(device)
+        if self.cam is not None:
+            self.cam.to(device)
+        self.bank.to(device)
+        if self.cfg is not None:
+            self.set_configuration(self.cfg)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.parameters())).device
+
     def layer(self, name: str) -> QuantLoRALinear:
         return self.lora_layers[name]
 
@@ -190,12 +207,12 @@ class CoALoRAModel(nn.Module):
         for i, name in enumerate(self.lora_names):
             layer = self.layer(name)
             a = layer.lora_A if Ms is None else layer.lora_A + Ms[i] @ layer.lora_A
-            b = self.loaded.permute_rows(name, layer.lora_B.numpy())
-            out[name] = (a.numpy().astype(np.float32), np.ascontiguousarray(b, dtype=np.float32))
+            b = self.loaded.permute_rows(name, layer.lora_B.cpu().numpy())
+            out[name] = (a.cpu().numpy().astype(np.float32), np.ascontiguousarray(b, dtype=np.float32))
         return out
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(("layers.", "cam."))}
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k.startswith(("layers.", "cam."))}
 
     def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
         own = self.state_dict()

@@ -30,6 +30,7 @@ class Run:
         self.path = Path(path)
         self.meta = meta
         self._loaded = loaded
+        self.device = torch.device("cpu")  # where model() computes; set before the first model() call
 
     # -- files --------------------------------------------------------------------------------
     @property
@@ -90,7 +91,7 @@ class Run:
     def bank(self):
         from toolkit.weight_bank import WeightBank
 
-        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]))
+        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]), device=self.device)
 
     def quantized_bytes(self, name: str, qtype) -> np.ndarray:
         return self.bank().quantized_bytes(name, qtype)
@@ -105,6 +106,7 @@ class Run:
                          targets=tuple(o["targets"]), seed=o["seed"])
         if self.checkpoint_path.exists():
             m.load_lora_state(load_checkpoint(self.checkpoint_path)["lora"])
+        m.to_device(self.device)
         m.eval()
         return m
 
@@ -141,7 +143,7 @@ class Run:
         @torch.no_grad()
         def logits(ids: torch.Tensor) -> torch.Tensor:
             model.set_configuration(cfg)
-            return model(ids).logits
+            return model(ids.to(self.device)).logits.cpu()
 
         return logits
 
@@ -152,7 +154,7 @@ class Run:
         from toolkit.training import calibration_stream
 
         model = self.model()
-        batch = calibration_stream(self).calibration_batch(n_windows)
+        batch = calibration_stream(self).calibration_batch(n_windows).to(self.device)
         out = []
         for cfg in cfgs:
             model.set_configuration(cfg)
@@ -178,3 +180,18 @@ def load_checkpoint(path: Path) -> dict:
 
 def env_threads() -> int:
     return int(os.environ.get("COALORA_THREADS", torch.get_num_threads()))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else the CPU; or an explicit ``cpu`` / ``cuda[:N]``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CoaloraError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CoaloraError(f"device {name} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise CoaloraError(f"device {name}: only cpu and cuda are supported")
+    return dev

@@ -45,6 +45,15 @@ class TrainOptions:
     checkpoint_every: int = 25
     calib_windows: int = 4
     include_embeddings: bool = True
+    top_share: float = 0.0  # share of steps on the training set's highest-precision configuration
+    device: str = "auto"  # where torch trains: auto (CUDA if present), cpu, cuda[:N]
+
+    def pick(self, trainset: list, bpw, step: int):
+        """The configuration of one step: with probability ``top_share`` the highest-bpw one, else uniform."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + step)
+        if self.top_share > 0 and float(torch.rand((), generator=g)) < self.top_share:
+            return max(trainset, key=bpw)
+        return trainset[int(torch.randint(len(trainset), (1,), generator=g))]
 
     def lr_at(self, step: int, base: float) -> float:
         if step < self.warmup:
@@ -55,7 +64,7 @@ class TrainOptions:
 
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
-           "targets", "menu", "seed", "rounds", "include_embeddings")
+           "targets", "menu", "seed", "rounds", "include_embeddings", "top_share")
 
 
 @functools.cache
@@ -114,12 +123,16 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
           interrupt_at: int | None = None) -> Run:
     from converters.model_loading import load_model
 
+    from toolkit.run import resolve_device
+
     run_dir = Path(run_dir)
+    device = resolve_device(opts.device)  # a bad --device fails before anything is written
     torch.manual_seed(opts.seed)
     if resume:
         run = Run.open(run_dir, require_trained=False)
         old = run.meta["options"]
-        changed = [k for k in _FROZEN if _norm(old.get(k)) != _norm(asdict(opts)[k])]
+        defaults = asdict(TrainOptions())  # options added later default in older runs
+        changed = [k for k in _FROZEN if _norm(old.get(k, defaults[k])) != _norm(asdict(opts)[k])]
         if changed:
             raise CoaloraError(f"--resume with different {', '.join(changed)} than the run was started with")
         run.meta["options"]["steps"] = opts.steps
@@ -148,6 +161,7 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         run.save_meta()
 
     stream = calibration_stream(run)
+    run.device = device
     model = run.model()  # fresh LoRA, or the checkpoint's when resuming
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     groups = [{"params": lora, "lr": opts.lr, "base_lr": opts.lr}]
@@ -182,10 +196,9 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             model.train()
         if interrupt_at is not None and step == interrupt_at:
             raise KeyboardInterrupt
-        g = torch.Generator().manual_seed(opts.seed * 7919 + step)
-        cfg = trainset[int(torch.randint(len(trainset), (1,), generator=g))]
+        cfg = opts.pick(trainset, run.layout.bits_per_weight, step)
         model.set_configuration(cfg)
-        batch = stream.batch(opts.seed, step, opts.batch)
+        batch = stream.batch(opts.seed, step, opts.batch).to(run.device)
         for grp in optim.param_groups:
             grp["lr"] = opts.lr_at(step, grp["base_lr"])
         loss = model(batch, labels=batch).loss
@@ -202,7 +215,7 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     bar(None, "")
     elapsed += time.perf_counter() - t0
     _checkpoint(run, model, optim, opts.steps, rounds_done, elapsed)
-    run.meta.update(status="trained", step=opts.steps, train_seconds=round(elapsed, 2),
+    run.meta.update(status="trained", step=opts.steps, train_seconds=round(elapsed, 2), device=str(run.device),
                     tokens_per_second=round((opts.steps - start) * tokens_per_step / max(elapsed, 1e-9), 1),
                     final_loss=ema)
     run.save_meta()

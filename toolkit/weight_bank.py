@@ -20,13 +20,26 @@ UNQUANTIZED = ("F32",)
 
 
 class WeightBank:
-    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30):
+    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int | None = None,
+                 device: torch.device | str = "cpu"):
         self.loaded = loaded
+        self.device = torch.device(device)
+        if ram_limit_bytes is None:  # dequantized weights live where torch computes: RAM, or the GPU's memory
+            ram_limit_bytes = (4 << 30) if self.device.type == "cpu" else \
+                int(0.5 * torch.cuda.get_device_properties(self.device).total_memory)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.ram_limit = ram_limit_bytes
         self._fp32: dict[str, np.ndarray] = {}
         self._deq: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._ram = 0
+
+    def to(self, device) -> None:
+        """Serve (and keep) the dequantized weights on ``device`` from now on."""
+        device = torch.device(device)
+        if device != self.device:
+            self.device = device
+            for k in self._deq:
+                self._deq[k] = self._deq[k].to(device)
 
     def original(self, name: str) -> np.ndarray:
         """Full-precision weight in GGUF row order."""
@@ -46,7 +59,8 @@ class WeightBank:
         return data
 
     def weight(self, name: str, qtype: str | QuantType) -> torch.Tensor:
-        """Float32 torch weight (HF row order) that the GGUF tensor of this type dequantizes to."""
+        """Float32 torch weight (HF row order, on the bank's device) that the GGUF tensor of this type
+        dequantizes to."""
         q = get(qtype)
         key = (name, q.name)
         if key in self._deq:
@@ -55,7 +69,7 @@ class WeightBank:
         w = self.original(name)
         if q.name not in UNQUANTIZED:
             w = ggml_quant.dequantize(self.quantized_bytes(name, q), q, w.shape)
-        t = torch.from_numpy(np.ascontiguousarray(self.loaded.to_hf_order(name, w), dtype=np.float32))
+        t = torch.from_numpy(np.ascontiguousarray(self.loaded.to_hf_order(name, w), dtype=np.float32)).to(self.device)
         self._deq[key] = t
         self._ram += t.numel() * 4
         while self._ram > self.ram_limit and len(self._deq) > 1:
