@@ -77,7 +77,7 @@ def main() -> None:
         budget = layout.file_bytes(cfg_u)
         ts = time.perf_counter()
         res = best_configuration(layout, archive, budget, errors=errors, n_confirm=args.confirm,
-                                 evaluate=lambda cs: run.calibration_loss(cs, args.confirm_windows))
+                                 evaluate=lambda cs: run.calibration_loss(cs, args.confirm_windows, per_window=True))
         search_s = time.perf_counter() - ts
         mu, au = files(f"uniform-{t}", cfg_u)
         ms, as_ = files(f"searched-{t}", res.cfg)

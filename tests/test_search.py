@@ -164,6 +164,29 @@ def test_confirmation_always_measures_the_largest_uniform_file(setup):
         assert uniform in seen and res.cfg == uniform and res.measured_loss == 0.0
 
 
+@pytest.mark.parametrize("gain, keeps_uniform", [(0.001, True), (0.05, False)])
+def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setup, gain, keeps_uniform):
+    """Per-window confirmation: a mix replaces the largest uniform file that fits only when its paired
+    advantage exceeds CONFIRM_Z standard errors; a lower mean inside the noise keeps the uniform file."""
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    uniform = layout.uniform("Q4_K")
+    noise = np.random.default_rng(0).normal(0.0, 0.02, size=32)  # per-window differences, se ~ 0.0035
+
+    def per_window(cfgs):
+        base = np.linspace(3.0, 3.5, 32)
+        return [base if c == uniform else base - gain + noise for c in cfgs]
+
+    res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=per_window,
+                             n_confirm=2)
+    assert (res.cfg == uniform) == keeps_uniform
+    if not keeps_uniform:
+        assert res.measured_loss < float(np.linspace(3.0, 3.5, 32).mean())
+
+
 def test_calibration_batch_sizes():
     import torch
 

@@ -207,3 +207,27 @@ def test_cuda_training_matches_cpu(tiny_model_dir, text_file, tmp_path):
     cfg = runs["cpu"].layout.uniform("Q4_0")  # both adapters, scored on the CPU, do equally well
     losses = [Run.open(runs[d].path).calibration_loss([cfg])[0] for d in ("cpu", "cuda")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_step_configuration_sampling():
+    trainset = [f"cfg{i}" for i in range(6)]
+    bpw = {c: float(i) for i, c in enumerate(trainset)}.__getitem__
+    opts = TrainOptions(seed=0)
+    picks = [opts.pick(trainset, bpw, s) for s in range(40)]
+    assert len(set(picks)) > 3, "uniform over the training set"
+    assert picks == [opts.pick(trainset, bpw, s) for s in range(40)], "reproducible from (seed, step)"
+    assert any(opts.pick(trainset, bpw, s, 1) != picks[s] for s in range(40)), "each share of a batch draws anew"
+    top = TrainOptions(seed=0, top_share=1.0)
+    assert {top.pick(trainset, bpw, s) for s in range(10)} == {"cfg5"}
+
+
+def test_configs_per_step_trains_and_is_frozen(tiny_model_dir, text_file, tmp_path):
+    from toolkit.errors import CoaloraError
+
+    opts = dict(FAST, steps=2, rounds=1, checkpoint_every=1)
+    run = train(tmp_path / "c2", tiny_model_dir, [text_file], TrainOptions(**opts, configs_per_step=2),
+                progress=False, log=lambda s: None)
+    assert run.meta["status"] == "trained" and run.meta["options"]["configs_per_step"] == 2
+    with pytest.raises(CoaloraError, match="configs_per_step"):
+        train(tmp_path / "c2", None, [], TrainOptions(**dict(opts, steps=3)), resume=True, progress=False,
+              log=lambda s: None)

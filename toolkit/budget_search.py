@@ -95,6 +95,9 @@ def _pessimistic(sur: Surrogate, cfgs: Sequence[Configuration], kappa: float = 1
     return mu + kappa * sd
 
 
+CONFIRM_Z = 2.0  # standard errors by which a confirmed mix must beat the largest uniform file that fits
+
+
 def best_configuration(layout: ModelLayout, archive: Archive | None, budget_bytes: int,
                        predict: Predict | None = None, evaluate: Callable | None = None,
                        errors: dict | None = None, n_confirm: int = 3, n_starts: int = 3) -> SearchResult:
@@ -102,7 +105,9 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
 
     ``predict`` overrides the archive's GP surrogate; with neither (fewer than 3 archived records)
     the error table ranks candidates and ``predicted_loss`` is None. ``evaluate`` (real loss of a
-    list of configurations) confirms the ``n_confirm`` best. Budgets outside the reachable range
+    list of configurations; a float, or an array of per-window losses, each) confirms the ``n_confirm``
+    best; with per-window losses a mix replaces the largest uniform file that fits only when it is better by
+    ``CONFIRM_Z`` standard errors of the paired difference. Budgets outside the reachable range
     raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -160,10 +165,17 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         for x in arch + uni:
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)
-        real = list(evaluate([c for c, _, _ in top]))
-        k = int(np.argmin(real))
+        real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate([c for c, _, _ in top])]
+        k = int(np.argmin([r.mean() for r in real]))
+        if uni and top[k][0] != uni[0][0]:
+            # Per-window losses: leave the uniform file only for a mix that is better by CONFIRM_Z standard
+            # errors of the paired difference (smaller differences did not carry over to other text).
+            u = [c for c, _, _ in top].index(uni[0][0])
+            d = real[k] - real[u]
+            if len(d) > 1 and d.mean() > -CONFIRM_Z * d.std(ddof=1) / math.sqrt(len(d)):
+                k = u
         best_cfg, best_src, best_score = top[k]
-        measured = float(real[k])
+        measured = float(real[k].mean())
     size = layout.file_bytes(best_cfg)
     assert size <= budget_bytes, "internal error: the search left the byte budget"
     return SearchResult(best_cfg, size, layout.bits_per_weight(best_cfg),

@@ -69,9 +69,8 @@ def register(cli):
         budget, what, layout = _budget(run, budget_bytes, bpw, profile)
         archive = Archive.load(run.archive_path) if run.archive_path.exists() else Archive()
         errors = load_error_table(run.path / "sensitivity.json")
-        res = best_configuration(layout, archive, budget, errors=errors,
-                                 evaluate=(lambda cs: run.calibration_loss(cs, confirm_windows)) if confirm else None,
-                                 n_confirm=confirm)
+        measure = (lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)) if confirm else None
+        res = best_configuration(layout, archive, budget, errors=errors, evaluate=measure, n_confirm=confirm)
         if output:
             res.cfg.save(output, extra=res.extra())
         out = {"run": str(run.path), "budget": what, **res.extra(), "types": res.cfg.histogram(),

@@ -148,9 +148,13 @@ class Run:
         return logits
 
     @torch.no_grad()
-    def calibration_loss(self, cfgs: list[Configuration], n_windows: int | None = None) -> list[float]:
+    def calibration_loss(self, cfgs: list[Configuration], n_windows: int | None = None,
+                         per_window: bool = False) -> list:
         """Mean token loss of each configuration's adapter on held-out windows of the training text
-        (``n_windows`` of them; default the run's ``calib_windows``), 8 windows per forward pass."""
+        (``n_windows`` of them; default the run's ``calib_windows``), 8 windows per forward pass.
+        ``per_window``: an array of each window's mean loss per configuration instead (for paired comparisons)."""
+        from torch.nn import functional as F
+
         from toolkit.training import calibration_stream
 
         model = self.model()
@@ -158,7 +162,13 @@ class Run:
         out = []
         for cfg in cfgs:
             model.set_configuration(cfg)
-            out.append(sum(float(model(b, labels=b).loss) * len(b) for b in batch.split(8)) / len(batch))
+            windows = []
+            for b in batch.split(8):
+                logits = model(b).logits[:, :-1].float()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="none")
+                windows.append(nll.view(len(b), -1).mean(1).cpu().double().numpy())
+            w = np.concatenate(windows)
+            out.append(w if per_window else float(w.mean()))
         return out
 
 

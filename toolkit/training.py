@@ -46,11 +46,13 @@ class TrainOptions:
     calib_windows: int = 4
     include_embeddings: bool = True
     top_share: float = 0.0  # share of steps on the training set's highest-precision configuration
+    configs_per_step: int = 1  # the batch's sequences split over this many configurations (coa / shared)
     device: str = "auto"  # where torch trains: auto (CUDA if present), cpu, cuda[:N]
 
-    def pick(self, trainset: list, bpw, step: int):
-        """The configuration of one step: with probability ``top_share`` the highest-bpw one, else uniform."""
-        g = torch.Generator().manual_seed(self.seed * 7919 + step)
+    def pick(self, trainset: list, bpw, step: int, part: int = 0):
+        """The configuration of one step (of its ``part``-th share of the batch): with probability
+        ``top_share`` the highest-bpw one, else uniform over the training set."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + step + 1_000_003 * part)
         if self.top_share > 0 and float(torch.rand((), generator=g)) < self.top_share:
             return max(trainset, key=bpw)
         return trainset[int(torch.randint(len(trainset), (1,), generator=g))]
@@ -64,7 +66,7 @@ class TrainOptions:
 
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
-           "targets", "menu", "seed", "rounds", "include_embeddings", "top_share")
+           "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step")
 
 
 @functools.cache
@@ -196,14 +198,18 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             model.train()
         if interrupt_at is not None and step == interrupt_at:
             raise KeyboardInterrupt
-        cfg = opts.pick(trainset, run.layout.bits_per_weight, step)
-        model.set_configuration(cfg)
         batch = stream.batch(opts.seed, step, opts.batch).to(run.device)
         for grp in optim.param_groups:
             grp["lr"] = opts.lr_at(step, grp["base_lr"])
-        loss = model(batch, labels=batch).loss
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = batch.tensor_split(min(opts.configs_per_step, opts.batch) if len(trainset) > 1 else 1)
+        loss = 0.0
+        for j, part in enumerate(parts):  # one configuration per share of the batch; gradients accumulate
+            cfg = opts.pick(trainset, run.layout.bits_per_weight, step, j)
+            model.set_configuration(cfg)
+            part_loss = model(part, labels=part).loss * (len(part) / len(batch))
+            part_loss.backward()
+            loss = loss + part_loss.detach()
         torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), opts.clip)
         optim.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
