@@ -109,13 +109,19 @@ def report(payload: dict) -> None:
     rows = payload["rows"]
     for r in rows:
         r["same"] = "yes" if r["searched_same_as_uniform"] else ""
+        # the best uniform-type file of no greater size (a smaller uniform type can beat the rung's own)
+        best = min((u for u in rows if u["budget_bytes"] <= r["budget_bytes"]), key=lambda u: u["uniform_coa_ppl"])
+        r["best_uniform"] = f"{best['rung']} {best['uniform_coa_ppl']:.3f}"
+        r["gain_vs_best_uniform_pct"] = round(100 * (1 - r["searched_coa_ppl"] / best["uniform_coa_ppl"]), 2)
     wins = sum(r["searched_coa_ppl"] < r["uniform_coa_ppl"] for r in rows)
+    wins_best = sum(r["gain_vs_best_uniform_pct"] > 0 for r in rows)
     ties = sum(r["searched_same_as_uniform"] for r in rows)
-    payload["wins"], payload["ties"] = wins, ties
+    payload["wins"], payload["wins_vs_best_uniform"], payload["ties"] = wins, wins_best, ties
     cols = [("rung", "uniform type"), ("budget_bytes", "budget = uniform file bytes"), ("uniform_bpw", "bpw"),
             ("uniform_coa_ppl", "uniform + CoA"), ("searched_bytes", "searched file bytes"),
             ("searched_bpw", "searched bpw"), ("searched_coa_ppl", "searched + CoA"),
-            ("coa_gain_pct", "gain %"), ("same", "search kept the uniform file"),
+            ("coa_gain_pct", "gain %"), ("best_uniform", "best uniform file <= budget + CoA"),
+            ("gain_vs_best_uniform_pct", "gain vs it %"), ("same", "search kept the uniform file"),
             ("searched_source", "search source"), ("search_s", "search s")]
     top = f" ({payload['top_bytes']:,} bytes)" if "top_bytes" in payload else ""
     wall = f" Wall time {payload['wall_s']:.0f} s." if "wall_s" in payload else ""
@@ -123,7 +129,8 @@ def report(payload: dict) -> None:
           f"llama.cpp; search with --confirm {payload['confirm']}"
           f" --confirm-windows {payload.get('confirm_windows', 4)}.\n\n" + markdown_table(rows, cols)
           + f"\n\nSearched + CoA adapter has lower perplexity than the uniform file + CoA adapter at {wins} of "
-            f"{len(rows)} budgets; at {ties} the search returned the uniform configuration itself (equal). The top "
+            f"{len(rows)} budgets, and than the best uniform-type file of no greater size at {wins_best}; at {ties} "
+            f"the search returned the uniform configuration itself (equal). The top "
             f"rung, {payload['top_rung']}{top}, is the largest configuration of the menu, so no other "
             f"configuration fits its budget.{wall}")
     write_results("ladder", payload, md)
