@@ -78,17 +78,16 @@ class ConfigAwareModel(nn.Module):
     def features(self, layout: ModelLayout, cfg: Configuration, names: list[str]) -> dict[str, torch.Tensor]:
         specs = [layout[n] for n in names]
         qs = [cfg.types[n] for n in names]
+        dev = self.type_emb.weight.device  # built where the model computes, once per configuration
         return {
-            "type": torch.tensor([self.type_names.index(q.name) for q in qs]),
-            "block": torch.tensor([s.block for s in specs]),
-            "kind": torch.tensor([BLOCK_KINDS.index(s.kind) for s in specs]),
-            "bpw": torch.tensor([q.bits_per_weight / 8.0 - 1.0 for q in qs]),
-            "global": torch.full((len(names),), layout.bits_per_weight(cfg) / 8.0 - 1.0),
+            "type": torch.tensor([self.type_names.index(q.name) for q in qs], device=dev),
+            "block": torch.tensor([s.block for s in specs], device=dev),
+            "kind": torch.tensor([BLOCK_KINDS.index(s.kind) for s in specs], device=dev),
+            "bpw": torch.tensor([q.bits_per_weight / 8.0 - 1.0 for q in qs], device=dev),
+            "global": torch.full((len(names),), layout.bits_per_weight(cfg) / 8.0 - 1.0, device=dev),
         }
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        dev = self.type_emb.weight.device
-        f = {k: v.to(dev) for k, v in f.items()}
         x = torch.cat([self.type_emb(f["type"]), self.block_emb(f["block"]), self.kind_emb(f["kind"]),
                        f["bpw"][:, None].float(), f["global"][:, None].float()], dim=1)
         return self.mlp(x).view(-1, self.rank, self.rank)
@@ -155,10 +154,6 @@ class CoALoRAModel(nn.Module):
         if self.cfg is not None:
             self.set_configuration(self.cfg)
         return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.layers.parameters())).device
 
     def layer(self, name: str) -> QuantLoRALinear:
         return self.lora_layers[name]

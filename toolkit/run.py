@@ -91,7 +91,7 @@ class Run:
     def bank(self):
         from toolkit.weight_bank import WeightBank
 
-        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]), device=self.device)
+        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]))
 
     def quantized_bytes(self, name: str, qtype) -> np.ndarray:
         return self.bank().quantized_bytes(name, qtype)

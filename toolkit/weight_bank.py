@@ -2,7 +2,7 @@
 
 The bytes come from llama.cpp's ggml quantizer and are the very bytes the GGUF writer stores;
 torch trains against their dequantization. Bytes are cached on disk (``cache_dir``), dequantized
-float32 tensors in RAM under a byte limit (least recently used first out).
+float32 tensors in memory (RAM, or the GPU after ``to()``) under a byte limit (least recently used first out).
 """
 from __future__ import annotations
 
@@ -20,13 +20,9 @@ UNQUANTIZED = ("F32",)
 
 
 class WeightBank:
-    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int | None = None,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30):
         self.loaded = loaded
-        self.device = torch.device(device)
-        if ram_limit_bytes is None:  # dequantized weights live where torch computes: RAM, or the GPU's memory
-            ram_limit_bytes = (4 << 30) if self.device.type == "cpu" else \
-                int(0.5 * torch.cuda.get_device_properties(self.device).total_memory)
+        self.device = torch.device("cpu")  # where the dequantized weights are kept; see to()
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.ram_limit = ram_limit_bytes
         self._fp32: dict[str, np.ndarray] = {}
