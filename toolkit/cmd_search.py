@@ -47,7 +47,8 @@ def register(cli):
                   help="Write the configuration JSON here.")
     @click.option("--confirm", default=0, show_default=True,
                   help="Measure the best N candidates (plus the best archived one and the largest uniform file "
-                       "that fits) with the run's model, about 8 s each on 2 cores.")
+                       "that fits) with the run's model, about 8 s each on 2 cores; a mix replaces that uniform "
+                       "file only when better by two standard errors of the per-window difference.")
     @click.option("--confirm-windows", default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
