@@ -221,13 +221,16 @@ def test_step_configuration_sampling():
     assert {top.pick(trainset, bpw, s) for s in range(10)} == {"cfg5"}
 
 
-def test_configs_per_step_trains_and_is_frozen(tiny_model_dir, text_file, tmp_path):
+@pytest.mark.parametrize("config_batch", ["split", "full"])
+def test_configs_per_step_trains_and_is_frozen(tiny_model_dir, text_file, tmp_path, config_batch):
     from toolkit.errors import CoaloraError
 
     opts = dict(FAST, steps=2, rounds=1, checkpoint_every=1)
-    run = train(tmp_path / "c2", tiny_model_dir, [text_file], TrainOptions(**opts, configs_per_step=2),
-                progress=False, log=lambda s: None)
-    assert run.meta["status"] == "trained" and run.meta["options"]["configs_per_step"] == 2
+    run = train(tmp_path / "c2", tiny_model_dir, [text_file],
+                TrainOptions(**opts, configs_per_step=2, config_batch=config_batch), progress=False,
+                log=lambda s: None)
+    o = run.meta["options"]
+    assert run.meta["status"] == "trained" and (o["configs_per_step"], o["config_batch"]) == (2, config_batch)
     with pytest.raises(CoaloraError, match="configs_per_step"):
         train(tmp_path / "c2", None, [], TrainOptions(**dict(opts, steps=3)), resume=True, progress=False,
               log=lambda s: None)

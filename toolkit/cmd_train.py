@@ -82,11 +82,15 @@ def register(cli: click.Group) -> None:
     @click.option("--menu", default=",".join(DEFAULT_MENU), show_default=True, help="Quant types to choose from.")
     @click.option("--cam-lr", default=1e-3, show_default=True, help="Learning rate of the configuration-aware model.")
     @click.option("--configs-per-step", default=1, show_default=True, type=click.IntRange(1),
-                  help="Split each batch over this many configurations of the training set.")
+                  help="Configurations of the training set drawn per optimizer step.")
+    @click.option("--config-batch", type=click.Choice(["split", "full"]), default="split", show_default=True,
+                  help="split: the step's configurations share the batch; full: each sees the whole batch "
+                       "(more compute per step).")
     @click.option("--top-share", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
                   help="Share of steps trained on the training set's highest-precision configuration.")
     @_train_options
-    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, top_share, **kw):
+    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, config_batch,
+                  top_share, **kw):
         """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
 
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
@@ -95,7 +99,7 @@ def register(cli: click.Group) -> None:
         from converters.quant_types import get
         menu_t = tuple(get(t).name for t in menu.split(",") if t.strip())
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
-                      menu=menu_t, cam_lr=cam_lr, configs_per_step=configs_per_step,
+                      menu=menu_t, cam_lr=cam_lr, configs_per_step=configs_per_step, config_batch=config_batch,
                       top_share=top_share, **kw)
 
     train_cmd.name = "train"

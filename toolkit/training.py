@@ -46,7 +46,8 @@ class TrainOptions:
     calib_windows: int = 4
     include_embeddings: bool = True
     top_share: float = 0.0  # share of steps on the training set's highest-precision configuration
-    configs_per_step: int = 1  # the batch's sequences split over this many configurations (coa / shared)
+    configs_per_step: int = 1  # configurations per optimizer step (coa / shared)
+    config_batch: str = "split"  # "split": they share the batch's sequences; "full": each sees the whole batch
     device: str = "auto"  # where torch trains: auto (CUDA if present), cpu, cuda[:N]
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
@@ -66,7 +67,8 @@ class TrainOptions:
 
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
-           "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step")
+           "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step",
+           "config_batch")
 
 
 @functools.cache
@@ -202,12 +204,13 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         for grp in optim.param_groups:
             grp["lr"] = opts.lr_at(step, grp["base_lr"])
         optim.zero_grad(set_to_none=True)
-        parts = batch.tensor_split(min(opts.configs_per_step, opts.batch) if len(trainset) > 1 else 1)
+        k = opts.configs_per_step if len(trainset) > 1 else 1
+        parts = [batch] * k if opts.config_batch == "full" else batch.tensor_split(min(k, opts.batch))
         loss = 0.0
-        for j, part in enumerate(parts):  # one configuration per share of the batch; gradients accumulate
+        for j, part in enumerate(parts):  # one configuration per part; gradients accumulate to the mean loss
             cfg = opts.pick(trainset, run.layout.bits_per_weight, step, j)
             model.set_configuration(cfg)
-            part_loss = model(part, labels=part).loss * (len(part) / len(batch))
+            part_loss = model(part, labels=part).loss * (len(part) / sum(len(q) for q in parts))
             part_loss.backward()
             loss = loss + part_loss.detach()
         torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), opts.clip)
