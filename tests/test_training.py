@@ -234,3 +234,24 @@ def test_configs_per_step_trains_and_is_frozen(tiny_model_dir, text_file, tmp_pa
     with pytest.raises(CoaloraError, match="configs_per_step"):
         train(tmp_path / "c2", None, [], TrainOptions(**dict(opts, steps=3)), resume=True, progress=False,
               log=lambda s: None)
+
+
+def test_init_lora_starts_from_a_trained_run(tiny_model_dir, text_file, tmp_path):
+    from toolkit.errors import CoaloraError
+    from toolkit.run import load_checkpoint
+
+    opts = dict(FAST, steps=2, rounds=1, checkpoint_every=2)
+    src = train(tmp_path / "src", tiny_model_dir, [text_file], TrainOptions(**dict(opts, mode="shared")),
+                progress=False, log=lambda s: None)
+    run = train(tmp_path / "coa", tiny_model_dir, [text_file], TrainOptions(**dict(opts, steps=0),
+                init_lora=str(src.path)), progress=False, log=lambda s: None)
+    a, b = (load_checkpoint(r.checkpoint_path)["lora"] for r in (src, run))
+    lora_keys = [k for k in a if k.startswith("layers.")]
+    assert lora_keys and all(torch.equal(a[k], b[k]) for k in lora_keys), "the LoRA is copied as is"
+    assert any(k.startswith("cam.") for k in b), "the configuration-aware model starts fresh"
+    with pytest.raises(CoaloraError, match="does not match"):
+        train(tmp_path / "r4", tiny_model_dir, [text_file], TrainOptions(**dict(opts, rank=4), init_lora=str(src.path)),
+              progress=False, log=lambda s: None)
+    with pytest.raises(CoaloraError, match="no trained run"):
+        train(tmp_path / "none", tiny_model_dir, [text_file], TrainOptions(**opts, init_lora=str(tmp_path)),
+              progress=False, log=lambda s: None)

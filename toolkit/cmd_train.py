@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import click
 
@@ -86,11 +87,13 @@ def register(cli: click.Group) -> None:
     @click.option("--config-batch", type=click.Choice(["split", "full"]), default="split", show_default=True,
                   help="split: the step's configurations share the batch; full: each sees the whole batch "
                        "(more compute per step).")
+    @click.option("--init-lora", default="", type=click.Path(file_okay=False),
+                  help="Start from the LoRA of a trained run (e.g. a `coalora finetune --config F32` run).")
     @click.option("--top-share", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
                   help="Share of steps trained on the training set's highest-precision configuration.")
     @_train_options
     def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, config_batch,
-                  top_share, **kw):
+                  top_share, init_lora, **kw):
         """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
 
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
@@ -100,7 +103,7 @@ def register(cli: click.Group) -> None:
         menu_t = tuple(get(t).name for t in menu.split(",") if t.strip())
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
                       menu=menu_t, cam_lr=cam_lr, configs_per_step=configs_per_step, config_batch=config_batch,
-                      top_share=top_share, **kw)
+                      top_share=top_share, init_lora=str(Path(init_lora).resolve()) if init_lora else "", **kw)
 
     train_cmd.name = "train"
 

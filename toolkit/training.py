@@ -49,6 +49,7 @@ class TrainOptions:
     configs_per_step: int = 1  # configurations per optimizer step (coa / shared)
     config_batch: str = "split"  # "split": they share the batch's sequences; "full": each sees the whole batch
     device: str = "auto"  # where torch trains: auto (CUDA if present), cpu, cuda[:N]
+    init_lora: str = ""  # run folder whose trained LoRA starts this run (same model, rank and targets)
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
         """The configuration of one step (of its ``part``-th share of the batch): with probability
@@ -68,7 +69,7 @@ class TrainOptions:
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
            "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step",
-           "config_batch")
+           "config_batch", "init_lora")
 
 
 @functools.cache
@@ -167,6 +168,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     stream = calibration_stream(run)
     run.device = device
     model = run.model()  # fresh LoRA, or the checkpoint's when resuming
+    if opts.init_lora and not (resume and run.checkpoint_path.exists()):
+        _start_from_lora(model, Path(opts.init_lora))
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     groups = [{"params": lora, "lr": opts.lr, "base_lr": opts.lr}]
     if model.cam is not None:
@@ -231,6 +234,18 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     if opts.mode == "coa":
         _search_round(run, rounds_done + 1, opts, log)
     return run
+
+
+def _start_from_lora(model, source: Path) -> None:
+    """Copy the LoRA matrices of a trained run (e.g. a full-precision fine-tune) into ``model``."""
+    ckpt = source / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise CoaloraError(f"--init-lora {source}: no trained run there")
+    lora = {k: v for k, v in load_checkpoint(ckpt)["lora"].items() if k.startswith("layers.")}
+    own = model.state_dict()
+    if set(lora) != {k for k in own if k.startswith("layers.")} or any(own[k].shape != v.shape for k, v in lora.items()):
+        raise CoaloraError(f"--init-lora {source}: its LoRA does not match this run (model, rank or targets differ)")
+    model.load_state_dict(lora, strict=False)
 
 
 def _checkpoint(run: Run, model, optim, step: int, rounds_done: int, elapsed: float) -> None:
