@@ -209,9 +209,10 @@ class CoALoRAModel(nn.Module):
     def lora_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k.startswith(("layers.", "cam."))}
 
-    def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_lora_state(self, state: dict[str, torch.Tensor], parts: tuple[str, ...] = ("layers.", "cam.")) -> None:
+        """Load the ``parts`` (LoRA layers, configuration-aware model) of a checkpoint; they must match exactly."""
         own = self.state_dict()
-        missing = [k for k in own if k.startswith(("layers.", "cam.")) and k not in state]
+        missing = [k for k in own if k.startswith(parts) and k not in state]
         if missing or any(k not in own or own[k].shape != v.shape for k, v in state.items()):
             raise ValueError("checkpoint does not match this model")
         self.load_state_dict(state, strict=False)

@@ -209,11 +209,11 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         optim.zero_grad(set_to_none=True)
         k = opts.configs_per_step if len(trainset) > 1 else 1
         parts = [batch] * k if opts.config_batch == "full" else batch.tensor_split(min(k, opts.batch))
-        loss = 0.0
+        loss, n_seqs = 0.0, sum(len(q) for q in parts)
         for j, part in enumerate(parts):  # one configuration per part; gradients accumulate to the mean loss
             cfg = opts.pick(trainset, run.layout.bits_per_weight, step, j)
             model.set_configuration(cfg)
-            part_loss = model(part, labels=part).loss * (len(part) / sum(len(q) for q in parts))
+            part_loss = model(part, labels=part).loss * (len(part) / n_seqs)
             part_loss.backward()
             loss = loss + part_loss.detach()
         torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), opts.clip)
@@ -242,10 +242,11 @@ def _start_from_lora(model, source: Path) -> None:
     if not ckpt.is_file():
         raise CoaloraError(f"--init-lora {source}: no trained run there")
     lora = {k: v for k, v in load_checkpoint(ckpt)["lora"].items() if k.startswith("layers.")}
-    own = model.state_dict()
-    if set(lora) != {k for k in own if k.startswith("layers.")} or any(own[k].shape != v.shape for k, v in lora.items()):
-        raise CoaloraError(f"--init-lora {source}: its LoRA does not match this run (model, rank or targets differ)")
-    model.load_state_dict(lora, strict=False)
+    try:
+        model.load_lora_state(lora, parts=("layers.",))
+    except ValueError:
+        raise CoaloraError(f"--init-lora {source}: its LoRA does not match this run (model, rank or targets differ)") \
+            from None
 
 
 def _checkpoint(run: Run, model, optim, step: int, rounds_done: int, elapsed: float) -> None:
