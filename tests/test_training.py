@@ -255,3 +255,32 @@ def test_init_lora_starts_from_a_trained_run(tiny_model_dir, text_file, tmp_path
     with pytest.raises(CoaloraError, match="no trained run"):
         train(tmp_path / "none", tiny_model_dir, [text_file], TrainOptions(**opts, init_lora=str(tmp_path)),
               progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("anchor_loss, weight", [("kl", 0.0), ("ce", 1.0)])
+def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor_loss, weight):
+    from toolkit.errors import CoaloraError
+    from toolkit.training import _kl
+
+    opts = dict(FAST, steps=2, rounds=1, checkpoint_every=2)
+    run = train(tmp_path / "a", tiny_model_dir, [text_file],
+                TrainOptions(**opts, anchor="F32", anchor_loss=anchor_loss, anchor_lora_weight=weight),
+                progress=False, log=lambda s: None)
+    plain = train(tmp_path / "p", tiny_model_dir, [text_file], TrainOptions(**opts), progress=False, log=lambda s: None)
+    a, p = (load_checkpoint_lora(r) for r in (run, plain))
+    assert run.meta["options"]["anchor"] == "F32"
+    assert any(not torch.equal(a[k], p[k]) for k in a if k.startswith("layers.")), "the anchor changes the training"
+    with pytest.raises(CoaloraError, match="anchor"):
+        train(tmp_path / "a", None, [], TrainOptions(**dict(opts, steps=3)), resume=True, progress=False,
+              log=lambda s: None)
+    with pytest.raises(CoaloraError, match="--anchor Q9"):
+        train(tmp_path / "bad", tiny_model_dir, [text_file], TrainOptions(**opts, anchor="Q9"), progress=False,
+              log=lambda s: None)
+    logits = torch.randn(2, 3, 5)
+    assert float(_kl(torch.log_softmax(logits, -1), logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(_kl(torch.log_softmax(logits, -1), logits.flip(-1))) > 0
+
+
+def load_checkpoint_lora(run: Run) -> dict:
+    from toolkit.run import load_checkpoint
+    return load_checkpoint(run.checkpoint_path)["lora"]

@@ -91,9 +91,18 @@ def register(cli: click.Group) -> None:
                   help="Start from the LoRA of a trained run (e.g. a `coalora finetune --config F32` run).")
     @click.option("--top-share", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
                   help="Share of steps trained on the training set's highest-precision configuration.")
+    @click.option("--anchor", default="", metavar="TYPE",
+                  help="Also train every step on the uniform TYPE model (e.g. F32), whose output the sampled "
+                       "configurations learn to match (doubles the compute per step).")
+    @click.option("--anchor-loss", type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
+                  help="With --anchor: the sampled configurations' loss, KL to the anchor's output or "
+                       "cross-entropy on the text.")
+    @click.option("--anchor-lora-weight", default=1.0, show_default=True, type=click.FloatRange(0.0),
+                  help="With --anchor: weight of the sampled configurations' gradient on the LoRA (0: only the "
+                       "configuration-aware model learns from them).")
     @_train_options
     def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, config_batch,
-                  top_share, init_lora, **kw):
+                  top_share, init_lora, anchor, anchor_loss, anchor_lora_weight, **kw):
         """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
 
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
@@ -103,7 +112,8 @@ def register(cli: click.Group) -> None:
         menu_t = tuple(get(t).name for t in menu.split(",") if t.strip())
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
                       menu=menu_t, cam_lr=cam_lr, configs_per_step=configs_per_step, config_batch=config_batch,
-                      top_share=top_share, init_lora=str(Path(init_lora).resolve()) if init_lora else "", **kw)
+                      top_share=top_share, init_lora=str(Path(init_lora).resolve()) if init_lora else "",
+                      anchor=anchor, anchor_loss=anchor_loss, anchor_lora_weight=anchor_lora_weight, **kw)
 
     train_cmd.name = "train"
 

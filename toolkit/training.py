@@ -50,6 +50,9 @@ class TrainOptions:
     config_batch: str = "split"  # "split": they share the batch's sequences; "full": each sees the whole batch
     device: str = "auto"  # where torch trains: auto (CUDA if present), cpu, cuda[:N]
     init_lora: str = ""  # run folder whose trained LoRA starts this run (same model, rank and targets)
+    anchor: str = ""  # quant type of a uniform anchor configuration trained on every step's whole batch
+    anchor_loss: str = "kl"  # the sampled configurations' loss with an anchor: "kl" to its output, or "ce"
+    anchor_lora_weight: float = 1.0  # with an anchor: weight of the sampled configurations' gradient on the LoRA
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
         """The configuration of one step (of its ``part``-th share of the batch): with probability
@@ -69,7 +72,7 @@ class TrainOptions:
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
            "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step",
-           "config_batch", "init_lora")
+           "config_batch", "init_lora", "anchor", "anchor_loss", "anchor_lora_weight")
 
 
 @functools.cache
@@ -186,8 +189,9 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     trainset = run.trainset()
     if not trainset:
         raise CoaloraError(f"run {run_dir} has an empty training configuration set")
+    anchor = _anchor_configuration(run, opts)
 
-    _warm_bank(run, trainset, progress)
+    _warm_bank(run, trainset + ([anchor] if anchor else []), progress)
     rounds = max(1, opts.rounds) if opts.mode == "coa" else 1
     per_round = math.ceil(opts.steps / rounds)
     tokens_per_step = opts.batch * opts.seq_len
@@ -207,15 +211,33 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         for grp in optim.param_groups:
             grp["lr"] = opts.lr_at(step, grp["base_lr"])
         optim.zero_grad(set_to_none=True)
+        target = None
+        if anchor is not None:  # the anchor learns the text on the whole batch; its output is the target below
+            model.set_configuration(anchor)
+            out = model(batch, labels=batch)
+            out.loss.backward()
+            if opts.anchor_loss == "kl":
+                target = torch.log_softmax(out.logits.detach().float(), dim=-1)
+            del out
+            anchor_grads = [p.grad.clone() for p in lora]
         k = opts.configs_per_step if len(trainset) > 1 else 1
         parts = [batch] * k if opts.config_batch == "full" else batch.tensor_split(min(k, opts.batch))
-        loss, n_seqs = 0.0, sum(len(q) for q in parts)
+        loss, n_seqs, row = 0.0, sum(len(q) for q in parts), 0
         for j, part in enumerate(parts):  # one configuration per part; gradients accumulate to the mean loss
             cfg = opts.pick(trainset, run.layout.bits_per_weight, step, j)
             model.set_configuration(cfg)
-            part_loss = model(part, labels=part).loss * (len(part) / n_seqs)
+            if target is None:
+                part_loss = model(part, labels=part).loss
+            else:  # distillation: match the anchor's next-token distribution
+                part_loss = _kl(target[row:row + len(part)], model(part).logits)
+                row = row + len(part) if opts.config_batch == "split" else 0
+            part_loss = part_loss * (len(part) / n_seqs)
             part_loss.backward()
             loss = loss + part_loss.detach()
+        if anchor is not None and opts.anchor_lora_weight != 1.0:
+            with torch.no_grad():
+                for p, g in zip(lora, anchor_grads):
+                    p.grad.mul_(opts.anchor_lora_weight).add_(g, alpha=1.0 - opts.anchor_lora_weight)
         torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), opts.clip)
         optim.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
@@ -234,6 +256,24 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     if opts.mode == "coa":
         _search_round(run, rounds_done + 1, opts, log)
     return run
+
+
+def _anchor_configuration(run: Run, opts: TrainOptions) -> Configuration | None:
+    """The uniform configuration of ``opts.anchor`` (only for CoA-LoRA / shared training)."""
+    if not opts.anchor or opts.mode == "single":
+        return None
+    from converters.quant_types import get
+
+    try:
+        return run.layout.uniform(get(opts.anchor).name)
+    except (KeyError, ValueError) as e:
+        raise CoaloraError(f"--anchor {opts.anchor}: {e}") from None
+
+
+def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(anchor || configuration) of the next-token distributions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return (target_logp.exp() * (target_logp - logp)).sum(-1).mean()
 
 
 def _start_from_lora(model, source: Path) -> None:
