@@ -14,6 +14,9 @@ Protocol (fixed; one run of this script produces every number):
   picks from the CoA-LoRA run (`coalora search --confirm 3`), as a mixed-precision GGUF:
   3. without adapter; 4. with the shared-LoRA baseline; 5. with a LoRA fine-tuned for that very
   configuration (the expensive baseline); 6. with the CoA-LoRA generated adapter.
+- The CoA-LoRA run (rows 3-6 come from its search) is `coalora train --mode coa` with COA_OPTIONS below: every
+  step also trains the LoRA on the F32 model, and the drawn configurations teach the configuration-aware model
+  to match that model's output (KL); see the README's "What we tried" for the plain run and other variants.
 - Q4_1 is not offered to the search (SmolLM2's weights were dequantized from Q4_1).
 Columns: file bytes, bits per weight, perplexity, gap to the floor, fine-tuning wall time spent for the row.
 Writes bench/results/quality.{md,json,png}.
@@ -33,6 +36,7 @@ from bench.common import RESULTS, cli, markdown_table, peak_child_rss_mb, perple
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
+COA_OPTIONS = ("--anchor", "F32", "--anchor-lora-weight", "0", "--cam-lr", "5e-3")
 
 
 def llama_quantize(src: Path, dst: Path, ftype_name: str) -> float:
@@ -103,10 +107,13 @@ def main() -> None:
         start-up, sensitivity table and final search round included, goes to ``walls``."""
         run = work / "runs" / name
         meta = run / "run.json"
+        command = [str(c) for c in (*cmd, *train)]
         if not (meta.exists() and json.loads(meta.read_text()).get("status") == "trained"):
             _, wall = cli(*cmd, "-o", run, *train)
-            (run / "bench-wall.json").write_text(json.dumps({"wall_s": round(wall, 1)}))
+            (run / "bench-wall.json").write_text(json.dumps({"wall_s": round(wall, 1), "command": command}))
             print(f"  trained {name} in {wall:.0f} s", flush=True)
+        elif json.loads((run / "bench-wall.json").read_text()).get("command") != command:
+            sys.exit(f"{run} was trained with another command; remove it (or --work elsewhere) to re-run")
         if (run / "bench-wall.json").exists():
             walls[name] = json.loads((run / "bench-wall.json").read_text())["wall_s"]
         return json.loads(meta.read_text())["train_seconds"]
@@ -129,7 +136,7 @@ def main() -> None:
     print("training: full-precision LoRA, shared LoRA, CoA-LoRA ...", flush=True)
     seconds = {"fp": trained("fp", "finetune", "smollm2", "--config", "F32"),
                "shared": trained("shared", "train", "smollm2", "--mode", "shared"),
-               "coa": trained("coa", "train", "smollm2", "--mode", "coa")}
+               "coa": trained("coa", "train", "smollm2", "--mode", "coa", *COA_OPTIONS)}
     fp_adapter = adapter("fp", "F32", work / "fp-adapter.gguf")
 
     ev = Evaluator(f32, args.windows, 512)
@@ -181,7 +188,8 @@ def main() -> None:
             ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor_pct", "gap to floor %"),
             ("finetune_s", "fine-tuning s")]
     md = (f"Protocol: {args.steps} steps x {args.batch} x {args.seq_len} tokens per LoRA, rank 8; "
-          f"{args.windows} windows x 512 tokens of Pride and Prejudice; perplexity by llama.cpp.\n\n"
+          f"{args.windows} windows x 512 tokens of Pride and Prejudice; perplexity by llama.cpp; "
+          f"CoA-LoRA run: `coalora train --mode coa {' '.join(COA_OPTIONS)}`.\n\n"
           + markdown_table(rows, cols)
           + f"\n\nTraining time: one CoA-LoRA run {seconds['coa']:.0f} s serves every budget; "
             f"the per-configuration LoRAs for {len(budgets)} budgets took {per_config_total:.0f} s together. "
@@ -189,7 +197,8 @@ def main() -> None:
             f"included): {', '.join(f'{k} {v:.0f} s' for k, v in walls.items())}. "
             f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB.")
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-                                           "windows": args.windows, "n_ctx": 512},
+                                           "windows": args.windows, "n_ctx": 512,
+                                           "coa_options": list(COA_OPTIONS)},
                               "rows": rows, "train_seconds": seconds, "per_config_total_s": per_config_total,
                               "train_wall_s": walls,
                               "peak_child_rss_mb": peak_child_rss_mb()}, md)
