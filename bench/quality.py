@@ -107,15 +107,15 @@ def main() -> None:
         start-up, sensitivity table and final search round included, goes to ``walls``."""
         run = work / "runs" / name
         meta = run / "run.json"
-        command = [str(c) for c in (*cmd, *train)]
+        record, command = run / "bench-wall.json", [str(c) for c in (*cmd, *train)]
         if not (meta.exists() and json.loads(meta.read_text()).get("status") == "trained"):
             _, wall = cli(*cmd, "-o", run, *train)
-            (run / "bench-wall.json").write_text(json.dumps({"wall_s": round(wall, 1), "command": command}))
+            record.write_text(json.dumps({"wall_s": round(wall, 1), "command": command}))
             print(f"  trained {name} in {wall:.0f} s", flush=True)
-        elif json.loads((run / "bench-wall.json").read_text()).get("command") != command:
+        bench = json.loads(record.read_text()) if record.exists() else {}
+        if bench.get("command") != command:
             sys.exit(f"{run} was trained with another command; remove it (or --work elsewhere) to re-run")
-        if (run / "bench-wall.json").exists():
-            walls[name] = json.loads((run / "bench-wall.json").read_text())["wall_s"]
+        walls[name] = bench["wall_s"]
         return json.loads(meta.read_text())["train_seconds"]
 
     def adapter(run_name, cfg_arg, out):

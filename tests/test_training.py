@@ -260,6 +260,7 @@ def test_init_lora_starts_from_a_trained_run(tiny_model_dir, text_file, tmp_path
 @pytest.mark.parametrize("anchor_loss, weight", [("kl", 0.0), ("ce", 1.0)])
 def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor_loss, weight):
     from toolkit.errors import CoaloraError
+    from toolkit.run import load_checkpoint
     from toolkit.training import _kl
 
     opts = dict(FAST, steps=2, rounds=1, checkpoint_every=2)
@@ -267,7 +268,7 @@ def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor
                 TrainOptions(**opts, anchor="F32", anchor_loss=anchor_loss, anchor_lora_weight=weight),
                 progress=False, log=lambda s: None)
     plain = train(tmp_path / "p", tiny_model_dir, [text_file], TrainOptions(**opts), progress=False, log=lambda s: None)
-    a, p = (load_checkpoint_lora(r) for r in (run, plain))
+    a, p = (load_checkpoint(r.checkpoint_path)["lora"] for r in (run, plain))
     assert run.meta["options"]["anchor"] == "F32"
     assert any(not torch.equal(a[k], p[k]) for k in a if k.startswith("layers.")), "the anchor changes the training"
     with pytest.raises(CoaloraError, match="anchor"):
@@ -280,7 +281,3 @@ def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor
     assert float(_kl(torch.log_softmax(logits, -1), logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(_kl(torch.log_softmax(logits, -1), logits.flip(-1))) > 0
 
-
-def load_checkpoint_lora(run: Run) -> dict:
-    from toolkit.run import load_checkpoint
-    return load_checkpoint(run.checkpoint_path)["lora"]

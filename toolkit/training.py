@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from toolkit.configuration import BLOCK_KINDS, DEFAULT_MENU, Configuration
 from toolkit.errors import CoaloraError
@@ -219,7 +220,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             if opts.anchor_loss == "kl":
                 target = torch.log_softmax(out.logits.detach().float(), dim=-1)
             del out
-            anchor_grads = [p.grad.clone() for p in lora]
+            if opts.anchor_lora_weight != 1.0:  # kept to re-weight the configurations' share below
+                anchor_grads = [p.grad.clone() for p in lora]
         k = opts.configs_per_step if len(trainset) > 1 else 1
         parts = [batch] * k if opts.config_batch == "full" else batch.tensor_split(min(k, opts.batch))
         loss, n_seqs, row = 0.0, sum(len(q) for q in parts), 0
@@ -273,7 +275,7 @@ def _anchor_configuration(run: Run, opts: TrainOptions) -> Configuration | None:
 def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(anchor || configuration) of the next-token distributions."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return (target_logp.exp() * (target_logp - logp)).sum(-1).mean()
+    return F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1).mean()
 
 
 def _start_from_lora(model, source: Path) -> None:
