@@ -93,7 +93,7 @@ def register(cli: click.Group) -> None:
                   help="Share of steps trained on the training set's highest-precision configuration.")
     @click.option("--anchor", default="", metavar="TYPE",
                   help="Also train every step on the uniform TYPE model (e.g. F32), whose output the sampled "
-                       "configurations learn to match (doubles the compute per step).")
+                       "configurations learn to match (a second forward and backward pass per step).")
     @click.option("--anchor-loss", type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
                   help="With --anchor: the sampled configurations' loss, KL to the anchor's output or "
                        "cross-entropy on the text.")
