@@ -172,6 +172,12 @@ def test_cli_train_errors(tiny_model_dir, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["adapter", str(tmp_path), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")]) == 1
     assert "not a coalora run" in capsys.readouterr().err
+    for opt, message in ((["--menu", "Q9"], "unknown quant type 'Q9'"), (["--type-deltas", "Q9"], "unknown quant type"),
+                         (["--menu", "Q8_0,Q4_0", "--type-deltas", "Q5_0"], "--type-deltas Q5_0: not in --menu")):
+        assert main(["train", str(tiny_model_dir), "-o", str(tmp_path / "r"), *opt]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
 
 
 def test_corrupt_checkpoint(coa_run, tmp_path, capsys):
@@ -270,6 +276,8 @@ def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor
     plain = train(tmp_path / "p", tiny_model_dir, [text_file], TrainOptions(**opts), progress=False, log=lambda s: None)
     a, p = (load_checkpoint(r.checkpoint_path)["lora"] for r in (run, plain))
     assert run.meta["options"]["anchor"] == "F32"
+    assert run.meta["final_loss_kind"] == ("kl" if anchor_loss == "kl" else "cross-entropy")
+    assert run.meta["final_anchor_loss"] > 0 and "final_anchor_loss" not in plain.meta
     assert any(not torch.equal(a[k], p[k]) for k in a if k.startswith("layers.")), "the anchor changes the training"
     with pytest.raises(CoaloraError, match="anchor"):
         train(tmp_path / "a", None, [], TrainOptions(**dict(opts, steps=3)), resume=True, progress=False,
@@ -281,3 +289,31 @@ def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor
     assert float(_kl(torch.log_softmax(logits, -1), logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(_kl(torch.log_softmax(logits, -1), logits.flip(-1))) > 0
 
+
+
+def test_type_deltas_train_and_match_llama_cpp(tiny_model_dir, text_file, tmp_path):
+    from toolkit.errors import CoaloraError
+    from toolkit.run import load_checkpoint
+
+    from toolkit.configuration import DEFAULT_MENU
+
+    opts = dict(FAST, steps=4, rounds=1, checkpoint_every=4)
+    types = tuple(t for t in DEFAULT_MENU if t != "Q8_0")
+    run = train(tmp_path / "d", tiny_model_dir, [text_file], TrainOptions(**opts, type_deltas=types, delta_lr=2e-2),
+                progress=False, log=lambda s: None)
+    state = load_checkpoint(run.checkpoint_path)["lora"]
+    deltas = {k: v for k, v in state.items() if ".delta_" in k}
+    run = Run.open(run.path)
+    model = run.model()
+    assert len(deltas) == 2 * sum(len([q for q in run.layout.menu(n) if q.name in types]) for n in model.lora_names)
+    assert not any(".Q8_0" in k for k in deltas)
+    assert any(v.abs().max() > 0 for v in deltas.values()), "the drawn types' corrections train"
+    a8, a4 = run.adapter_tensors(run.layout.uniform("Q8_0")), run.adapter_tensors(run.layout.uniform("Q4_0"))
+    assert all(np.array_equal(a8[n][1], model.loaded.permute_rows(n, model.layer(n).lora_B.detach().numpy()))
+               for n in a8), "a type without corrections uses the shared B"
+    assert any(not np.array_equal(a8[n][1], a4[n][1]) for n in a8), "lora_b follows the tensor's type"
+    _, _, llama_nll, torch_nll, _ = _llama_vs_torch(run, _mixed(run), tmp_path)
+    assert abs(evaluation.perplexity(llama_nll) / evaluation.perplexity(torch_nll) - 1) <= 0.005
+    with pytest.raises(CoaloraError, match="type_deltas"):
+        train(tmp_path / "d", None, [], TrainOptions(**dict(opts, steps=6)), resume=True, progress=False,
+              log=lambda s: None)

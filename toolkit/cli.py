@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from converters.quant_types import UnknownQuantType
 from toolkit.errors import CoaloraError
 
 # Modules that register commands on the group, in help order.
@@ -30,7 +31,7 @@ for _mod in COMMAND_MODULES:
 def main(argv=None) -> int:
     try:
         cli.main(args=argv, prog_name="coalora", standalone_mode=False)
-    except CoaloraError as e:
+    except (CoaloraError, UnknownQuantType) as e:
         click.echo(f"coalora: error: {e}", err=True)
         return 1
     except click.exceptions.Abort:

@@ -45,7 +45,9 @@ def _targets(s: str) -> tuple:
 def _report(run, as_json: bool) -> None:
     m = run.meta
     summary = {"run": str(run.path), "mode": m["options"]["mode"], "steps": m["step"],
-               "final_loss": m.get("final_loss"), "train_seconds": m.get("train_seconds"),
+               "final_loss": m.get("final_loss"), "final_loss_kind": m.get("final_loss_kind", "cross-entropy"),
+               **({"final_anchor_loss": m["final_anchor_loss"]} if "final_anchor_loss" in m else {}),
+               "train_seconds": m.get("train_seconds"),
                "tokens_per_second": m.get("tokens_per_second"), "training_configurations": len(run.trainset())}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -100,9 +102,14 @@ def register(cli: click.Group) -> None:
     @click.option("--anchor-lora-weight", default=1.0, show_default=True, type=click.FloatRange(0.0),
                   help="With --anchor: weight of the sampled configurations' gradient on the LoRA (0: only the "
                        "configuration-aware model learns from them).")
+    @click.option("--type-deltas", default="", metavar="TYPES",
+                  help="CoA-LoRA: for these quant types ('all': the menu), also train per tensor a correction of its "
+                       "LoRA A and B that the tensor's type in a configuration picks (the adapter's rank stays --rank).")
+    @click.option("--delta-lr", default=0.0, show_default=True, type=click.FloatRange(0.0),
+                  help="Learning rate of the --type-deltas corrections (0: --lr).")
     @_train_options
     def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, config_batch,
-                  top_share, init_lora, anchor, anchor_loss, anchor_lora_weight, **kw):
+                  top_share, init_lora, anchor, anchor_loss, anchor_lora_weight, type_deltas, delta_lr, **kw):
         """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
 
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
@@ -110,10 +117,14 @@ def register(cli: click.Group) -> None:
         """
         from converters.quant_types import get
         menu_t = tuple(get(t).name for t in menu.split(",") if t.strip())
+        deltas = menu_t if type_deltas.strip() == "all" else tuple(get(t).name for t in type_deltas.split(",") if t.strip())
+        if set(deltas) - set(menu_t):
+            raise CoaloraError(f"--type-deltas {','.join(sorted(set(deltas) - set(menu_t)))}: not in --menu")
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
                       menu=menu_t, cam_lr=cam_lr, configs_per_step=configs_per_step, config_batch=config_batch,
                       top_share=top_share, init_lora=str(Path(init_lora).resolve()) if init_lora else "",
-                      anchor=anchor, anchor_loss=anchor_loss, anchor_lora_weight=anchor_lora_weight, **kw)
+                      anchor=anchor, anchor_loss=anchor_loss, anchor_lora_weight=anchor_lora_weight,
+                      type_deltas=deltas, delta_lr=delta_lr, **kw)
 
     train_cmd.name = "train"
 

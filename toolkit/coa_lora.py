@@ -3,6 +3,8 @@
 A ``QuantLoRALinear`` computes ``x W_q^T + s * x A^T (I + M)^T B^T`` where ``W_q`` is the
 dequantization of the ggml bytes of the current quant type, ``A, B`` the shared LoRA and ``M``
 an r x r adjustment that the ``ConfigAwareModel`` derives from the configuration (CoA-LoRA).
+With type corrections (``train --type-deltas``) the configuration also picks, per tensor, a trained
+correction ``dA[q], dB[q]`` of its quant type q: ``A + dA[q]``, ``B + dB[q]`` (the rank stays r).
 Switching configuration swaps cached weights and recomputes M: nothing is re-quantized.
 """
 from __future__ import annotations
@@ -29,9 +31,10 @@ class GGMLLinear(nn.Module):
         super().__init__()
         self.weight = weight  # plain tensor, swapped per configuration, never trained
         self.act_kind: str | None = None
+        self.qtype: str | None = None
 
     def set_weight(self, weight: torch.Tensor, qtype: str) -> None:
-        self.weight, self.act_kind = weight, vec_dot_kind(qtype)
+        self.weight, self.act_kind, self.qtype = weight, vec_dot_kind(qtype), qtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(quantize_activations(x, self.act_kind), self.weight)
@@ -47,13 +50,27 @@ class QuantLoRALinear(GGMLLinear):
         a.uniform_(-bound, bound, generator=generator)
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank))
+        self.delta_A, self.delta_B = nn.ParameterDict(), nn.ParameterDict()
         self.M: torch.Tensor | None = None
 
+    def add_type_deltas(self, qtypes) -> None:
+        """Zero-initialized corrections of A and B, one pair per quant type this tensor can take."""
+        for q in qtypes:
+            self.delta_A[q] = nn.Parameter(torch.zeros_like(self.lora_A))
+            self.delta_B[q] = nn.Parameter(torch.zeros_like(self.lora_B))
+
+    def factors(self, qtype: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` for a tensor of quant type ``qtype``: the shared pair plus that type's correction."""
+        if qtype in self.delta_A:
+            return self.lora_A + self.delta_A[qtype], self.lora_B + self.delta_B[qtype]
+        return self.lora_A, self.lora_B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.lora_A)  # llama.cpp keeps the LoRA path in F32
+        a, b = self.factors(self.qtype)
+        h = F.linear(x, a)  # llama.cpp keeps the LoRA path in F32
         if self.M is not None:
             h = h + F.linear(h, self.M)
-        return super().forward(x) + self.scale * F.linear(h, self.lora_B)
+        return super().forward(x) + self.scale * F.linear(h, b)
 
 
 class ConfigAwareModel(nn.Module):
@@ -98,7 +115,7 @@ class CoALoRAModel(nn.Module):
     quantizable tensors follow a ``Configuration`` through a ``WeightBank``."""
 
     def __init__(self, loaded, bank, layout: ModelLayout, *, mode: str = "coa", rank: int = 8, alpha: float = 16.0,
-                 targets=BLOCK_KINDS, seed: int = 0):
+                 targets=BLOCK_KINDS, seed: int = 0, type_deltas=()):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -118,6 +135,8 @@ class CoALoRAModel(nn.Module):
             w = getattr(parent, attr).weight.detach()
             if t.name in self.lora_names:
                 layer = QuantLoRALinear(w, rank, alpha, g)
+                if mode == "coa":
+                    layer.add_type_deltas(q.name for q in layout.menu(t.name) if q.name in type_deltas)
                 self.layers[t.name.replace(".", "_")] = layer  # registers the LoRA parameters
                 self.lora_layers[t.name] = layer
             else:
@@ -200,9 +219,9 @@ class CoALoRAModel(nn.Module):
             Ms = self.cam(self.cam.features(self.layout, cfg, self.lora_names))
         out = {}
         for i, name in enumerate(self.lora_names):
-            layer = self.layer(name)
-            a = layer.lora_A if Ms is None else layer.lora_A + Ms[i] @ layer.lora_A
-            b = self.loaded.permute_rows(name, layer.lora_B.cpu().numpy())
+            a, b = self.layer(name).factors(cfg.types[name].name)
+            a = a if Ms is None else a + Ms[i] @ a
+            b = self.loaded.permute_rows(name, b.cpu().numpy())
             out[name] = (a.cpu().numpy().astype(np.float32), np.ascontiguousarray(b, dtype=np.float32))
         return out
 

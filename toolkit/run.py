@@ -103,7 +103,7 @@ class Run:
 
         o = self.meta["options"]
         m = CoALoRAModel(self.loaded(), self.bank(), self.layout, mode=o["mode"], rank=o["rank"], alpha=o["alpha"],
-                         targets=tuple(o["targets"]), seed=o["seed"])
+                         targets=tuple(o["targets"]), seed=o["seed"], type_deltas=tuple(o.get("type_deltas", ())))
         if self.checkpoint_path.exists():
             m.load_lora_state(load_checkpoint(self.checkpoint_path)["lora"])
         m.to_device(self.device)

@@ -54,6 +54,8 @@ class TrainOptions:
     anchor: str = ""  # quant type of a uniform anchor configuration trained on every step's whole batch
     anchor_loss: str = "kl"  # the sampled configurations' loss with an anchor: "kl" to its output, or "ce"
     anchor_lora_weight: float = 1.0  # with an anchor: weight of the sampled configurations' gradient on the LoRA
+    type_deltas: tuple = ()  # coa: quant types that get, per tensor, a trained correction of A and B
+    delta_lr: float = 0.0  # learning rate of those corrections (0: lr)
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
         """The configuration of one step (of its ``part``-th share of the batch): with probability
@@ -73,7 +75,8 @@ class TrainOptions:
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
            "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step",
-           "config_batch", "init_lora", "anchor", "anchor_loss", "anchor_lora_weight")
+           "config_batch", "init_lora", "anchor", "anchor_loss", "anchor_lora_weight", "type_deltas",
+           "delta_lr")
 
 
 @functools.cache
@@ -178,6 +181,10 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     groups = [{"params": lora, "lr": opts.lr, "base_lr": opts.lr}]
     if model.cam is not None:
         groups.append({"params": list(model.cam.parameters()), "lr": opts.cam_lr, "base_lr": opts.cam_lr})
+    deltas = [p for n, p in model.named_parameters() if ".delta_" in n]
+    if deltas:  # a step only updates the corrections of the types its configuration uses (the others have no grad)
+        lr = opts.delta_lr or opts.lr
+        groups.append({"params": deltas, "lr": lr, "base_lr": lr})
     optim = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
     start, rounds_done, elapsed = 0, 0, 0.0
     if resume and run.checkpoint_path.exists():
@@ -197,7 +204,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     per_round = math.ceil(opts.steps / rounds)
     tokens_per_step = opts.batch * opts.seq_len
     bar = _progress(progress, opts.steps, start)
-    t0, ema = time.perf_counter(), None
+    t0, ema, anchor_ema = time.perf_counter(), None, None
+    loss_name = "kl" if anchor is not None and opts.anchor_loss == "kl" else "loss"
     model.train()
     for step in range(start, opts.steps):
         if step > 0 and step % per_round == 0 and step // per_round > rounds_done:
@@ -217,6 +225,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             model.set_configuration(anchor)
             out = model(batch, labels=batch)
             out.loss.backward()
+            a = out.loss.item()
+            anchor_ema = a if anchor_ema is None else 0.9 * anchor_ema + 0.1 * a
             if opts.anchor_loss == "kl":
                 target = torch.log_softmax(out.logits.detach().float(), dim=-1)
             del out
@@ -245,7 +255,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         done = step + 1
         rate = (done - start) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-        bar(done, f"loss {ema:.3f}  {rate:,.0f} tok/s  cfg {run.layout.bits_per_weight(cfg):.2f} bpw")
+        shown = f"{loss_name} {ema:.3f}" + (f"  anchor loss {anchor_ema:.3f}" if anchor_ema is not None else "")
+        bar(done, f"{shown}  {rate:,.0f} tok/s  cfg {run.layout.bits_per_weight(cfg):.2f} bpw")
         if done % opts.checkpoint_every == 0 and done < opts.steps:  # the last one is written below
             _checkpoint(run, model, optim, done, rounds_done, elapsed + time.perf_counter() - t0)
     bar(None, "")
@@ -253,7 +264,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     _checkpoint(run, model, optim, opts.steps, rounds_done, elapsed)
     run.meta.update(status="trained", step=opts.steps, train_seconds=round(elapsed, 2), device=str(run.device),
                     tokens_per_second=round((opts.steps - start) * tokens_per_step / max(elapsed, 1e-9), 1),
-                    final_loss=ema)
+                    final_loss=ema, final_loss_kind="kl" if loss_name == "kl" else "cross-entropy",
+                    **({"final_anchor_loss": anchor_ema} if anchor_ema is not None else {}))
     run.save_meta()
     if opts.mode == "coa":
         _search_round(run, rounds_done + 1, opts, log)
@@ -283,7 +295,8 @@ def _start_from_lora(model, source: Path) -> None:
     ckpt = source / "checkpoint.pt"
     if not ckpt.is_file():
         raise CoaloraError(f"--init-lora {source}: no trained run there")
-    lora = {k: v for k, v in load_checkpoint(ckpt)["lora"].items() if k.startswith("layers.")}
+    lora = {k: v for k, v in load_checkpoint(ckpt)["lora"].items() if k.startswith("layers.") and ".lora_" in k}
+    lora.update({k: v for k, v in model.state_dict().items() if ".delta_" in k})  # this run's type corrections start at 0
     try:
         model.load_lora_state(lora, parts=("layers.",))
     except ValueError:
