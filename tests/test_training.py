@@ -173,7 +173,8 @@ def test_cli_train_errors(tiny_model_dir, tmp_path, capsys):
     assert main(["adapter", str(tmp_path), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")]) == 1
     assert "not a coalora run" in capsys.readouterr().err
     for opt, message in ((["--menu", "Q9"], "unknown quant type 'Q9'"), (["--type-deltas", "Q9"], "unknown quant type"),
-                         (["--menu", "Q8_0,Q4_0", "--type-deltas", "Q5_0"], "--type-deltas Q5_0: not in --menu")):
+                         (["--menu", "Q8_0,Q4_0", "--type-deltas", "Q5_0"], "--type-deltas Q5_0: not in --menu"),
+                         (["--mode", "shared", "--type-deltas", "all"], "--type-deltas needs --mode coa")):
         assert main(["train", str(tiny_model_dir), "-o", str(tmp_path / "r"), *opt]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err

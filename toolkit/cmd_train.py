@@ -118,6 +118,8 @@ def register(cli: click.Group) -> None:
         from converters.quant_types import get
         menu_t = tuple(get(t).name for t in menu.split(",") if t.strip())
         deltas = menu_t if type_deltas.strip() == "all" else tuple(get(t).name for t in type_deltas.split(",") if t.strip())
+        if deltas and mode != "coa":
+            raise CoaloraError("--type-deltas needs --mode coa (the configuration picks the corrections)")
         if set(deltas) - set(menu_t):
             raise CoaloraError(f"--type-deltas {','.join(sorted(set(deltas) - set(menu_t)))}: not in --menu")
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
