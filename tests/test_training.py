@@ -291,12 +291,10 @@ def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor
     assert float(_kl(torch.log_softmax(logits, -1), logits.flip(-1))) > 0
 
 
-
 def test_type_deltas_train_and_match_llama_cpp(tiny_model_dir, text_file, tmp_path):
+    from toolkit.configuration import DEFAULT_MENU
     from toolkit.errors import CoaloraError
     from toolkit.run import load_checkpoint
-
-    from toolkit.configuration import DEFAULT_MENU
 
     opts = dict(FAST, steps=4, rounds=1, checkpoint_every=4)
     types = tuple(t for t in DEFAULT_MENU if t != "Q8_0")

@@ -42,6 +42,12 @@ def _targets(s: str) -> tuple:
     return kinds
 
 
+def _quant_types(s: str) -> tuple:
+    """Canonical names of a comma-separated list of quant types (an unknown one is a one-line error)."""
+    from converters.quant_types import get
+    return tuple(get(t).name for t in s.split(",") if t.strip())
+
+
 def _report(run, as_json: bool) -> None:
     m = run.meta
     summary = {"run": str(run.path), "mode": m["options"]["mode"], "steps": m["step"],
@@ -115,9 +121,8 @@ def register(cli: click.Group) -> None:
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
         Example: coalora train smollm2 --data austen -o runs/smol --steps 200
         """
-        from converters.quant_types import get
-        menu_t = tuple(get(t).name for t in menu.split(",") if t.strip())
-        deltas = menu_t if type_deltas.strip() == "all" else tuple(get(t).name for t in type_deltas.split(",") if t.strip())
+        menu_t = _quant_types(menu)
+        deltas = menu_t if type_deltas.strip() == "all" else _quant_types(type_deltas)
         if deltas and mode != "coa":
             raise CoaloraError("--type-deltas needs --mode coa (the configuration picks the corrections)")
         if set(deltas) - set(menu_t):
