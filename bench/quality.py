@@ -16,8 +16,9 @@ Protocol (fixed; one run of this script produces every number):
   configuration (the expensive baseline); 6. with the CoA-LoRA generated adapter.
 - The CoA-LoRA run (rows 3-6 come from its search) is `coalora train --mode coa` with COA_OPTIONS below: every
   step also trains the LoRA on the F32 model, and the drawn configurations teach the configuration-aware model
-  (its r x r adjustment and, per tensor and quant type, a correction of A and B) to match that model's output
-  (KL); see the README's "What we tried" for the plain run and other variants.
+  (its r x r adjustment and, per tensor and quant type, a correction of A and B scaled by the square root of
+  that type's RMS ggml error relative to Q4_0) to match that model's output (KL); the LoRA itself is then exactly
+  row 1's. See the README's "What we tried" for the plain run and other variants.
 - Q4_1 is not offered to the search (SmolLM2's weights were dequantized from Q4_1).
 Columns: file bytes, bits per weight, perplexity, gap to the floor, fine-tuning wall time spent for the row.
 Writes bench/results/quality.{md,json,png}.
@@ -37,7 +38,8 @@ from bench.common import RESULTS, cli, markdown_table, peak_child_rss_mb, perple
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
-COA_OPTIONS = ("--anchor", "F32", "--anchor-lora-weight", "0", "--cam-lr", "5e-3", "--type-deltas", "all")
+COA_OPTIONS = ("--anchor", "F32", "--anchor-lora-weight", "0", "--cam-lr", "5e-3", "--type-deltas", "all",
+               "--delta-error-power", "0.5")
 
 
 def llama_quantize(src: Path, dst: Path, ftype_name: str) -> float:

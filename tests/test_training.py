@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_corpus
 from converters.gguf_model_writer import write_gguf
-from toolkit import evaluation, llama_runtime
+from toolkit import evaluation, llama_runtime, training
 from toolkit.cli import main
 from toolkit.configuration import Configuration
 from toolkit.run import Run
@@ -291,6 +291,24 @@ def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor
     assert float(_kl(torch.log_softmax(logits, -1), logits.flip(-1))) > 0
 
 
+def test_anchor_weight_zero_trains_the_full_precision_lora(tiny_model_dir, text_file, tmp_path):
+    """With --anchor F32 --anchor-lora-weight 0 the LoRA is bit for bit the one fine-tuned on the F32 model (the
+    F32 anchor gets no adjustment, and the LoRA's gradient is clipped apart from the CAM's and corrections')."""
+    opts = dict(FAST, steps=4, rounds=2, checkpoint_every=4)
+    coa = train(tmp_path / "c", tiny_model_dir, [text_file],
+                TrainOptions(**opts, anchor="F32", anchor_lora_weight=0.0, type_deltas=("Q4_0", "Q8_0")),
+                progress=False, log=lambda s: None)
+    f32 = coa.layout.uniform("F32")
+    fp = train(tmp_path / "f", tiny_model_dir, [text_file], TrainOptions(**dict(opts, mode="single", rounds=1)),
+               fixed_config=f32, progress=False, log=lambda s: None)
+    c, f = coa.model().lora_state(), fp.model().lora_state()
+    lora = [k for k in f if ".lora_" in k]
+    assert lora and all(torch.equal(c[k], f[k]) for k in lora)
+    assert c["cam.mlp.4.weight"].abs().max() > 0, "the CAM trained (its last layer starts at zero)"
+    a, b = coa.model().adapter_tensors(f32), fp.model().adapter_tensors(f32)
+    assert all(np.array_equal(a[n][i], b[n][i]) for n in a for i in (0, 1)), "the F32 adapter is the plain LoRA"
+
+
 def test_type_deltas_train_and_match_llama_cpp(tiny_model_dir, text_file, tmp_path):
     from toolkit.configuration import DEFAULT_MENU
     from toolkit.errors import CoaloraError
@@ -301,11 +319,19 @@ def test_type_deltas_train_and_match_llama_cpp(tiny_model_dir, text_file, tmp_pa
     run = train(tmp_path / "d", tiny_model_dir, [text_file], TrainOptions(**opts, type_deltas=types, delta_lr=2e-2),
                 progress=False, log=lambda s: None)
     state = load_checkpoint(run.checkpoint_path)["lora"]
-    deltas = {k: v for k, v in state.items() if ".delta_" in k}
+    deltas = {k: v for k, v in state.items() if ".delta_A" in k or ".delta_B" in k}
     run = Run.open(run.path)
     model = run.model()
     assert len(deltas) == 2 * sum(len([q for q in run.layout.menu(n) if q.name in types]) for n in model.lora_names)
     assert not any(".Q8_0" in k for k in deltas)
+    # each correction's scale: (RMS ggml error of its type / Q4_0's) ** power (the table's errors are squared)
+    errors, power = training.sensitivity_errors(run), run.meta["options"]["delta_error_power"]
+    name0 = model.lora_names[0]
+    assert power == 0.5 and float(state[f"layers.{name0.replace('.', '_')}.delta_scale_Q5_0"]) < 1
+    for q in model.layer(name0).delta_A:
+        assert float(state[f"layers.{name0.replace('.', '_')}.delta_scale_{q}"]) == pytest.approx(
+            (errors[name0][q] / errors[name0]["Q4_0"]) ** (power / 2), rel=1e-5)
+    assert float(state[f"layers.{name0.replace('.', '_')}.delta_scale_Q4_0"]) == pytest.approx(1.0)
     assert any(v.abs().max() > 0 for v in deltas.values()), "the drawn types' corrections train"
     q8 = run.layout.uniform("Q8_0")
     a8 = run.adapter_tensors(q8)

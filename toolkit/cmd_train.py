@@ -113,9 +113,12 @@ def register(cli: click.Group) -> None:
                        "LoRA A and B that the tensor's type in a configuration picks (the adapter's rank stays --rank).")
     @click.option("--delta-lr", default=0.0, show_default=True, type=click.FloatRange(0.0),
                   help="Learning rate of the --type-deltas corrections (0: --lr).")
+    @click.option("--delta-error-power", default=0.5, show_default=True, type=click.FloatRange(0.0),
+                  help="Scale each correction by (its type's ggml quantization error / Q4_0's) ** P (0: unscaled).")
     @_train_options
     def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, config_batch,
-                  top_share, init_lora, anchor, anchor_loss, anchor_lora_weight, type_deltas, delta_lr, **kw):
+                  top_share, init_lora, anchor, anchor_loss, anchor_lora_weight, type_deltas, delta_lr,
+                  delta_error_power, **kw):
         """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
 
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
@@ -131,7 +134,7 @@ def register(cli: click.Group) -> None:
                       menu=menu_t, cam_lr=cam_lr, configs_per_step=configs_per_step, config_batch=config_batch,
                       top_share=top_share, init_lora=str(Path(init_lora).resolve()) if init_lora else "",
                       anchor=anchor, anchor_loss=anchor_loss, anchor_lora_weight=anchor_lora_weight,
-                      type_deltas=deltas, delta_lr=delta_lr, **kw)
+                      type_deltas=deltas, delta_lr=delta_lr, delta_error_power=delta_error_power, **kw)
 
     train_cmd.name = "train"
 

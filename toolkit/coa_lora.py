@@ -4,7 +4,9 @@ A ``QuantLoRALinear`` computes ``x W_q^T + s * x A^T (I + M)^T B^T`` where ``W_q
 dequantization of the ggml bytes of the current quant type, ``A, B`` the shared LoRA and ``M``
 an r x r adjustment that the ``ConfigAwareModel`` derives from the configuration (CoA-LoRA).
 With type corrections (``train --type-deltas``) the configuration also picks, per tensor, a trained
-correction ``dA[q], dB[q]`` of its quant type q: ``A + dA[q]``, ``B + dB[q]`` (the rank stays r).
+correction of its quant type q: ``A + s dA[q]``, ``B + s dB[q]`` (the rank stays r), where ``s`` is the
+tensor's ggml quantization error in type q relative to Q4_0 (so a Q8_0 tensor, which barely changes, gets a
+small correction). An F32 tensor is the reference and gets no adjustment.
 Switching configuration swaps cached weights and recomputes M: nothing is re-quantized.
 """
 from __future__ import annotations
@@ -54,15 +56,22 @@ class QuantLoRALinear(GGMLLinear):
         self.M: torch.Tensor | None = None
 
     def add_type_deltas(self, qtypes) -> None:
-        """Zero-initialized corrections of A and B, one pair per quant type this tensor can take."""
+        """Zero-initialized corrections of A and B, one pair per quant type this tensor can take, each with a
+        fixed scale (a buffer, saved with the checkpoint; 1 until ``set_delta_scales``)."""
         for q in qtypes:
             self.delta_A[q] = nn.Parameter(torch.zeros_like(self.lora_A))
             self.delta_B[q] = nn.Parameter(torch.zeros_like(self.lora_B))
+            self.register_buffer(f"delta_scale_{q}", torch.ones(()))
+
+    def set_delta_scales(self, scales: dict[str, float]) -> None:
+        for q, s in scales.items():
+            getattr(self, f"delta_scale_{q}").fill_(s)
 
     def factors(self, qtype: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` for a tensor of quant type ``qtype``: the shared pair plus that type's correction."""
+        """``(A, B)`` for a tensor of quant type ``qtype``: the shared pair plus that type's scaled correction."""
         if qtype in self.delta_A:
-            return self.lora_A + self.delta_A[qtype], self.lora_B + self.delta_B[qtype]
+            s = getattr(self, f"delta_scale_{qtype}")
+            return self.lora_A + s * self.delta_A[qtype], self.lora_B + s * self.delta_B[qtype]
         return self.lora_A, self.lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,10 +209,15 @@ class CoALoRAModel(nn.Module):
     def adjustments(self) -> torch.Tensor | None:
         return None if self.cam is None else self.cam(self._features)
 
+    @staticmethod
+    def _adjusted(cfg: Configuration, name: str) -> bool:
+        """The configuration-aware model adjusts quantized tensors; an F32 tensor is the reference."""
+        return cfg.types[name].name != "F32"
+
     def refresh_M(self) -> None:
         Ms = self.adjustments()
         for i, name in enumerate(self.lora_names):
-            self.layer(name).M = None if Ms is None else Ms[i]
+            self.layer(name).M = Ms[i] if Ms is not None and self._adjusted(self.cfg, name) else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         if self.cfg is None:
@@ -220,7 +234,7 @@ class CoALoRAModel(nn.Module):
         out = {}
         for i, name in enumerate(self.lora_names):
             a, b = self.layer(name).factors(cfg.types[name].name)
-            a = a if Ms is None else a + Ms[i] @ a
+            a = a + Ms[i] @ a if Ms is not None and self._adjusted(cfg, name) else a
             b = self.loaded.permute_rows(name, b.cpu().numpy())
             out[name] = (a.cpu().numpy().astype(np.float32), np.ascontiguousarray(b, dtype=np.float32))
         return out
@@ -229,9 +243,10 @@ class CoALoRAModel(nn.Module):
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k.startswith(("layers.", "cam."))}
 
     def load_lora_state(self, state: dict[str, torch.Tensor], parts: tuple[str, ...] = ("layers.", "cam.")) -> None:
-        """Load the ``parts`` (LoRA layers, configuration-aware model) of a checkpoint; they must match exactly."""
+        """Load the ``parts`` (LoRA layers, configuration-aware model) of a checkpoint; they must match exactly
+        (checkpoints from before correction scales existed keep scale 1, as they were trained)."""
         own = self.state_dict()
-        missing = [k for k in own if k.startswith(parts) and k not in state]
+        missing = [k for k in own if k.startswith(parts) and k not in state and ".delta_scale_" not in k]
         if missing or any(k not in own or own[k].shape != v.shape for k, v in state.items()):
             raise ValueError("checkpoint does not match this model")
         self.load_state_dict(state, strict=False)

@@ -56,6 +56,7 @@ class TrainOptions:
     anchor_lora_weight: float = 1.0  # with an anchor: weight of the sampled configurations' gradient on the LoRA
     type_deltas: tuple = ()  # coa: quant types that get, per tensor, a trained correction of A and B
     delta_lr: float = 0.0  # learning rate of those corrections (0: lr)
+    delta_error_power: float = 0.5  # a correction's scale: (its type's quantization error / Q4_0's) ** power
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
         """The configuration of one step (of its ``part``-th share of the batch): with probability
@@ -76,7 +77,7 @@ class TrainOptions:
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
            "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step",
            "config_batch", "init_lora", "anchor", "anchor_loss", "anchor_lora_weight", "type_deltas",
-           "delta_lr")
+           "delta_lr", "delta_error_power")
 
 
 @functools.cache
@@ -175,7 +176,10 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     stream = calibration_stream(run)
     run.device = device
     model = run.model()  # fresh LoRA, or the checkpoint's when resuming
-    if opts.init_lora and not (resume and run.checkpoint_path.exists()):
+    fresh = not (resume and run.checkpoint_path.exists())
+    if fresh and opts.type_deltas:
+        _set_delta_scales(run, model, opts.delta_error_power)
+    if opts.init_lora and fresh:
         _start_from_lora(model, Path(opts.init_lora))
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     groups = [{"params": lora, "lr": opts.lr, "base_lr": opts.lr}]
@@ -250,7 +254,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             with torch.no_grad():
                 for p, g in zip(lora, anchor_grads):
                     p.grad.mul_(opts.anchor_lora_weight).add_(g, alpha=1.0 - opts.anchor_lora_weight)
-        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), opts.clip)
+        for grp in optim.param_groups:  # per group: the LoRA's steps do not depend on the CAM's gradients
+            torch.nn.utils.clip_grad_norm_(grp["params"], opts.clip)
         optim.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         done = step + 1
@@ -288,6 +293,25 @@ def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(anchor || configuration) of the next-token distributions."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1).mean()
+
+
+def _set_delta_scales(run: Run, model, power: float) -> None:
+    """Scale each tensor's type corrections by (RMS ggml error of that type / that of Q4_0) ** power: the
+    corrections learn at the size of the error they answer (Adam moves every parameter at about the learning rate,
+    so an unscaled Q8_0 correction, whose error is ~16x smaller than Q4_0's, grows as large as a Q4_0 one)."""
+    from converters.quant_types import get
+    from toolkit import sensitivity
+
+    errors = sensitivity_errors(run)
+    q4_0 = get("Q4_0")
+    for name in model.lora_names:
+        layer, row = model.layer(name), errors[name]
+        ref = row.get("Q4_0")
+        if ref is None and q4_0.fits_row(run.layout[name].n_per_row):  # not in the menu: measure it
+            ref = sensitivity.tensor_errors(run.bank().original(name), [q4_0])["Q4_0"]
+        if not ref:
+            continue  # Q4_0 does not fit this tensor: scale 1
+        layer.set_delta_scales({q: (row[q] / ref) ** (power / 2) for q in layer.delta_A.keys()})
 
 
 def _start_from_lora(model, source: Path) -> None:
