@@ -38,7 +38,6 @@ from bench.common import RESULTS, cli, markdown_table, peak_child_rss_mb, perple
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
-# toolkit.training.QUALITY_RECIPE (what `coalora demo` trains with) as `coalora train` options.
 COA_OPTIONS = ("--anchor", "F32", "--anchor-lora-weight", "0", "--cam-lr", "5e-3", "--type-deltas", "all",
                "--delta-error-power", "0.5")
 

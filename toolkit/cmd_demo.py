@@ -16,20 +16,19 @@ def run_demo(out: Path, steps: int, windows: int, log=click.echo) -> list[dict]:
     from toolkit.package import package
     from toolkit.profiles import list_profiles
     from toolkit.run import Run
-    from toolkit.training import QUALITY_RECIPE, TrainOptions, train
+    from toolkit.training import TrainOptions, train
     from toolkit.validate import validate
 
     t0 = time.perf_counter()
     log("1/4 assets: SmolLM2-135M-Instruct and Jane Austen")
     assets.fetch_all()
     run_dir = out / "run"
-    log(f"2/4 training CoA-LoRA ({steps} steps, 2 search rounds, bench/quality.py's recipe) in {run_dir}")
+    log(f"2/4 training CoA-LoRA ({steps} steps, 2 search rounds) in {run_dir}")
     if (run_dir / "run.json").exists() and Run.open(run_dir, require_trained=False).meta.get("status") == "trained":
         run = Run.open(run_dir)
         log("    (already trained; reusing it)")
     else:
-        opts = TrainOptions(steps=steps, seq_len=128, batch=4, rounds=2, search_candidates=8, checkpoint_every=20,
-                            **QUALITY_RECIPE)
+        opts = TrainOptions(steps=steps, seq_len=128, batch=4, rounds=2, search_candidates=8, checkpoint_every=20)
         run = train(run_dir, assets.smollm2_path(), assets.resolve_texts(["austen"]), opts,
                     resume=(run_dir / "run.json").exists(), log=lambda s: log("    " + s))
     rows = []

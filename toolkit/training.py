@@ -73,10 +73,6 @@ class TrainOptions:
         return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-# The CoA-LoRA options bench/quality.py measures (`coalora train --anchor F32 --anchor-lora-weight 0 --cam-lr 5e-3
-# --type-deltas all`); `coalora demo` trains with them.
-QUALITY_RECIPE = dict(anchor="F32", anchor_lora_weight=0.0, cam_lr=5e-3, type_deltas=DEFAULT_MENU)
-
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
            "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step",
