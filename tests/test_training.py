@@ -327,11 +327,12 @@ def test_type_deltas_train_and_match_llama_cpp(tiny_model_dir, text_file, tmp_pa
     # each correction's scale: (RMS ggml error of its type / Q4_0's) ** power (the table's errors are squared)
     errors, power = training.sensitivity_errors(run), run.meta["options"]["delta_error_power"]
     name0 = model.lora_names[0]
-    assert power == 0.5 and float(state[f"layers.{name0.replace('.', '_')}.delta_scale_Q5_0"]) < 1
+    scale = f"layers.{name0.replace('.', '_')}.delta_scale_"  # checkpoint keys of its scales
+    assert power == 0.5 and float(state[scale + "Q5_0"]) < 1
     for q in model.layer(name0).delta_A:
-        assert float(state[f"layers.{name0.replace('.', '_')}.delta_scale_{q}"]) == pytest.approx(
-            (errors[name0][q] / errors[name0]["Q4_0"]) ** (power / 2), rel=1e-5)
-    assert float(state[f"layers.{name0.replace('.', '_')}.delta_scale_Q4_0"]) == pytest.approx(1.0)
+        assert float(state[scale + q]) == pytest.approx((errors[name0][q] / errors[name0]["Q4_0"]) ** (power / 2),
+                                                        rel=1e-5)
+    assert float(state[scale + "Q4_0"]) == pytest.approx(1.0)
     assert any(v.abs().max() > 0 for v in deltas.values()), "the drawn types' corrections train"
     q8 = run.layout.uniform("Q8_0")
     a8 = run.adapter_tensors(q8)

@@ -186,9 +186,6 @@ class CoALoRAModel(nn.Module):
     def layer(self, name: str) -> QuantLoRALinear:
         return self.lora_layers[name]
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     def set_configuration(self, cfg: Configuration) -> None:
         """Point every quantizable tensor at the dequantized ggml bytes of its type in ``cfg``."""
         for name, q in {**self.fixed_types, **cfg.types}.items():
