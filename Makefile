@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+LLAMA_CPP_PYTHON := 0.3.36
+CONVERTER := $(VENV)/llama.cpp
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 .PHONY: setup assets demo test test-fast bench clean
@@ -11,7 +13,14 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	# llama.cpp's own Hugging Face converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py),
+	# from the same llama-cpp-python sdist: coalora runs it to turn a model folder into a float GGUF.
+	rm -rf $(VENV)/sdist $(CONVERTER) && mkdir -p $(VENV)/sdist $(CONVERTER)
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/sdist
+	tar -xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(CONVERTER) --strip-components=3 \
+	    $(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
+	rm -rf $(VENV)/sdist
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--finetune-run", type=Path, default=Path("bench/work/quality/runs/ft-Q4_0"))
     ap.add_argument("--n", type=int, default=20)
     args = ap.parse_args()
-    from toolkit.configuration import Configuration
+    from converters.configuration import Configuration
     from toolkit.run import Run
 
     run = Run.open(args.run)

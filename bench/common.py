@@ -51,7 +51,7 @@ def _fmt(v) -> str:
 
 
 def write_results(name: str, payload: dict, markdown: str, results_dir: Path | None = None) -> None:
-    from toolkit.fileio import write_json, write_text
+    from converters.fileio import write_json, write_text
 
     out = Path(results_dir or RESULTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def perplexity_plot(path: Path, title: str, draw, log_y: bool = False) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from toolkit.fileio import atomic_path
+    from converters.fileio import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw(ax)

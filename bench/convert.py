@@ -24,8 +24,8 @@ from converters.gguf_model_writer import llama_ftype, write_gguf  # noqa: E402
 from converters.model_loading import load_model  # noqa: E402
 from converters.quant_types import get  # noqa: E402
 from toolkit.assets import require_smollm2  # noqa: E402
-from toolkit.configuration import apply_overrides  # noqa: E402
-from toolkit.fileio import write_json, write_text  # noqa: E402
+from converters.configuration import apply_overrides  # noqa: E402
+from converters.fileio import write_json, write_text  # noqa: E402
 
 # Non-overlapping rules (llama.cpp applies the first matching rule, coalora the last).
 RULES = [("attn_(q|k|v|output)", "IQ4_NL"), ("ffn_(gate|up)", "Q4_0"), ("ffn_down", "Q8_0"), ("token_embd", "Q8_0")]
@@ -73,12 +73,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         f32 = tmp / "smollm2-f32.gguf"
-        write_gguf(lm, f32, layout.uniform("F32"), progress=False)
+        write_gguf(lm.gguf, f32, layout.uniform("F32"), progress=False)
         ours, theirs = tmp / "ours.gguf", tmp / "theirs.gguf"
         t_ours, t_theirs = [], []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            write_gguf(lm, ours, cfg, progress=False)
+            write_gguf(lm.gguf, ours, cfg, progress=False)
             t_ours.append(time.perf_counter() - t)
             t = time.perf_counter()
             llama_quantize(f32, theirs, nthread)

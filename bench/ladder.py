@@ -66,7 +66,7 @@ def main() -> None:
 
     def files(tag: str, cfg) -> tuple[Path, Path]:
         model, adapter = work / f"{tag}.gguf", work / f"{tag}-coa.gguf"
-        write_gguf(loaded, model, cfg, quantized=run.quantized_bytes, progress=False)
+        write_gguf(loaded.gguf, model, cfg, quantized=run.quantized_bytes, progress=False)
         run.write_adapter(cfg, adapter)
         assert model.stat().st_size == layout.file_bytes(cfg)
         return model, adapter

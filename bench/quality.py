@@ -96,7 +96,7 @@ def main() -> None:
                     help="Stock types whose file sizes are the budgets of rows 3-6.")
     args = ap.parse_args()
     from toolkit import assets
-    from toolkit.configuration import Configuration
+    from converters.configuration import Configuration
     from toolkit.run import Run
 
     work = args.work.resolve()

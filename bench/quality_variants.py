@@ -28,7 +28,7 @@ STEPS = ("--steps", 60, "--seq-len", 128, "--batch", 4)
 
 
 def main(name: str, kind: str, extra: list[str]) -> None:
-    from toolkit.configuration import Configuration
+    from converters.configuration import Configuration
     from toolkit.run import Run
 
     if kind not in ("coa", "fp") or not (WORK / "f32.gguf").exists():

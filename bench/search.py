@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toolkit import assets  # noqa: E402
-from toolkit.configuration import Configuration, ModelLayout  # noqa: E402
-from toolkit.fileio import sha256_file, write_json, write_text  # noqa: E402
+from converters.configuration import Configuration, ModelLayout  # noqa: E402
+from converters.fileio import sha256_file, write_json, write_text  # noqa: E402
 from toolkit.pareto_search import (Archive, hypervolume, make_candidate_pool, non_dominated,  # noqa: E402
                                    plot_pareto, per_bin_fronts, refine)
 from toolkit.sensitivity import error_table, initial_training_set  # noqa: E402
@@ -86,8 +86,7 @@ class RunObjective:
 
 
 def no_f16(layout: ModelLayout) -> ModelLayout:
-    return ModelLayout(layout.tensors, layout.fixed_bytes, layout.n_blocks,
-                       tuple(m for m in layout.menu_names if m not in ("F16", "F32", "BF16")))
+    return layout.with_menu(m for m in layout.menu_names if m not in ("F16", "F32", "BF16"))
 
 
 def ladder(layout, full_layout, objective) -> Archive:

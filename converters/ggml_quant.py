@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from gguf import quants as gguf_quants
 
 from converters.quant_types import QuantType, get
+
+
+_PARALLEL_MIN = 1 << 16  # smaller tensors are not worth a thread pool
 
 
 class GGMLError(RuntimeError):
@@ -48,8 +52,11 @@ def row_size(qtype: str | QuantType, n_per_row: int) -> int:
     return int(libggml().ggml_row_size(int(get(qtype).ggml), n_per_row))
 
 
-def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """Quantize a 2-D float32 array (rows x n_per_row) to ``qtype``; returns the raw ggml bytes (uint8)."""
+def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | None = None,
+             threads: int = 1) -> np.ndarray:
+    """Quantize a 2-D float32 array (rows x n_per_row) to ``qtype``; returns the raw ggml bytes (uint8).
+    ``threads`` > 1 splits the rows into chunks quantized in parallel (ctypes releases the GIL), as
+    llama-quantize splits a tensor over its threads: the bytes do not depend on the split."""
     q = get(qtype)
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if w.ndim == 1:
@@ -71,7 +78,19 @@ def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | N
         raise GGMLError(f"{q.name} requires an importance matrix")
     lib.ggml_quantize_init(int(q.ggml))
     out = np.empty(n_rows * row_size(q, n_per_row), dtype=np.uint8)
-    n = lib.ggml_quantize_chunk(int(q.ggml), w.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, imat_ptr)
+
+    def chunk(rows: tuple[int, int]) -> int:
+        r0, r1 = rows
+        return lib.ggml_quantize_chunk(int(q.ggml), w.ctypes.data, out.ctypes.data, r0 * n_per_row, r1 - r0,
+                                       n_per_row, imat_ptr)
+
+    step = max(1, -(-n_rows // max(1, threads)))
+    spans = [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
+    if len(spans) > 1 and n_rows * n_per_row >= _PARALLEL_MIN:
+        with ThreadPoolExecutor(max_workers=len(spans)) as pool:
+            n = sum(pool.map(chunk, spans))
+    else:
+        n = chunk((0, n_rows))
     if n != out.nbytes:
         raise GGMLError(f"ggml wrote {n} bytes, expected {out.nbytes}")
     if not lib.ggml_validate_row_data(int(q.ggml), out.ctypes.data, out.nbytes):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import gguf
 
-from toolkit.errors import CoaloraError
-from toolkit.fileio import atomic_path
+from converters.errors import CoaloraError
+from converters.fileio import atomic_path
 
 ADAPTER_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16}
 

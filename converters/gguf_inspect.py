@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from toolkit.configuration import pad
-from toolkit.errors import CoaloraError
+from converters.configuration import pad
+from converters.errors import CoaloraError
 
 _FLOAT_TYPES = ("F32", "F64")
 

@@ -1,14 +1,17 @@
-"""Write a ``LoadedModel`` as a llama.cpp GGUF file in a given quantization ``Configuration``.
+"""Write a model GGUF in a quantization ``Configuration``, the way ``llama-quantize`` does.
 
-Quantized bytes come from llama.cpp's own ggml (:func:`converters.ggml_quant.quantize`) or from a
-caller's cache, so they are exactly what ``llama-quantize`` would write. Norms stay F32. The file is
-written to a temporary path and renamed, so a failure never leaves a partial file.
+Every metadata key and every tensor the configuration does not quantize is copied from the source GGUF
+unchanged (tokenizer, chat template, rope tables, norms, biases); ``general.file_type`` and
+``general.quantization_version`` are set as llama-quantize sets them. Quantized bytes come from llama.cpp's
+own ggml (:func:`converters.ggml_quant.quantize`, on all cores) or from a caller's cache, so they are
+exactly what llama-quantize writes. The file is written to a temporary path and renamed.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -16,42 +19,45 @@ import gguf
 import numpy as np
 
 from converters import ggml_quant
+from converters.configuration import Configuration, pad
+from converters.errors import CoaloraError
+from converters.fileio import atomic_path
+from converters.gguf_source import EMBEDDING_DEFAULT_TYPE, EMBEDDING_KINDS, GGUFSource, tensor_kind
 from converters.quant_types import QuantType, get, resolve
-from toolkit.configuration import Configuration, pad
-from toolkit.errors import CoaloraError
-from toolkit.fileio import atomic_path
 
 # Catalogue type -> llama_ftype written as general.file_type (the "_S" member for K-quant families,
 # whose default type is the K-quant itself).
 _FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
           "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
 QNT_VERSION = 2  # GGML_QNT_VERSION
+# Keys the writer sets itself (the architecture by GGUFWriter, alignment by the layout's padding).
+_SET_HERE = ("general.architecture", "general.alignment", "general.file_type", "general.quantization_version")
 
 Quantized = Callable[[str, QuantType], np.ndarray]
+# (name, type to quantize to or None to copy the source bytes, logical shape)
+Plan = list[tuple[str, "QuantType | None", tuple[int, ...]]]
 
 
 def llama_ftype(qtype: str | QuantType) -> int:
     return _FTYPE[get(qtype).name]
 
 
-def _plan(loaded, cfg: Configuration | None) -> list[tuple[str, QuantType, tuple[int, ...]]]:
-    """(GGUF name, type, logical shape rows x n_per_row) of every tensor, in file order."""
+def _plan(src: GGUFSource, cfg: Configuration | None) -> Plan:
     types = dict(cfg.types) if cfg is not None else {}
-    quantizable = set(loaded.quantizable_names(True))
+    quantizable = set(src.quantizable_names(True))
     unknown = [n for n in types if n not in quantizable]
     if unknown:
         raise CoaloraError(f"configuration names unknown tensor {unknown[0]!r}")
     out = []
-    for name in loaded.gguf_names():
-        shape = tuple(int(s) for s in loaded._state[loaded.hf_name(name)].shape)
+    for name in src.names():
+        shape = src.shape(name)
         if name not in quantizable:
-            out.append((name, get("F32"), shape))
+            out.append((name, None, shape))
             continue
         q = types.get(name)
         if q is None:
-            if cfg is not None and name not in ("token_embd.weight", "output.weight"):
+            if cfg is not None and tensor_kind(name) not in EMBEDDING_KINDS:
                 raise CoaloraError(f"configuration has no type for {name!r}")
-            from converters.model_loading import EMBEDDING_DEFAULT_TYPE
             q = resolve(EMBEDDING_DEFAULT_TYPE, shape[-1])[0]
         if not q.fits_row(shape[-1]):
             raise CoaloraError(f"{name}: {q.name} needs rows of a multiple of {q.block_size}, rows have {shape[-1]}")
@@ -59,69 +65,54 @@ def _plan(loaded, cfg: Configuration | None) -> list[tuple[str, QuantType, tuple
     return out
 
 
-def _rope_theta(config) -> float:
-    rp = getattr(config, "rope_parameters", None) or {}
-    rtype = rp.get("rope_type", "default") if isinstance(rp, dict) else "default"
-    scaling = getattr(config, "rope_scaling", None)
-    if isinstance(scaling, dict):
-        rtype = scaling.get("rope_type", scaling.get("type", rtype))
-    if rtype not in (None, "default"):
-        raise CoaloraError(f"rope type {rtype!r} is not supported yet (only default rope)")
-    theta = rp.get("rope_theta") if isinstance(rp, dict) else None
-    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
-
-
-def _dominant(plan) -> QuantType:
+def _dominant(plan: Plan) -> QuantType:
     weights: dict[str, int] = {}
-    for name, q, shape in plan:
-        if len(shape) == 2:
-            weights[q.name] = weights.get(q.name, 0) + shape[0] * shape[1]
+    for _, q, shape in plan:
+        if q is not None:
+            weights[q.name] = weights.get(q.name, 0) + int(np.prod(shape))
     return get(max(weights, key=weights.get)) if weights else get("F32")
 
 
-def _new_writer(loaded, path: Path, plan) -> gguf.GGUFWriter:
-    c = loaded.config
-    w = gguf.GGUFWriter(path, loaded.arch)
-    w.add_type("model")
-    w.add_name(loaded.source.stem)
-    hidden, n_head = int(c.hidden_size), loaded.n_head
-    head_dim = int(getattr(c, "head_dim", None) or hidden // n_head)
-    w.add_context_length(int(c.max_position_embeddings))
-    w.add_embedding_length(hidden)
-    w.add_block_count(loaded.n_blocks)
-    w.add_feed_forward_length(int(c.intermediate_size))
-    w.add_rope_dimension_count(head_dim)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(loaded.n_head_kv)
-    if head_dim != hidden // n_head:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-    w.add_rope_freq_base(_rope_theta(c))
-    w.add_vocab_size(int(c.vocab_size))
-    w.add_file_type(llama_ftype(_dominant(plan)))
-    w.add_quantization_version(QNT_VERSION)
-    for key, val, vtype, sub in loaded.tokenizer_metadata():
-        w.add_key_value(key, val, vtype, sub_type=sub)
+def _nbytes(src: GGUFSource, name: str, q: QuantType | None, shape) -> int:
+    if q is None:
+        return int(src.tensors[name].n_bytes)
+    return q.tensor_bytes(int(np.prod(shape[:-1])), shape[-1])
+
+
+def _new_writer(src: GGUFSource, path: Path, plan: Plan) -> gguf.GGUFWriter:
+    w = gguf.GGUFWriter(path, src.arch.name)
+    wrote_ftype = False
+    for key, f in src.reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if key in _SET_HERE:
+            if key == "general.file_type":  # in its place, as llama-quantize overwrites it
+                w.add_file_type(llama_ftype(_dominant(plan)))
+                w.add_quantization_version(QNT_VERSION)
+                wrote_ftype = True
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    if not wrote_ftype:
+        w.add_file_type(llama_ftype(_dominant(plan)))
+        w.add_quantization_version(QNT_VERSION)
     for name, q, shape in plan:
-        w.add_tensor_info(name, shape, np.dtype(np.float32), q.tensor_bytes(*_rows_cols(shape)), raw_dtype=q.ggml)
+        raw = src.ggml_type(name) if q is None else q.ggml
+        w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(src, name, q, shape), raw_dtype=raw)
     return w
 
 
-def _rows_cols(shape) -> tuple[int, int]:
-    return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
-
-
-def fixed_bytes(loaded, include_embeddings: bool = True) -> int:
-    """Bytes of a written GGUF outside the quantizable tensors: header, metadata, tensor infos,
-    alignment and the F32 norms (and the embeddings when they are not part of the layout).
-    Tensor infos and metadata have the same size whatever the types, so F32 serves as reference."""
-    plan = _plan(loaded, None)
-    quantizable = set(loaded.quantizable_names(include_embeddings))
+def fixed_bytes(src: GGUFSource, include_embeddings: bool = True) -> int:
+    """Bytes of a written GGUF outside the layout's tensors: header, metadata, tensor infos, alignment, the
+    copied tensors (and the embeddings in their default type when they are not part of the layout).
+    Tensor infos and metadata have the same size whatever the types."""
+    plan = _plan(src, None)
+    in_layout = set(src.quantizable_names(include_embeddings))
     fd, tmp = tempfile.mkstemp(suffix=".gguf")
     os.close(fd)
     try:
-        w = _new_writer(loaded, Path(tmp), plan)
+        w = _new_writer(src, Path(tmp), plan)
         w.write_header_to_file(Path(tmp))
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -129,15 +120,16 @@ def fixed_bytes(loaded, include_embeddings: bool = True) -> int:
         head = os.path.getsize(tmp)
     finally:
         os.unlink(tmp)
-    rest = sum(pad(q.tensor_bytes(*_rows_cols(s))) for n, q, s in plan if n not in quantizable)
-    return pad(head) + rest
+    return pad(head) + sum(pad(_nbytes(src, n, q, s)) for n, q, s in plan if n not in in_layout)
 
 
-def write_gguf(loaded, path, cfg: Configuration, quantized: Quantized | None = None, progress: bool = True) -> dict:
-    """Write ``loaded`` to ``path`` with every quantizable tensor in its ``cfg`` type; returns a report."""
+def write_gguf(src: GGUFSource, path, cfg: Configuration, quantized: Quantized | None = None,
+               progress: bool = True, threads: int | None = None) -> dict:
+    """Write ``src`` to ``path`` with every layout tensor in its ``cfg`` type; returns a report."""
     t0 = time.perf_counter()
-    plan = _plan(loaded, cfg)
+    plan = _plan(src, cfg)
     path = Path(path)
+    threads = threads or os.cpu_count() or 1
     bar = task = None
     if progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -146,16 +138,21 @@ def write_gguf(loaded, path, cfg: Configuration, quantized: Quantized | None = N
         task = bar.add_task("write", total=len(plan), tensor="")
         bar.start()
     try:
-        with atomic_path(path) as tmp:
-            w = _new_writer(loaded, tmp, plan)
+        with atomic_path(path) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
+            w = _new_writer(src, tmp, plan)
             try:
                 w.write_header_to_file(tmp)
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
-                for name, q, shape in plan:
+                # the next tensor is prepared while this one is written
+                job = lambda item: _tensor_bytes(src, *item, quantized, threads)  # noqa: E731
+                pending = pool.submit(job, plan[0]) if plan else None
+                for i, (name, _, _) in enumerate(plan):
+                    data = pending.result()
+                    pending = pool.submit(job, plan[i + 1]) if i + 1 < len(plan) else None
                     if bar is not None:
                         bar.update(task, tensor=name)
-                    w.write_tensor_data(_tensor_bytes(loaded, name, q, shape, quantized))
+                    w.write_tensor_data(data)
                     if bar is not None:
                         bar.advance(task)
             finally:
@@ -172,17 +169,18 @@ def write_gguf(loaded, path, cfg: Configuration, quantized: Quantized | None = N
             "seconds": time.perf_counter() - t0}
 
 
-def _tensor_bytes(loaded, name: str, q: QuantType, shape, quantized: Quantized | None) -> np.ndarray:
-    expect = q.tensor_bytes(*_rows_cols(shape))
-    if len(shape) == 1:
-        data = loaded._state[loaded.hf_name(name)].detach().float().numpy().astype(np.float32).view(np.uint8)
+def _tensor_bytes(src: GGUFSource, name: str, q: QuantType | None, shape, quantized: Quantized | None,
+                  threads: int) -> np.ndarray:
+    expect = _nbytes(src, name, q, shape)
+    if q is None:
+        data = src.raw(name)
     elif quantized is not None:
         data = np.asarray(quantized(name, q), dtype=np.uint8).reshape(-1)
     else:
         try:
-            data = ggml_quant.quantize(loaded.gguf_weight(name), q)
+            data = ggml_quant.quantize(src.weight(name), q, threads=threads)
         except ggml_quant.GGMLError as e:
             raise CoaloraError(f"{name}: {e}") from None
     if data.nbytes != expect:
-        raise CoaloraError(f"{name}: {q.name} data is {data.nbytes} bytes, expected {expect}")
+        raise CoaloraError(f"{name}: {q.name if q else 'source'} data is {data.nbytes} bytes, expected {expect}")
     return np.ascontiguousarray(data)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 
 def write_peft(out_dir, loaded, tensors: dict[str, tuple[np.ndarray, np.ndarray]], rank: int, alpha: float) -> int:

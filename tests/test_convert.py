@@ -15,8 +15,8 @@ from converters.gguf_model_writer import llama_ftype, write_gguf
 from converters.model_loading import load_model
 from converters.quant_types import CATALOGUE_NAMES, get
 from toolkit.cli import main
-from toolkit.configuration import Configuration, apply_overrides
-from toolkit.errors import CoaloraError
+from converters.configuration import Configuration, apply_overrides
+from converters.errors import CoaloraError
 
 SAMPLE = "Elinor said to her sister, “the house at Barton is 1811 miles away!”  Mr Dashwood\n\tcafé—well?"
 
@@ -55,7 +55,7 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="module")
 def tiny_f32(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("f32") / "tiny-f32.gguf"
-    write_gguf(tiny, out, tiny.layout().uniform("F32"), progress=False)
+    write_gguf(tiny.gguf, out, tiny.layout().uniform("F32"), progress=False)
     return out
 
 
@@ -82,19 +82,19 @@ def test_file_bytes_exact(tiny, tmp_path):
     cfgs += [Configuration({t.name: rng.choice(CATALOGUE_NAMES) for t in layout.tensors}) for _ in range(3)]
     for i, cfg in enumerate(cfgs):
         out = tmp_path / f"m{i}.gguf"
-        write_gguf(tiny, out, cfg, progress=False)
+        write_gguf(tiny.gguf, out, cfg, progress=False)
         assert layout.file_bytes(cfg) == os.path.getsize(out)
     small = tiny.layout(include_embeddings=False)
     assert "token_embd.weight" not in small.names()
     cfg = Configuration({n: "Q5_0" for n in small.names()})
-    write_gguf(tiny, tmp_path / "noemb.gguf", cfg, progress=False)
+    write_gguf(tiny.gguf, tmp_path / "noemb.gguf", cfg, progress=False)
     assert small.file_bytes(cfg) == os.path.getsize(tmp_path / "noemb.gguf")
 
 
 @pytest.mark.parametrize("qname", CATALOGUE_NAMES)
 def test_bytes_equal_llama_quantize(tiny, tiny_f32, tmp_path, qname):
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
-    write_gguf(tiny, ours, tiny.layout().uniform(qname), progress=False)
+    write_gguf(tiny.gguf, ours, tiny.layout().uniform(qname), progress=False)
     llama_quantize(tiny_f32, theirs, llama_ftype(qname), pure=True)
     a, b = gguf_tensors(ours), gguf_tensors(theirs)
     assert a.keys() == b.keys()
@@ -110,7 +110,7 @@ def test_mixed_overrides_equal_llama_quantize(tiny, tiny_f32, tmp_path):
     cfg, notes = apply_overrides(layout, layout.uniform("F32"), rules)
     assert notes == []
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
-    write_gguf(tiny, ours, cfg, progress=False)
+    write_gguf(tiny.gguf, ours, cfg, progress=False)
     llama_quantize(tiny_f32, theirs, llama_ftype("Q4_0"), pure=False, overrides=rules)
     a, b = gguf_tensors(ours), gguf_tensors(theirs)
     assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}
@@ -126,8 +126,8 @@ def test_quantized_callback_bytes_are_written(tiny, tmp_path):
     def cache(name, q):
         seen.append(name)
         return quantize(tiny.gguf_weight(name), q)
-    write_gguf(tiny, tmp_path / "a.gguf", cfg, progress=False)
-    write_gguf(tiny, tmp_path / "b.gguf", cfg, quantized=cache, progress=False)
+    write_gguf(tiny.gguf, tmp_path / "a.gguf", cfg, progress=False)
+    write_gguf(tiny.gguf, tmp_path / "b.gguf", cfg, quantized=cache, progress=False)
     assert sorted(seen) == sorted(cfg.types)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
 
@@ -136,7 +136,7 @@ def test_inspect_json(tiny, tmp_path, capsys):
     layout = tiny.layout()
     cfg = Configuration({t.name: ("Q4_K" if t.block == 0 else "Q8_0") for t in layout.tensors})
     out = tmp_path / "mix.gguf"
-    write_gguf(tiny, out, cfg, progress=False)
+    write_gguf(tiny.gguf, out, cfg, progress=False)
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -149,15 +149,41 @@ def test_inspect_json(tiny, tmp_path, capsys):
     assert abs(r["bits_per_weight"] - layout.bits_per_weight(cfg)) < 1e-9
 
 
+def gguf_fields(path) -> dict:
+    import gguf
+    r = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
 def test_tokenizer_metadata_and_tokenize(tiny, tiny_f32):
-    meta = {k: v for k, v, *_ in tiny.tokenizer_metadata()}
+    """llama.cpp's converter wrote the tokenizer; llama.cpp tokenizes as the Hugging Face tokenizer does."""
+    meta = gguf_fields(tiny_f32)
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     assert len(meta["tokenizer.ggml.tokens"]) == len(meta["tokenizer.ggml.token_type"]) == tiny.config.vocab_size
     assert meta["tokenizer.ggml.bos_token_id"] == tiny.tokenizer.bos_token_id
     assert meta["tokenizer.ggml.token_type"][tiny.tokenizer.bos_token_id] == 3  # control
+    assert meta["tokenizer.chat_template"] == tiny.tokenizer.chat_template
     m = llama(tiny_f32)
     for text in (SAMPLE, "<s>user\nhello</s>", tiny.tokenizer.decode(list(range(tiny.config.vocab_size)))):
         assert m.tokenize(text.encode(), add_bos=False, special=True) == tiny.tokenizer(text)["input_ids"]
+
+
+def test_writer_copies_the_source(tiny, tmp_path):
+    """Every metadata key and every tensor outside the configuration is the source GGUF's, unchanged;
+    general.file_type is set as llama-quantize sets it."""
+    out = tmp_path / "mix.gguf"
+    cfg = tiny.layout().uniform("Q4_K")
+    write_gguf(tiny.gguf, out, cfg, progress=False)
+    src, ours = gguf_fields(tiny.gguf.path), gguf_fields(out)
+    assert ours.pop("general.file_type") == llama_ftype("Q4_K") and src.pop("general.file_type") == 0
+    assert ours == src
+    a, b = gguf_tensors(tiny.gguf.path), gguf_tensors(out)
+    assert list(a) == list(b)  # same tensors, same order
+    for name in a:
+        if name not in cfg.types:
+            assert a[name] == b[name], name
+        else:
+            assert b[name][0] == "Q4_K", name
 
 
 def test_logits_match_transformers(tiny, tiny_f32):
@@ -172,14 +198,15 @@ def test_logits_match_transformers(tiny, tiny_f32):
 
 
 def test_gguf_source_roundtrip(tiny, tiny_f32):
-    """Our GGUF loads back through transformers with the same weights and tokenizer fields."""
+    """The written F32 GGUF, loaded as a model in its own right, is the same model: weights and logits."""
+    import torch
     back = load_model(tiny_f32)
     for name in ("token_embd.weight", "blk.1.attn_q.weight", "blk.0.attn_k.weight", "output.weight"):
-        np.testing.assert_allclose(back.gguf_weight(name), tiny.gguf_weight(name), rtol=0, atol=0)
-    ours = {k: v for k, v, *_ in tiny.tokenizer_metadata()}
-    copied = {k: v for k, v, *_ in back.tokenizer_metadata()}
-    assert copied["tokenizer.ggml.tokens"] == ours["tokenizer.ggml.tokens"]
-    assert copied["tokenizer.ggml.merges"] == ours["tokenizer.ggml.merges"]
+        np.testing.assert_array_equal(back.gguf_weight(name), tiny.gguf_weight(name))
+    ids = torch.tensor([tiny.tokenizer(SAMPLE)["input_ids"]])
+    with torch.no_grad():
+        np.testing.assert_allclose(back.model(ids).logits.numpy(), tiny.model(ids).logits.numpy(), atol=1e-5)
+    assert back.tokenizer(SAMPLE)["input_ids"] == tiny.tokenizer(SAMPLE)["input_ids"]
     assert back.layout().fixed_bytes == tiny.layout().fixed_bytes
 
 
@@ -189,7 +216,7 @@ def test_load_errors(tmp_path):
     d = tmp_path / "neox"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
-    with pytest.raises(CoaloraError, match="gpt_neox.*supported: llama"):
+    with pytest.raises(CoaloraError, match="gpt_neox.*supported model types: llama, mistral, qwen2"):
         load_model(d)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(200))
@@ -244,7 +271,7 @@ def test_smollm2_f32_logits_and_tokenizer(smollm2, tmp_path):
     out = tmp_path / "smollm2-f32.gguf"
     layout = smollm2.layout()
     cfg = layout.uniform("F32")
-    write_gguf(smollm2, out, cfg, progress=False)
+    write_gguf(smollm2.gguf, out, cfg, progress=False)
     assert os.path.getsize(out) == layout.file_bytes(cfg)
     text = austen_text("prideprejudice")
     start = text.find("Chapter 3")

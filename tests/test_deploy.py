@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_corpus
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 TINY_PROFILE = """
 name = "tiny-test"
@@ -63,7 +63,7 @@ def test_user_toml_path_accepted_and_checked(tmp_path):
 
 def test_profiles_give_smollm2_different_budgets():
     """SmolLM2-135M-sized layout: the constrained devices get distinct budgets below F16 size."""
-    from toolkit.configuration import ModelLayout, TensorSpec
+    from converters.configuration import ModelLayout, TensorSpec
     from toolkit.memory_model import ArchInfo
     from toolkit.profiles import list_profiles
 
@@ -187,7 +187,7 @@ def env(tiny_model_dir, tmp_path_factory):
 
 
 def test_emit_writes_manifest(env):
-    from toolkit.fileio import sha256_file
+    from converters.fileio import sha256_file
 
     run, profile, _, dist, m = env
     assert sorted(p.name for p in dist.iterdir()) == ["adapter.gguf", "manifest.json", "model.gguf"]
@@ -262,7 +262,7 @@ def test_checksum_failure_before_llama_cpp(env, tmp_path, monkeypatch):
 def test_mismatched_adapter_refused(env, tmp_path):
     """An adapter for another model, with a manifest that vouches for it, is still refused by the GGUF check."""
     from converters.gguf_adapter_writer import write_lora_gguf
-    from toolkit.fileio import sha256_file, write_json
+    from converters.fileio import sha256_file, write_json
     from toolkit.validate import validate
 
     _, _, _, dist, m = env

@@ -54,7 +54,7 @@ def test_smollm2_profile_emit_validate_package(smollm2_run, smol_dist, name, tmp
 
 def _neighbour(run, cfg):
     """``cfg`` with one block tensor moved to the next type of its menu (a configuration the search could visit)."""
-    from toolkit.configuration import Configuration
+    from converters.configuration import Configuration
 
     for name in sorted(cfg.types):
         if run.layout[name].block < 0:
@@ -71,7 +71,7 @@ def _neighbour(run, cfg):
 def test_smollm2_one_model_two_adapters_swapped(smollm2_run, tmp_path):
     """One model file, two CoA adapters (two configurations of the run) swapped in one loaded model: each gives
     exactly the perplexity of a fresh load with that adapter, and they differ."""
-    from toolkit.configuration import Configuration
+    from converters.configuration import Configuration
     from toolkit.emit import emit, eval_text, gguf_windows
     from toolkit.evaluation import perplexity
     from toolkit.llama_runtime import llama_window_nll, load_adapter, open_model, set_adapter

@@ -8,14 +8,14 @@ import torch
 from converters.gguf_model_writer import write_gguf
 from converters.quant_types import get
 from toolkit import assets, evaluation, llama_runtime
-from toolkit.configuration import Configuration
+from converters.configuration import Configuration
 
 pytestmark = pytest.mark.integration
 
 
 def _pair(run, cfg, tmp_path):
     model, adapter = tmp_path / "model.gguf", tmp_path / "adapter.gguf"
-    write_gguf(run.loaded(), model, cfg, quantized=run.quantized_bytes, progress=False)
+    write_gguf(run.loaded().gguf, model, cfg, quantized=run.quantized_bytes, progress=False)
     assert model.stat().st_size == run.layout.file_bytes(cfg)
     run.write_adapter(cfg, adapter)
     return model, adapter

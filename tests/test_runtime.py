@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_corpus
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def tiny(tiny_model_dir, tmp_path_factory):
 
     loaded = load_model(tiny_model_dir)
     path = tmp_path_factory.mktemp("rt") / "tiny-f32.gguf"
-    write_gguf(loaded, path, loaded.layout().uniform("F32"))
+    write_gguf(loaded.gguf, path, loaded.layout().uniform("F32"))
     return loaded, path
 
 

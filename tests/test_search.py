@@ -10,8 +10,8 @@ import pytest
 
 from toolkit.budget_search import best_configuration
 from toolkit.cli import main
-from toolkit.configuration import Configuration, ModelLayout, TensorSpec
-from toolkit.errors import CoaloraError
+from converters.configuration import Configuration, ModelLayout, TensorSpec
+from converters.errors import CoaloraError
 from toolkit.pareto_search import (Archive, Record, hypervolume, make_candidate_pool, non_dominated,
                                    per_bin_fronts, plot_pareto, reference_point, refine, bin_of)
 from toolkit.sensitivity import (allocate, byte_range, bytes_for_bpw, error_table, initial_training_set,

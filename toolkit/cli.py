@@ -7,7 +7,7 @@ import sys
 import click
 
 from converters.quant_types import UnknownQuantType
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 # Modules that register commands on the group, in help order.
 COMMAND_MODULES = ("toolkit.cmd_model", "toolkit.cmd_train", "toolkit.cmd_search", "toolkit.cmd_deploy",

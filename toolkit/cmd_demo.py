@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 
 def run_demo(out: Path, steps: int, windows: int, log=click.echo) -> list[dict]:
@@ -63,7 +63,7 @@ def register(cli: click.Group) -> None:
 
         Example: coalora demo -o coalora-demo
         """
-        from toolkit.fileio import write_json
+        from converters.fileio import write_json
 
         t0 = time.perf_counter()
         rows = run_demo(out, steps, windows, log=(lambda s: None) if as_json else click.echo)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from toolkit.console import console
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 
 def _mb(n) -> str:

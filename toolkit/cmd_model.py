@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 # What llama.cpp users get from convert_hf_to_gguf.py by default.
 DEFAULT_TYPE = "F16"
@@ -65,7 +65,7 @@ def _print_fallbacks(con, notes, show: int = 6) -> None:
 def build_configuration(layout, default_type: str, overrides, recipe=None):
     """Default type (or a recipe) plus ``--tensor-type`` overrides, with llama.cpp's row fallbacks."""
     from converters.quant_types import UnknownQuantType, get
-    from toolkit.configuration import Configuration, apply_overrides
+    from converters.configuration import Configuration, apply_overrides
     try:
         base = Configuration.load(recipe) if recipe else None
         if base is None:
@@ -131,12 +131,12 @@ def register(cli: click.Group) -> None:
         from toolkit.console import console
         con = console(stderr=True)
         from converters.gguf_model_writer import write_gguf
-        from converters.model_loading import load_model
-        with con.status(f"loading {model}"):
-            lm = load_model(model)
+        from converters.gguf_source import open_source
+        with con.status(f"reading {model}"):
+            lm = open_source(model, log=con.print)
         include_emb = True
         if recipe is not None:
-            from toolkit.configuration import Configuration
+            from converters.configuration import Configuration
             include_emb = "token_embd.weight" in Configuration.load(recipe).types
         layout = lm.layout(include_embeddings=include_emb)
         cfg, notes = build_configuration(layout, qtype, overrides, recipe)

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 
 def _budget(run, budget_bytes, bpw, profile):
@@ -31,9 +31,7 @@ def _budget(run, budget_bytes, bpw, profile):
     layout = run.layout
     avoid = tuple(getattr(p, "avoid", ()) or ())
     if avoid:
-        from toolkit.configuration import ModelLayout
-        layout = ModelLayout(layout.tensors, layout.fixed_bytes, layout.n_blocks,
-                             tuple(m for m in layout.menu_names if m not in avoid))
+        layout = layout.with_menu(m for m in layout.menu_names if m not in avoid)
     return int(p.model_budget_bytes(run.layout)), f"profile {getattr(p, 'name', profile)}", layout
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from toolkit import assets
-from toolkit.configuration import BLOCK_KINDS, DEFAULT_MENU, Configuration
-from toolkit.errors import CoaloraError
+from converters.configuration import DEFAULT_MENU, Configuration
+from converters.errors import CoaloraError
 
 
 def _train_options(f):
@@ -20,8 +20,9 @@ def _train_options(f):
         click.option("--seq-len", default=256, show_default=True, help="Tokens per sequence."),
         click.option("--batch", default=4, show_default=True, help="Sequences per step."),
         click.option("--lr", default=1e-3, show_default=True, help="Learning rate of the LoRA."),
-        click.option("--targets", default=",".join(BLOCK_KINDS), show_default=True,
-                     help="Comma-separated GGUF module kinds that get a LoRA."),
+        click.option("--targets", default="all", show_default=True,
+                     help="Comma-separated GGUF tensor kinds that get a LoRA (attn_q,ffn_down,...; phi3: attn_qkv,...); "
+                          "all: every block projection of the architecture."),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", default="auto", show_default=True,
                      help="Where torch trains: auto (a CUDA GPU when torch sees one), cpu, cuda[:N]."),
@@ -35,11 +36,11 @@ def _train_options(f):
 
 
 def _targets(s: str) -> tuple:
+    """() for all; the model's kinds are checked when the run starts."""
     kinds = tuple(k.strip() for k in s.split(",") if k.strip())
-    bad = [k for k in kinds if k not in BLOCK_KINDS]
-    if bad or not kinds:
-        raise CoaloraError(f"unknown target module {bad[0] if bad else s!r}; choose from {', '.join(BLOCK_KINDS)}")
-    return kinds
+    if not kinds:
+        raise CoaloraError(f"--targets {s!r} names no tensor kind")
+    return () if kinds == ("all",) else kinds
 
 
 def _quant_types(s: str) -> tuple:

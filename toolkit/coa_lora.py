@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from converters.quant_types import CATALOGUE_NAMES, get
-from toolkit.configuration import BLOCK_KINDS, Configuration, ModelLayout
+from converters.configuration import Configuration, ModelLayout
 from toolkit.ggml_activations import quantize_activations, vec_dot_kind
 
 MODES = ("coa", "shared", "single")
@@ -29,9 +29,11 @@ class GGMLLinear(nn.Module):
     """``x W_q^T`` as llama.cpp's CPU backend computes it: ``W_q`` the dequantized ggml bytes of the current
     type, ``x`` rounded to the type's vec_dot format first (see :mod:`toolkit.ggml_activations`)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.weight = weight  # plain tensor, swapped per configuration, never trained
+        # the source's bias (qwen2's attention biases), never trained; a buffer so that it follows .to()
+        self.register_buffer("bias", bias, persistent=False)
         self.act_kind: str | None = None
         self.qtype: str | None = None
 
@@ -39,12 +41,13 @@ class GGMLLinear(nn.Module):
         self.weight, self.act_kind, self.qtype = weight, vec_dot_kind(qtype), qtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(quantize_activations(x, self.act_kind), self.weight)
+        return F.linear(quantize_activations(x, self.act_kind), self.weight, self.bias)
 
 
 class QuantLoRALinear(GGMLLinear):
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator):
-        super().__init__(weight)
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator,
+                 bias: torch.Tensor | None = None):
+        super().__init__(weight, bias)
         n_out, n_in = weight.shape
         self.rank, self.scale = rank, alpha / rank
         a = torch.empty(rank, n_in)
@@ -83,19 +86,22 @@ class QuantLoRALinear(GGMLLinear):
 
 
 class ConfigAwareModel(nn.Module):
-    """Per layer: quant-type, block and module-kind embeddings plus bits per weight -> r x r matrix M.
+    """Per layer: quant-type, block and module-kind embeddings plus bits per weight -> r x r matrix M
+    (the kinds are the architecture's block projections, e.g. attn_q ... ffn_down, or phi3's attn_qkv).
 
     One small MLP is shared by all layers; its last layer starts at zero so training starts from
     ``I + M = I`` (the plain shared LoRA).
     """
 
-    def __init__(self, n_blocks: int, rank: int, type_names=CATALOGUE_NAMES, emb: int = 16, hidden: int = 64):
+    def __init__(self, n_blocks: int, rank: int, kinds: tuple[str, ...], type_names=CATALOGUE_NAMES, emb: int = 16,
+                 hidden: int = 64):
         super().__init__()
         self.rank = rank
+        self.kinds = tuple(kinds)
         self.type_names = tuple(type_names)
         self.type_emb = nn.Embedding(len(self.type_names), emb)
         self.block_emb = nn.Embedding(max(n_blocks, 1), emb)
-        self.kind_emb = nn.Embedding(len(BLOCK_KINDS), emb)
+        self.kind_emb = nn.Embedding(len(self.kinds), emb)
         self.mlp = nn.Sequential(nn.Linear(3 * emb + 2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, rank * rank))
         nn.init.zeros_(self.mlp[-1].weight)
@@ -108,7 +114,7 @@ class ConfigAwareModel(nn.Module):
         return {
             "type": torch.tensor([self.type_names.index(q.name) for q in qs], device=dev),
             "block": torch.tensor([s.block for s in specs], device=dev),
-            "kind": torch.tensor([BLOCK_KINDS.index(s.kind) for s in specs], device=dev),
+            "kind": torch.tensor([self.kinds.index(s.kind) for s in specs], device=dev),
             "bpw": torch.tensor([q.bits_per_weight / 8.0 - 1.0 for q in qs], device=dev),
             "global": torch.full((len(names),), layout.bits_per_weight(cfg) / 8.0 - 1.0, device=dev),
         }
@@ -124,7 +130,7 @@ class CoALoRAModel(nn.Module):
     quantizable tensors follow a ``Configuration`` through a ``WeightBank``."""
 
     def __init__(self, loaded, bank, layout: ModelLayout, *, mode: str = "coa", rank: int = 8, alpha: float = 16.0,
-                 targets=BLOCK_KINDS, seed: int = 0, type_deltas=()):
+                 targets=None, seed: int = 0, type_deltas=()):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -133,23 +139,27 @@ class CoALoRAModel(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         g = torch.Generator().manual_seed(seed)
-        self.lora_names = [t.name for t in layout.tensors if t.kind in targets]
+        kinds = layout.projection_kinds()
+        targets = kinds if targets is None else tuple(targets)
+        self.lora_names = [t.name for t in layout.tensors if t.block >= 0 and t.kind in targets]
         self.layers = nn.ModuleDict()
         self.lora_layers: dict[str, QuantLoRALinear] = {}
         self.plain: dict[str, GGMLLinear] = {}
         for t in layout.tensors:
-            if t.kind not in BLOCK_KINDS:
+            if t.block < 0:
                 continue
             parent, attr = self._module_slot(t.name)
-            w = getattr(parent, attr).weight.detach()
+            module = getattr(parent, attr)
+            w = module.weight.detach()
+            bias = None if getattr(module, "bias", None) is None else module.bias.detach()
             if t.name in self.lora_names:
-                layer = QuantLoRALinear(w, rank, alpha, g)
+                layer = QuantLoRALinear(w, rank, alpha, g, bias)
                 if mode == "coa":
                     layer.add_type_deltas(q.name for q in layout.menu(t.name) if q.name in type_deltas)
                 self.layers[t.name.replace(".", "_")] = layer  # registers the LoRA parameters
                 self.lora_layers[t.name] = layer
             else:
-                layer = self.plain[t.name] = GGMLLinear(w)
+                layer = self.plain[t.name] = GGMLLinear(w, bias)
             setattr(parent, attr, layer)
         # The output head: llama.cpp multiplies with output.weight, or token_embd.weight when tied.
         head = self.base.get_output_embeddings()
@@ -160,7 +170,7 @@ class CoALoRAModel(nn.Module):
         from converters.model_loading import EMBEDDING_DEFAULT_TYPE
         self.fixed_types = {n: get(EMBEDDING_DEFAULT_TYPE) for n in ("token_embd.weight", "output.weight")
                             if n not in layout.names() and (n != "output.weight" or self.head_source == n)}
-        self.cam = ConfigAwareModel(layout.n_blocks, rank) if mode == "coa" else None
+        self.cam = ConfigAwareModel(layout.n_blocks, rank, kinds) if mode == "coa" else None
         self.cfg: Configuration | None = None
         self._features = None
 

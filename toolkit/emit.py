@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from toolkit import memory_model as mm
-from toolkit.configuration import Configuration, ModelLayout
-from toolkit.errors import CoaloraError
+from converters.configuration import Configuration, ModelLayout
+from converters.errors import CoaloraError
 from toolkit.evaluation import N_CTX, N_WINDOWS, eval_windows, model_bos, perplexity, torch_window_nll, windows_digest
-from toolkit.fileio import sha256_file, write_json
+from converters.fileio import sha256_file, write_json
 from toolkit.profiles import Profile
 
 MANIFEST = "manifest.json"
@@ -39,7 +39,7 @@ def search_layout(layout: ModelLayout, profile: Profile) -> ModelLayout:
     if not profile.avoid:
         return layout
     menu = tuple(m for m in layout.menu_names if m not in profile.avoid)
-    return ModelLayout(layout.tensors, layout.fixed_bytes, layout.n_blocks, menu)
+    return layout.with_menu(menu)
 
 
 def largest(layout: ModelLayout) -> Configuration:
@@ -106,7 +106,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
 
     loaded = run.loaded()
     layout = run.layout
-    arch = mm.ArchInfo.from_loaded(loaded)
+    arch = mm.ArchInfo.from_layout(layout)
     o = run.meta.get("options", {})
     adapter_guess = mm.adapter_bytes_estimate(layout, int(o.get("rank", 16)), o.get("targets"))
     budget = profile.model_budget_bytes(layout, arch, adapter_guess)
@@ -132,7 +132,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
     try:
         model_path, adapter_path = tmp / MODEL_FILE, tmp / ADAPTER_FILE
         log(f"{profile.name}: writing {MODEL_FILE} ({res.file_bytes / 1e6:.1f} MB, {res.bpw:.2f} bpw)")
-        write_gguf(loaded, model_path, cfg, quantized=run.quantized_bytes, progress=False)
+        write_gguf(loaded.gguf, model_path, cfg, quantized=run.quantized_bytes, progress=False)
         run.write_adapter(cfg, adapter_path)
         model_bytes, adapter_bytes = model_path.stat().st_size, adapter_path.stat().st_size
 

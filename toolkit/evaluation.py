@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 N_WINDOWS = 32
 N_CTX = 512

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 from toolkit.evaluation import nll_from_logits
 
 GGML_TYPE_F32 = 0

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 MiB = 1 << 20
 RUNTIME_OVERHEAD = 64 * MiB
@@ -59,40 +59,18 @@ class ArchInfo:
     n_embd_v: int
 
     @classmethod
-    def from_gguf(cls, path) -> "ArchInfo":
-        from gguf import GGUFReader
-
-        try:
-            r = GGUFReader(str(path))
-        except Exception as e:
-            raise CoaloraError(f"cannot read {Path(path).name}: {e}") from None
-        arch = r.get_field("general.architecture").contents()
-
-        def kv(key):
-            f = r.get_field(f"{arch}.{key}")
-            if f is None:
-                raise CoaloraError(f"{Path(path).name} has no {arch}.{key}")
-            return int(f.contents())
-
-        n_head, n_embd = kv("attention.head_count"), kv("embedding_length")
-        f = r.get_field(f"{arch}.attention.head_count_kv")
-        n_kv = int(f.contents()) if f is not None else n_head
-        head_dim = n_embd // n_head
-        vocab = next((int(t.shape[1]) for t in r.tensors if t.name == "token_embd.weight"), 0)
-        return cls(kv("block_count"), n_embd, kv("feed_forward_length"), vocab, n_head, n_kv * head_dim,
-                   n_kv * head_dim)
-
-    @classmethod
-    def from_loaded(cls, loaded) -> "ArchInfo":
-        c = loaded.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return cls(int(c.num_hidden_layers), int(c.hidden_size), int(c.intermediate_size), int(c.vocab_size),
-                   int(c.num_attention_heads), int(n_kv * head_dim), int(n_kv * head_dim))
+    def from_hparams(cls, n_layers: int, h: dict) -> "ArchInfo":
+        return cls(int(n_layers), int(h["n_embd"]), int(h["n_ff"]), int(h["n_vocab"]), int(h["n_head"]),
+                   int(h["n_embd_k"]), int(h["n_embd_v"]))
 
     @classmethod
     def from_layout(cls, layout, n_vocab: int | None = None, n_head: int | None = None) -> "ArchInfo":
-        """From a ModelLayout alone; the head count defaults to n_embd / 64 when not given."""
+        """From a ModelLayout: its GGUF hyperparameters, or for layouts that predate them, its tensor shapes
+        (the head count then defaults to n_embd / 64 when not given)."""
+        if layout.hparams:
+            h = dict(layout.hparams)
+            h["n_vocab"] = n_vocab or h["n_vocab"]
+            return cls.from_hparams(layout.n_blocks, h)
         by_kind = {}
         for t in layout.tensors:
             by_kind.setdefault(t.kind, t)

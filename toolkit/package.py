@@ -9,8 +9,8 @@ import io
 import tarfile
 from pathlib import Path
 
-from toolkit.errors import CoaloraError
-from toolkit.fileio import atomic_path
+from converters.errors import CoaloraError
+from converters.fileio import atomic_path
 
 
 def readme(manifest: dict) -> str:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from converters.quant_types import get
-from toolkit.configuration import Configuration, ModelLayout
-from toolkit.errors import CoaloraError
-from toolkit.fileio import atomic_path, write_json
+from converters.configuration import Configuration, ModelLayout
+from converters.errors import CoaloraError
+from converters.fileio import atomic_path, write_json
 
 BIN_WIDTH = 0.25
 Evaluate = Callable[[list[Configuration]], list[float]]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from converters.quant_types import CATALOGUE_NAMES
 from toolkit import memory_model as mm
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 REQUIRED = ("name", "description", "memory_bytes", "model_share", "context_length", "threads")
 

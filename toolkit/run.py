@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from toolkit import assets
-from toolkit.configuration import Configuration, ModelLayout
-from toolkit.errors import CoaloraError
-from toolkit.fileio import atomic_path, model_fingerprint, read_json, write_json
+from converters.configuration import Configuration, ModelLayout
+from converters.errors import CoaloraError
+from converters.fileio import atomic_path, model_fingerprint, read_json, write_json
 
 
 def quant_cache_dir(model_sha256: str) -> Path:

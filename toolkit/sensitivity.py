@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 
 from converters.ggml_quant import roundtrip
-from toolkit.configuration import Configuration, ModelLayout, pad
-from toolkit.errors import CoaloraError
-from toolkit.fileio import write_json
+from converters.configuration import Configuration, ModelLayout, pad
+from converters.errors import CoaloraError
+from converters.fileio import write_json
 
 # errors[tensor name][type name] = quantization error of that tensor in that type
 ErrorTable = dict[str, dict[str, float]]

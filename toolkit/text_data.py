@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 
 def tokenize_files(tokenizer, paths) -> np.ndarray:

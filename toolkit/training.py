@@ -11,16 +11,16 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from toolkit.configuration import BLOCK_KINDS, DEFAULT_MENU, Configuration
-from toolkit.errors import CoaloraError
-from toolkit.fileio import model_fingerprint, write_json
+from converters.configuration import DEFAULT_MENU, Configuration
+from converters.errors import CoaloraError
+from converters.fileio import model_fingerprint, write_json
 from toolkit.run import Run, load_checkpoint, save_checkpoint
 from toolkit.text_data import TokenStream, tokenize_files
 
@@ -38,7 +38,7 @@ class TrainOptions:
     weight_decay: float = 0.0
     clip: float = 1.0
     warmup: int = 10
-    targets: tuple = BLOCK_KINDS
+    targets: tuple = ()  # tensor kinds with a LoRA; () = every block projection of the architecture
     menu: tuple = DEFAULT_MENU
     seed: int = 0
     rounds: int = 2
@@ -131,6 +131,15 @@ def _search_round(run: Run, round_index: int, opts: TrainOptions, log) -> list[C
     return trainset
 
 
+def _with_targets(opts: TrainOptions, layout) -> TrainOptions:
+    """``opts`` with its LoRA targets spelled out: every block projection of the model when none are given."""
+    kinds = layout.projection_kinds()
+    bad = [k for k in opts.targets if k not in kinds]
+    if bad:
+        raise CoaloraError(f"--targets: this {len(kinds)}-kind model has no {bad[0]!r}; its kinds: {', '.join(kinds)}")
+    return replace(opts, targets=tuple(opts.targets) or kinds)
+
+
 def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool = False,
           fixed_config: Configuration | None = None, progress: bool = True, log=print,
           interrupt_at: int | None = None) -> Run:
@@ -143,6 +152,7 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     torch.manual_seed(opts.seed)
     if resume:
         run = Run.open(run_dir, require_trained=False)
+        opts = _with_targets(opts, run.layout)
         old = run.meta["options"]
         defaults = asdict(TrainOptions())  # options added later default in older runs
         changed = [k for k in _FROZEN if _norm(old.get(k, defaults[k])) != _norm(asdict(opts)[k])]
@@ -153,9 +163,9 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         if (run_dir / "run.json").exists():
             raise CoaloraError(f"{run_dir} already holds a run; use --resume or another output folder")
         model_path = Path(model_path)
-        loaded = load_model(model_path)
-        layout = loaded.layout(include_embeddings=opts.include_embeddings)
-        layout.menu_names = tuple(opts.menu)
+        loaded = load_model(model_path, log=log)
+        layout = loaded.layout(include_embeddings=opts.include_embeddings).with_menu(opts.menu)
+        opts = _with_targets(opts, layout)
         run = Run(run_dir, loaded=loaded, meta={
             "status": "training", "model": str(model_path.resolve()), "model_sha256": model_fingerprint(model_path),
             "arch": loaded.arch, "options": _jsonable(asdict(opts)), "layout": layout.describe(),

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import memory_model as mm
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 from toolkit.evaluation import StreamComparison, nll_from_logits, perplexity, windows_digest
-from toolkit.fileio import sha256_file
+from converters.fileio import sha256_file
 
 PPL_TOLERANCE = 0.01  # measured residual up to 0.63% (Q8_0-heavy SmolLM2 mix, see the module docstring)
 MEASURE_GEN_TOKENS = 32
@@ -78,7 +78,7 @@ def profile_of(manifest: dict):
 def reference_gguf(manifest: dict, log=lambda m: None) -> Path | None:
     """An F16 GGUF of the run's unquantized source model, cached by its sha256; None if the source is gone."""
     from toolkit import assets
-    from toolkit.fileio import atomic_path
+    from converters.fileio import atomic_path
 
     src = manifest.get("source_model") or {}
     path, sha = src.get("path"), src.get("sha256")
@@ -88,12 +88,12 @@ def reference_gguf(manifest: dict, log=lambda m: None) -> Path | None:
     ref = assets.home() / "reference" / f"{key}-F16.gguf"
     if not ref.exists():
         from converters.gguf_model_writer import write_gguf
-        from converters.model_loading import load_model
+        from converters.gguf_source import open_source
 
         log(f"writing the F16 reference of {Path(path).name} (once) to {ref}")
-        loaded = load_model(path)
+        src = open_source(path, log)
         with atomic_path(ref) as tmp:
-            write_gguf(loaded, tmp, loaded.layout().uniform("F16"), progress=False)
+            write_gguf(src, tmp, src.layout().uniform("F16"), progress=False)
     return ref
 
 

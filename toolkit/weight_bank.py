@@ -3,6 +3,8 @@
 The bytes come from llama.cpp's ggml quantizer and are the very bytes the GGUF writer stores;
 torch trains against their dequantization. Bytes are cached on disk (``cache_dir``), dequantized
 float32 tensors in memory (RAM, or the GPU after ``to()``) under a byte limit (least recently used first out).
+Full-precision originals are read from the memory-mapped source GGUF when needed, one tensor kept at a time,
+so no whole float32 copy of the model is held besides torch's own.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from converters import ggml_quant
 from converters.quant_types import QuantType, get
-from toolkit.fileio import atomic_path
+from converters.fileio import atomic_path
 
 UNQUANTIZED = ("F32",)
 
@@ -25,7 +27,7 @@ class WeightBank:
         self.device = torch.device("cpu")  # where the dequantized weights are kept; see to()
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.ram_limit = ram_limit_bytes
-        self._fp32: dict[str, np.ndarray] = {}
+        self._last: tuple[str, np.ndarray] | None = None
         self._deq: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._ram = 0
 
@@ -39,9 +41,9 @@ class WeightBank:
 
     def original(self, name: str) -> np.ndarray:
         """Full-precision weight in GGUF row order."""
-        if name not in self._fp32:
-            self._fp32[name] = self.loaded.gguf_weight(name)
-        return self._fp32[name]
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.loaded.gguf_weight(name))
+        return self._last[1]
 
     def quantized_bytes(self, name: str, qtype: str | QuantType) -> np.ndarray:
         q = get(qtype)
@@ -62,10 +64,11 @@ class WeightBank:
         if key in self._deq:
             self._deq.move_to_end(key)
             return self._deq[key]
-        w = self.original(name)
-        if q.name not in UNQUANTIZED:
-            w = ggml_quant.dequantize(self.quantized_bytes(name, q), q, w.shape)
-        t = torch.from_numpy(np.ascontiguousarray(self.loaded.to_hf_order(name, w), dtype=np.float32)).to(self.device)
+        if q.name in UNQUANTIZED:
+            w = self.original(name)
+        else:
+            w = ggml_quant.dequantize(self.quantized_bytes(name, q), q, self.loaded.gguf.shape(name))
+        t = torch.from_numpy(np.array(self.loaded.to_hf_order(name, w), dtype=np.float32)).to(self.device)  # a copy: the source is a read-only map
         self._deq[key] = t
         self._ram += t.numel() * 4
         while self._ram > self.ram_limit and len(self._deq) > 1:

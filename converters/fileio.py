@@ -8,7 +8,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
+
+
+def coalora_home() -> Path:
+    """Where coalora keeps assets and caches (``$COALORA_HOME``, default ``~/.cache/coalora``)."""
+    return Path(os.environ.get("COALORA_HOME", Path.home() / ".cache" / "coalora"))
 
 
 @contextlib.contextmanager
@@ -71,6 +76,7 @@ def model_fingerprint(path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf") or f.name in
-                            ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+                            ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                             "special_tokens_map.json", "chat_template.jinja")):
             h.update(f.name.encode() + bytes.fromhex(sha256_file(f)))
     return h.hexdigest()

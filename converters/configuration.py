@@ -11,14 +11,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from converters.quant_types import QuantType, get, menu, resolve
-from toolkit.errors import CoaloraError
+from converters.errors import CoaloraError
 
 GGUF_ALIGNMENT = 32
-# The seven projections of a llama block, in GGUF naming.
-BLOCK_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Types a configuration search draws from by default. Q4_1 is left out: SmolLM2's weights were
 # dequantized from Q4_1, so re-quantizing to it is nearly lossless and would flatter the results.
 DEFAULT_MENU = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+
+
+# Order of the block projection kinds (the configuration-aware model's kind index); other kinds follow, sorted.
+KIND_ORDER = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_qkv")
+
+
+def projection_kinds(kinds) -> tuple[str, ...]:
+    kinds = set(kinds)
+    return tuple(k for k in KIND_ORDER if k in kinds) + tuple(sorted(kinds - set(KIND_ORDER)))
 
 
 def pad(n: int, align: int = GGUF_ALIGNMENT) -> int:
@@ -48,6 +55,7 @@ class ModelLayout:
     fixed_bytes: int                   # header, metadata, tensor infos, unquantized tensors (padded)
     n_blocks: int
     menu_names: tuple[str, ...] = DEFAULT_MENU
+    hparams: dict = field(default_factory=dict)  # n_embd, n_head, n_head_kv, n_embd_k, n_embd_v, n_ff, n_vocab
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -64,6 +72,14 @@ class ModelLayout:
 
     def n_weights(self) -> int:
         return sum(t.n_weights for t in self.tensors)
+
+    def with_menu(self, menu_names) -> "ModelLayout":
+        """The same tensors with another type menu."""
+        return ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, tuple(menu_names), dict(self.hparams))
+
+    def projection_kinds(self) -> tuple[str, ...]:
+        """The kinds of the block tensors (attn_q ... ffn_down for llama; attn_qkv, ffn_up ... for phi3)."""
+        return projection_kinds(t.kind for t in self.tensors if t.block >= 0)
 
     def file_bytes(self, cfg: "Configuration") -> int:
         return self.fixed_bytes + sum(pad(self._index[n].bytes(q)) for n, q in cfg.types.items())
@@ -99,11 +115,12 @@ class ModelLayout:
     def describe(self) -> dict:
         return {"n_blocks": self.n_blocks, "fixed_bytes": self.fixed_bytes,
                 "tensors": [[t.name, t.n_rows, t.n_per_row, t.kind, t.block] for t in self.tensors],
-                "menu": list(self.menu_names)}
+                "menu": list(self.menu_names), "hparams": dict(self.hparams)}
 
     @classmethod
     def from_description(cls, d: dict) -> "ModelLayout":
-        return cls([TensorSpec(*row) for row in d["tensors"]], d["fixed_bytes"], d["n_blocks"], tuple(d["menu"]))
+        return cls([TensorSpec(*row) for row in d["tensors"]], d["fixed_bytes"], d["n_blocks"], tuple(d["menu"]),
+                   dict(d.get("hparams") or {}))
 
 
 @dataclass
@@ -135,12 +152,12 @@ class Configuration:
             raise CoaloraError(str(e)) from None
 
     def save(self, path, extra: dict | None = None) -> None:
-        from toolkit.fileio import write_json
+        from converters.fileio import write_json
         write_json(path, {**(extra or {}), **self.to_json()})
 
     @classmethod
     def load(cls, path) -> "Configuration":
-        from toolkit.fileio import read_json
+        from converters.fileio import read_json
         if not Path(path).is_file():
             raise CoaloraError(f"configuration file not found: {path}")
         return cls.from_json(read_json(path))

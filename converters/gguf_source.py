@@ -1,0 +1,172 @@
+"""The canonical source of every model: a GGUF file, read with gguf-py's reader (memory-mapped).
+
+A Hugging Face folder becomes one first (:func:`converters.hf_to_gguf.convert_folder`, llama.cpp's own
+converter). Which tensors are quantizable follows ``llama-quantize`` (``src/llama-quant.cpp``): 2-D
+tensors whose name ends in ``weight``, except norms and a few kinds llama.cpp always keeps as they are.
+Everything else, metadata included, the GGUF writer copies from here unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from converters.architectures import Architecture, by_gguf_name
+from converters.configuration import ModelLayout, TensorSpec
+from converters.errors import CoaloraError
+
+# Substrings of tensor names llama-quantize never quantizes (besides 1-D tensors and names not ending in weight).
+_KEPT = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj", "position_embd",
+         "token_types", "ssm_conv1d", "shortconv.conv.weight", "time_mix_", "rope_freqs", "rope_factors")
+# Tensor kinds the weight-type search covers besides the block projections.
+EMBEDDING_KINDS = ("token_embd", "output")
+# Type the embeddings / head get when a layout leaves them out of the search.
+EMBEDDING_DEFAULT_TYPE = "Q8_0"
+
+
+def tensor_kind(name: str) -> str:
+    parts = name.split(".")
+    return parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
+
+
+def tensor_block(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() else -1
+
+
+def is_quantizable(name: str, n_dims: int) -> bool:
+    return n_dims >= 2 and name.endswith("weight") and not any(k in name for k in _KEPT)
+
+
+def _one_line(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:300]
+
+
+class GGUFSource:
+    """A model GGUF: its metadata, its tensors (raw bytes, float32 values) and its quantization layout."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # gguf-py raises ValueError, struct errors, numpy errors on damaged files
+            raise CoaloraError(f"cannot read GGUF {self.path}: {_one_line(e)}") from None
+        field = self.reader.get_field("general.architecture")
+        if field is None:
+            raise CoaloraError(f"{self.path}: GGUF has no general.architecture")
+        self.arch: Architecture = by_gguf_name(str(field.contents()))
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        if "token_embd.weight" not in self.tensors:
+            raise CoaloraError(f"{self.path}: no token_embd.weight tensor (not a {self.arch.name} model)")
+        if self.reader.get_field("tokenizer.ggml.tokens") is None:
+            raise CoaloraError(f"{self.path}: GGUF has no tokenizer")
+        self.n_blocks = self.int_key("block_count")
+        self._check_tensor_set()
+
+    # ---- metadata -----------------------------------------------------------------------------
+    def key(self, suffix: str, default=None):
+        """Value of the metadata key ``{arch}.{suffix}``."""
+        f = self.reader.get_field(f"{self.arch.name}.{suffix}")
+        return default if f is None else f.contents()
+
+    def int_key(self, suffix: str, default: int | None = None) -> int:
+        v = self.key(suffix, default)
+        if v is None:
+            raise CoaloraError(f"{self.path.name}: no {self.arch.name}.{suffix}")
+        if isinstance(v, list):  # per-layer arrays (some archs): the largest
+            v = max(v) if v else 0
+        return int(v)
+
+    def hparams(self) -> dict:
+        """The shape numbers the memory model and the adapter need."""
+        n_head = self.int_key("attention.head_count")
+        n_embd = self.int_key("embedding_length")
+        n_kv = self.int_key("attention.head_count_kv", n_head)
+        k_len = self.int_key("attention.key_length", n_embd // n_head)
+        v_len = self.int_key("attention.value_length", k_len)
+        return {"n_embd": n_embd, "n_head": n_head, "n_head_kv": n_kv, "n_embd_k": n_kv * k_len,
+                "n_embd_v": n_kv * v_len, "n_ff": self.int_key("feed_forward_length"),
+                "n_vocab": int(self.shape("token_embd.weight")[0])}
+
+    # ---- tensors ------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Logical (numpy) shape: rows first, i.e. ne reversed."""
+        return tuple(int(s) for s in reversed(self._tensor(name).shape))
+
+    def ggml_type(self, name: str) -> gguf.GGMLQuantizationType:
+        return self._tensor(name).tensor_type
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored."""
+        return np.asarray(self._tensor(name).data).view(np.uint8).reshape(-1)
+
+    def weight(self, name: str) -> np.ndarray:
+        """float32 values in GGUF row order (dequantized with gguf-py, as llama-quantize dequantizes a
+        quantized source before re-quantizing)."""
+        t = self._tensor(name)
+        shape = self.shape(name)
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            return np.asarray(t.data, dtype=np.float32).reshape(shape)
+        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        return np.ascontiguousarray(w, dtype=np.float32).reshape(shape)
+
+    def _tensor(self, name: str):
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CoaloraError(f"model has no tensor {name!r}") from None
+
+    def quantizable_names(self, include_embeddings: bool = True) -> list[str]:
+        out = []
+        for n, t in self.tensors.items():
+            if not is_quantizable(n, len(t.shape)):
+                continue
+            if tensor_block(n) >= 0 or (include_embeddings and tensor_kind(n) in EMBEDDING_KINDS):
+                out.append(n)
+        return out
+
+    def tensor_spec(self, name: str) -> TensorSpec:
+        rows, cols = self.shape(name)[-2:]
+        return TensorSpec(name, int(rows), int(cols), tensor_kind(name), tensor_block(name))
+
+    def _check_tensor_set(self) -> None:
+        """Every block has the same quantizable tensors and the block numbers match block_count: a GGUF
+        whose tensors do not match its architecture is refused, never filled in."""
+        per_block: dict[int, set[str]] = {}
+        for n in self.quantizable_names(False):
+            per_block.setdefault(tensor_block(n), set()).add(tensor_kind(n))
+        if sorted(per_block) != list(range(self.n_blocks)):
+            raise CoaloraError(f"{self.path.name}: tensors of {len(per_block)} blocks, but "
+                               f"{self.arch.name}.block_count is {self.n_blocks}")
+        first = per_block.get(0, set())
+        for b, kinds in per_block.items():
+            if kinds != first:
+                odd = sorted(kinds ^ first)[0]
+                raise CoaloraError(f"{self.path.name}: block {b} has other tensors than block 0 ({odd})")
+        if not first:
+            raise CoaloraError(f"{self.path.name}: no quantizable block tensors")
+
+    # ---- layout -------------------------------------------------------------------------------
+    def layout(self, include_embeddings: bool = True) -> ModelLayout:
+        from converters.gguf_model_writer import fixed_bytes
+
+        specs = [self.tensor_spec(n) for n in self.quantizable_names(include_embeddings)]
+        return ModelLayout(specs, fixed_bytes(self, include_embeddings), self.n_blocks, hparams=self.hparams())
+
+
+def open_source(path, log=lambda m: None) -> GGUFSource:
+    """The GGUF source of a model argument: a ``.gguf`` file, or a Hugging Face folder (converted once)."""
+    path = Path(path)
+    if not path.exists():
+        raise CoaloraError(f"model not found: {path}")
+    if path.is_dir():
+        from converters.hf_to_gguf import convert_folder
+        return GGUFSource(convert_folder(path, log))
+    if path.suffix != ".gguf":
+        raise CoaloraError(f"{path}: expected a Hugging Face model folder or a .gguf file")
+    return GGUFSource(path)
