@@ -3,7 +3,7 @@
 What an architecture computes is llama.cpp's and transformers' business (both implement all of these);
 an entry only says what coalora must know to pair the two:
 - ``hf_model_types``: the Hugging Face ``model_type`` values llama.cpp's converter turns into this GGUF
-  architecture;
+  architecture; torch runs the first (what llama.cpp computes: a Mistral is a Llama there);
 - ``permuted``: tensor kinds whose rows llama.cpp's converter reorders for its rotary layout (llama's
   Q/K; transformers' GGUF loader undoes it), so LoRA B rows follow the same order;
 - ``gguf_config``: GGUF metadata keys (under the architecture's prefix) that transformers' GGUF loader

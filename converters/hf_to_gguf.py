@@ -7,6 +7,7 @@ matrix is stored so, F32 otherwise); results are cached in ``$COALORA_HOME/conve
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -74,11 +75,13 @@ def convert_folder(folder, log=lambda m: None) -> Path:
     folder = Path(folder)
     by_hf_model_type(folder_model_type(folder))  # refuse what coalora cannot pair before converting
     outtype = output_type(folder)
-    out = coalora_home() / "converted" / f"{model_fingerprint(folder)[:16]}-{outtype}.gguf"
+    # keyed by the weights and by how they are converted (the runner, the converter's version)
+    conv = converter_dir()
+    how = hashlib.sha256(_RUNNER.read_bytes() + (conv / "convert_hf_to_gguf.py").read_bytes()).hexdigest()[:8]
+    out = coalora_home() / "converted" / f"{model_fingerprint(folder)[:16]}-{how}-{outtype}.gguf"
     if out.is_file():
         return out
     log(f"converting {folder} to {outtype.upper()} GGUF with llama.cpp's convert_hf_to_gguf.py (cached in {out.parent})")
-    conv = converter_dir()
     with atomic_path(out) as tmp:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         env.pop("NO_LOCAL_GGUF", None)  # the converter must use llama.cpp's own gguf-py

@@ -4,9 +4,10 @@ Usage: python llama_cpp_converter_runner.py CONVERTER_DIR [convert_hf_to_gguf.py
 
 llama.cpp names a byte-level BPE pre-tokenizer by hashing the tokenization of a test string, so a
 tokenizer it has never seen (a fine-tuned vocabulary, the tests' tiny ones) is refused even when its
-pre-tokenizer is a standard one. When the hash is unknown, this runner reads the pre-tokenizer from
-``tokenizer.json`` instead and accepts the plain GPT-2 one and SmolLM's (digits + GPT-2); anything
-else stays llama.cpp's error. Nothing else of the converter is changed.
+pre-tokenizer is a standard one. When the hash is unknown, this runner reads the pre-tokenizer of the
+tokenizer the converter loaded (transformers may impose a model type's own, e.g. Qwen2's) and accepts
+the plain GPT-2 one, SmolLM's (digits + GPT-2) and Qwen2's split regex; anything else stays llama.cpp's
+error. Nothing else of the converter is changed.
 """
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ import runpy
 import sys
 from pathlib import Path
 
-# tokenizer.json pre-tokenizer (simplified description) -> llama.cpp pre-tokenizer name
+_QWEN2_SPLIT = json.dumps({"type": "Split", "pattern": {"Regex": (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")}, "behavior": "Isolated", "invert": False}, sort_keys=True)
+# pre-tokenizer (simplified description) -> llama.cpp pre-tokenizer name
 KNOWN_PRE_TOKENIZERS = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",
+    (("Split", _QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
 }
 
 
@@ -35,9 +40,11 @@ def describe_pre_tokenizer(pre: dict | None) -> tuple:
     return ((t, json.dumps(pre, sort_keys=True)),)
 
 
-def pre_tokenizer_name(tokenizer_json: Path) -> str | None:
+def pre_tokenizer_name(tokenizer, tokenizer_json: Path) -> str | None:
+    """llama.cpp's name for the pre-tokenizer ``tokenizer`` (a transformers tokenizer) really applies."""
     try:
-        spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        spec = json.loads(backend.to_str() if backend is not None else tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return KNOWN_PRE_TOKENIZERS.get(describe_pre_tokenizer(spec.get("pre_tokenizer")))
@@ -54,7 +61,7 @@ def main() -> None:
         try:
             return known(self, tokenizer)
         except NotImplementedError:
-            name = pre_tokenizer_name(Path(self.dir_model) / "tokenizer.json")
+            name = pre_tokenizer_name(tokenizer, Path(self.dir_model) / "tokenizer.json")
             if name is None:
                 raise
             return name

@@ -120,6 +120,10 @@ def load_model(path, log=lambda m: None) -> LoadedModel:
             warnings.simplefilter("ignore")
             if path.is_dir():
                 config = AutoConfig.from_pretrained(path)
+                torch_type = src.arch.hf_model_types[0]
+                if config.model_type != torch_type:  # e.g. mistral: llama.cpp runs it as llama
+                    config = AutoConfig.for_model(torch_type, **{k: v for k, v in config.to_dict().items()
+                                                                 if k != "model_type"})
             else:
                 config = AutoConfig.from_pretrained(gpath.parent, gguf_file=gpath.name)
                 _config_from_gguf(config, src)

@@ -44,12 +44,10 @@ def tiny_corpus(n_words: int = 1500, seed: int = 0) -> str:
     return "\n".join(out) + "\n"
 
 
-def build_tiny_llama(dest, seed: int = 0, **shape):
-    """Write a tiny Hugging Face Llama folder (float32 safetensors, config, byte-level BPE tokenizer);
-    ``shape`` overrides TINY's sizes (bench/train_speed.py builds SmolLM2's block shapes this way)."""
-    import torch
+def build_tiny_tokenizer(dest, seed: int = 0, **config):
+    """A byte-level BPE tokenizer trained on the tiny corpus, with specials and a chat template, saved to ``dest``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -58,20 +56,42 @@ def build_tiny_llama(dest, seed: int = 0, **shape):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([tiny_corpus(seed=seed)], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<|endoftext|>", pad_token="<pad>")
+                                   unk_token="<|endoftext|>", pad_token="<pad>", **config)
     fast.chat_template = TINY_CHAT_TEMPLATE
     fast.save_pretrained(dest)
+    return fast
 
+
+def build_tiny_model(dest, config_class: str, seed: int = 0, tokenizer_class: str | None = None, **config):
+    """Write a tiny Hugging Face model folder (float32 safetensors, config of transformers' ``config_class``,
+    the tiny byte-level BPE tokenizer) with random weights and non-trivial norms."""
+    import json
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    fast = build_tiny_tokenizer(dest, seed)
+    if tokenizer_class:  # what llama.cpp's converter reads to choose the vocabulary reader (phi3)
+        tc = Path(dest) / "tokenizer_config.json"
+        tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": tokenizer_class}))
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                      pad_token_id=fast.pad_token_id, initializer_range=0.08, **{**TINY, **shape})
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    cfg = getattr(transformers, config_class)(vocab_size=len(fast), bos_token_id=fast.bos_token_id,
+                                              eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                                              initializer_range=0.08, **config)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float32)
     with torch.no_grad():  # non-trivial norms so their handling is exercised
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_((0.0 if "gemma" in cfg.model_type else 1.0) + 0.2 * torch.randn_like(p))
     model.save_pretrained(dest, safe_serialization=True)
     return dest
+
+
+def build_tiny_llama(dest, seed: int = 0, **shape):
+    """Write a tiny Hugging Face Llama folder; ``shape`` overrides TINY's sizes (bench/train_speed.py builds
+    SmolLM2's block shapes this way)."""
+    return build_tiny_model(dest, "LlamaConfig", seed, **{**TINY, **shape})
 
 
 @pytest.fixture(scope="session")

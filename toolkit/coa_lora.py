@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from converters.quant_types import CATALOGUE_NAMES, get
 from converters.configuration import Configuration, ModelLayout
-from toolkit.ggml_activations import quantize_activations, vec_dot_kind
+from toolkit.ggml_activations import emulate_ggml_ops, quantize_activations, vec_dot_kind
 
 MODES = ("coa", "shared", "single")
 
@@ -135,7 +135,7 @@ class CoALoRAModel(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.loaded, self.bank, self.layout, self.mode = loaded, bank, layout, mode
-        self.base = loaded.model
+        self.base = emulate_ggml_ops(loaded.model)
         for p in self.base.parameters():
             p.requires_grad_(False)
         g = torch.Generator().manual_seed(seed)

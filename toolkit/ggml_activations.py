@@ -8,6 +8,7 @@ perplexity torch predicts the one llama.cpp measures. Gradients pass straight th
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 _Q8_0 = {"Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "IQ4_NL"}
 _Q8_K = {"Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS"}
@@ -57,3 +58,27 @@ def quantize_activations(x: torch.Tensor, kind: str | None) -> torch.Tensor:
         else:
             raise ValueError(kind)
     return x + (y - x).detach() if x.requires_grad else y
+
+
+class GGMLGeluTanh(torch.nn.Module):
+    """GELU (tanh form) as ggml's CPU backend computes it (``GGML_GELU_FP16``): the input rounded to fp16,
+    looked up in a table of fp16 results; 0 below -10, the identity above 10. Gradient of the exact GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        exact = F.gelu(x, approximate="tanh")
+        with torch.no_grad():
+            table = F.gelu(x.to(torch.float16).to(x.dtype), approximate="tanh").to(torch.float16).to(x.dtype)
+            y = torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, table))
+        return exact + (y - exact).detach()
+
+
+def emulate_ggml_ops(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap, in place, the activations whose ggml CPU kernel rounds differently from torch (tanh GELU:
+    Gemma's MLP) for their ggml emulation; returns ``model``."""
+    from transformers.activations import GELUTanh
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, GELUTanh) or (isinstance(child, torch.nn.GELU) and child.approximate == "tanh"):
+                setattr(module, name, GGMLGeluTanh())
+    return model

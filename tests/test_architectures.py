@@ -1,0 +1,138 @@
+"""Every supported architecture, end to end on a tiny random model made with transformers' config classes
+(hidden size 256 so K-quants apply): llama.cpp's converter, logits and tokens against transformers, bytes
+against llama_model_quantize, metadata and unquantized tensors copied, a short CoA-LoRA run whose adapter
+llama.cpp loads on a searched file with the perplexity torch predicts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny_model, tiny_corpus
+from converters.configuration import apply_overrides
+from converters.gguf_model_writer import llama_ftype, write_gguf
+from converters.model_loading import load_model
+from test_convert import SAMPLE, gguf_fields, gguf_tensors, llama, llama_quantize
+from toolkit import budget_search, evaluation, llama_runtime, pareto_search
+from toolkit.sensitivity import load_error_table
+from toolkit.ggml_activations import emulate_ggml_ops
+from toolkit.training import TrainOptions, train
+
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+ARCHS = {
+    # Llama 3.x: llama3 rope scaling (llama.cpp gets it as rope_freqs.weight), tied head
+    "llama3-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=500000.0,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(sliding_window=None, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),  # q/k/v biases
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),  # q_norm / k_norm, head_dim != n_embd / n_head
+    # Gemma 3: embedding scaling, norm offsets, q/k norms, sliding-window layers (6 layers: 5 local, 1 global)
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=6, head_dim=64, query_pre_attn_scalar=64,
+                                        sliding_window=16, final_logit_softcapping=None)),
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=None)),  # fused attn_qkv and gate/up
+}
+TOKENIZER_CLASS = {"phi3": "GPT2Tokenizer"}
+GGUF_ARCH = {"llama3-tied": "llama", "mistral": "llama", "gemma3": "gemma3", "qwen2": "qwen2", "qwen3": "qwen3",
+             "phi3": "phi3"}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def arch_model(request, tmp_path_factory):
+    name = request.param
+    cls, extra = ARCHS[name]
+    config = {**SHAPE, **extra}
+    if config.get("pad_token_id", 0) is None:
+        config.pop("pad_token_id")
+    folder = build_tiny_model(tmp_path_factory.mktemp(name) / "hf", cls, seed=3,
+                              tokenizer_class=TOKENIZER_CLASS.get(name), **config)
+    return name, folder, load_model(folder)
+
+
+def _ids(lm, n=48):
+    return lm.tokenizer(SAMPLE * 4)["input_ids"][:n]
+
+
+def test_converted_logits_and_tokens_match_transformers(arch_model, tmp_path):
+    name, _, lm = arch_model
+    assert lm.arch == GGUF_ARCH[name]
+    out = tmp_path / "f32.gguf"
+    cfg = lm.layout().uniform("F32")
+    write_gguf(lm.gguf, out, cfg, progress=False)
+    assert out.stat().st_size == lm.layout().file_bytes(cfg)
+    m = llama(out)
+    for text in (SAMPLE, "<s>user\nhello</s>"):
+        assert m.tokenize(text.encode(), add_bos=False, special=True) == lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _ids(lm)
+    assert len(ids) == 48
+    m.eval(ids)
+    ours = np.asarray(m.scores[: len(ids)])
+    with torch.no_grad():  # transformers' model with ggml's GELU table (Gemma), as coalora trains it
+        ref = emulate_ggml_ops(lm.model)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
+
+
+def test_gguf_file_loads_as_the_same_model(arch_model):
+    """The converted GGUF given directly (no config.json): transformers' GGUF loader plus the architecture
+    table's metadata keys and llama.cpp's rope factors give the folder's model."""
+    _, _, lm = arch_model
+    back = load_model(lm.gguf.path)
+    ids = torch.tensor([_ids(lm)])
+    with torch.no_grad():
+        a = emulate_ggml_ops(back.model)(ids).logits.numpy()
+        b = emulate_ggml_ops(lm.model)(ids).logits.numpy()
+    assert np.abs(a - b).max() <= 1e-4, np.abs(a - b).max()
+    assert back.tokenizer(SAMPLE)["input_ids"] == lm.tokenizer(SAMPLE)["input_ids"]
+
+
+def test_mix_bytes_equal_llama_quantize(arch_model, tmp_path):
+    _, _, lm = arch_model
+    layout = lm.layout()
+    rules = [("attn", "Q8_0"), ("ffn", "Q4_K"), ("token_embd|output", "Q8_0")]
+    cfg, _ = apply_overrides(layout, layout.uniform("F32"), rules)
+    assert {q.name for q in cfg.types.values()} >= {"Q8_0", "Q4_K"}
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    write_gguf(lm.gguf, ours, cfg, progress=False)
+    llama_quantize(lm.gguf.path, theirs, llama_ftype("Q8_0"), pure=False, overrides=rules)
+    a, b, src = gguf_tensors(ours), gguf_tensors(theirs), gguf_tensors(lm.gguf.path)
+    assert list(a) == list(src)
+    assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}
+    for n in a:
+        assert a[n][1] == b[n][1], n
+        if n not in cfg.types:
+            assert a[n] == src[n], n
+    f_ours, f_src = gguf_fields(ours), gguf_fields(lm.gguf.path)
+    f_ours.pop("general.file_type"), f_src.pop("general.file_type")
+    assert f_ours == f_src
+    assert ours.stat().st_size == layout.file_bytes(cfg)
+    m = llama_runtime.open_model(ours, n_ctx=64)  # loads
+    m.close()
+
+
+def test_short_coa_run_adapter_on_searched_file(arch_model, tmp_path):
+    name, folder, _ = arch_model
+    text = tmp_path / "train.txt"
+    text.write_text(tiny_corpus(4000, seed=1))
+    run = train(tmp_path / "run", folder, [text], TrainOptions(steps=2, seq_len=32, batch=2, lr=1e-2, cam_lr=1e-2,
+                rounds=1, checkpoint_every=2, search_candidates=2), progress=False, log=lambda s: None)
+    assert tuple(run.meta["options"]["targets"]) == run.layout.projection_kinds()
+    layout = run.layout
+    lo, hi = layout.file_bytes(layout.uniform("Q2_K")), layout.file_bytes(layout.uniform("Q8_0"))
+    archive = pareto_search.Archive.load(run.archive_path)
+    cfg = budget_search.best_configuration(layout, archive, (lo + hi) // 2,
+                                           errors=load_error_table(run.path / "sensitivity.json")).cfg
+    assert layout.file_bytes(cfg) <= (lo + hi) // 2
+    model_path, adapter_path = tmp_path / "model.gguf", tmp_path / "adapter.gguf"
+    write_gguf(run.loaded().gguf, model_path, cfg, quantized=run.quantized_bytes, progress=False)
+    run.write_adapter(cfg, adapter_path)
+    windows = evaluation.eval_windows(run.loaded().tokenizer, tiny_corpus(3000, seed=7), n_windows=3, n_ctx=64)
+    llm = llama_runtime.open_model(model_path, n_ctx=64)
+    handle = llama_runtime.load_adapter(llm, adapter_path, model_path)
+    llama_runtime.set_adapter(llm, handle)
+    llama_nll = np.stack([evaluation.nll_from_logits(llama_runtime.window_logits(llm, w), w) for w in windows])
+    llm.close()
+    torch_nll = evaluation.torch_window_nll(run.torch_logits_fn(cfg), windows)
+    p_llama, p_torch = evaluation.perplexity(llama_nll), evaluation.perplexity(torch_nll)
+    assert abs(p_llama / p_torch - 1) <= 0.005, (name, p_llama, p_torch)
