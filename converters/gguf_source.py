@@ -63,7 +63,9 @@ class GGUFSource:
         if self.reader.get_field("tokenizer.ggml.tokens") is None:
             raise CoaloraError(f"{self.path}: GGUF has no tokenizer")
         self.n_blocks = self.int_key("block_count")
+        self._hparams: dict | None = None
         self._check_tensor_set()
+        self._check_shapes()
 
     # ---- metadata -----------------------------------------------------------------------------
     def key(self, suffix: str, default=None):
@@ -81,14 +83,25 @@ class GGUFSource:
 
     def hparams(self) -> dict:
         """The shape numbers the memory model and the adapter need."""
+        if self._hparams is None:
+            self._hparams = self._read_hparams()
+        return dict(self._hparams)
+
+    def _read_hparams(self) -> dict:
         n_head = self.int_key("attention.head_count")
         n_embd = self.int_key("embedding_length")
+        if n_head <= 0 or n_embd <= 0:
+            raise CoaloraError(f"{self.path.name}: head count {n_head}, embedding length {n_embd}")
         n_kv = self.int_key("attention.head_count_kv", n_head)
         k_len = self.int_key("attention.key_length", n_embd // n_head)
         v_len = self.int_key("attention.value_length", k_len)
-        return {"n_embd": n_embd, "n_head": n_head, "n_head_kv": n_kv, "n_embd_k": n_kv * k_len,
-                "n_embd_v": n_kv * v_len, "n_ff": self.int_key("feed_forward_length"),
-                "n_vocab": int(self.shape("token_embd.weight")[0])}
+        h = {"n_embd": n_embd, "n_head": n_head, "n_head_kv": n_kv, "n_embd_k": n_kv * k_len,
+             "n_embd_v": n_kv * v_len, "n_ff": self.int_key("feed_forward_length"),
+             "n_vocab": int(self.shape("token_embd.weight")[0])}
+        bad = [k for k, v in h.items() if not 0 < v < 1 << 24]
+        if bad:
+            raise CoaloraError(f"{self.path.name}: {bad[0]} {h[bad[0]]} is out of range")
+        return h
 
     # ---- tensors ------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -140,7 +153,7 @@ class GGUFSource:
         per_block: dict[int, set[str]] = {}
         for n in self.quantizable_names(False):
             per_block.setdefault(tensor_block(n), set()).add(tensor_kind(n))
-        if sorted(per_block) != list(range(self.n_blocks)):
+        if len(per_block) != self.n_blocks or set(per_block) != set(range(len(per_block))):
             raise CoaloraError(f"{self.path.name}: tensors of {len(per_block)} blocks, but "
                                f"{self.arch.name}.block_count is {self.n_blocks}")
         first = per_block.get(0, set())
@@ -150,6 +163,25 @@ class GGUFSource:
                 raise CoaloraError(f"{self.path.name}: block {b} has other tensors than block 0 ({odd})")
         if not first:
             raise CoaloraError(f"{self.path.name}: no quantizable block tensors")
+
+    def expected_shape(self, name: str) -> tuple[int, int] | None:
+        """(rows, n_per_row) the hyperparameters imply for the standard kinds (fused attn_qkv = Q, K, V rows;
+        a fused ffn_up without ffn_gate = gate and up rows); None for kinds without a rule."""
+        h = self.hparams()
+        e, ff, nh, nkv = h["n_embd"], h["n_ff"], h["n_head"], h["n_head_kv"]
+        k, v = h["n_embd_k"] // max(nkv, 1), h["n_embd_v"] // max(nkv, 1)
+        fused_up = 2 * ff if f"blk.{tensor_block(name)}.ffn_gate.weight" not in self.tensors else ff
+        rule = {"token_embd": (h["n_vocab"], e), "output": (h["n_vocab"], e), "attn_q": (nh * k, e),
+                "attn_k": (nkv * k, e), "attn_v": (nkv * v, e), "attn_qkv": (nh * k + nkv * (k + v), e),
+                "attn_output": (e, nh * v), "ffn_gate": (ff, e), "ffn_up": (fused_up, e), "ffn_down": (e, ff)}
+        return rule.get(tensor_kind(name))
+
+    def _check_shapes(self) -> None:
+        for n in self.quantizable_names(True):
+            want, got = self.expected_shape(n), self.shape(n)
+            if want is not None and got != want:
+                raise CoaloraError(f"{self.path.name}: {n} is {got[0]} x {got[1]}, but {self.arch.name} with this "
+                                   f"file's hyperparameters needs {want[0]} x {want[1]}")
 
     # ---- layout -------------------------------------------------------------------------------
     def layout(self, include_embeddings: bool = True) -> ModelLayout:

@@ -62,16 +62,41 @@ def build_tiny_tokenizer(dest, seed: int = 0, **config):
     return fast
 
 
-def build_tiny_model(dest, config_class: str, seed: int = 0, tokenizer_class: str | None = None, **config):
+def build_tiny_spm_tokenizer(dest, seed: int = 0):
+    """A SentencePiece BPE tokenizer.model (byte fallback, Gemma-style) trained on the tiny corpus, and the
+    Gemma tokenizer transformers builds from it, saved to ``dest``."""
+    import json
+    from pathlib import Path
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus(seed=seed).splitlines()), model_prefix=str(dest / "tokenizer"),
+        vocab_size=TINY_VOCAB, model_type="bpe", byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2)
+    (dest / "tokenizer.vocab").unlink()
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "add_bos_token": True, "chat_template": TINY_CHAT_TEMPLATE}))
+    return AutoTokenizer.from_pretrained(dest)
+
+
+def build_tiny_model(dest, config_class: str, seed: int = 0, tokenizer_class: str | None = None,
+                     sentencepiece: bool = False, **config):
     """Write a tiny Hugging Face model folder (float32 safetensors, config of transformers' ``config_class``,
-    the tiny byte-level BPE tokenizer) with random weights and non-trivial norms."""
+    the tiny byte-level BPE tokenizer or, with ``sentencepiece``, a SentencePiece one) with random weights
+    and non-trivial norms."""
     import json
     from pathlib import Path
 
     import torch
     import transformers
 
-    fast = build_tiny_tokenizer(dest, seed)
+    fast = build_tiny_spm_tokenizer(dest, seed) if sentencepiece else build_tiny_tokenizer(dest, seed)
     if tokenizer_class:  # what llama.cpp's converter reads to choose the vocabulary reader (phi3)
         tc = Path(dest) / "tokenizer_config.json"
         tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": tokenizer_class}))

@@ -29,13 +29,18 @@ ARCHS = {
     "mistral": ("MistralConfig", dict(sliding_window=None, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),  # q/k/v biases
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),  # q_norm / k_norm, head_dim != n_embd / n_head
+    # Gemma 2: embedding scaling, norm offsets, alternating sliding-window layers, attention and final soft-capping;
+    # a SentencePiece tokenizer.model (llama.cpp's converter reads Gemma 2's vocabulary only from one)
+    "gemma2": ("Gemma2Config", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=16,
+                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
     # Gemma 3: embedding scaling, norm offsets, q/k norms, sliding-window layers (6 layers: 5 local, 1 global)
     "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=6, head_dim=64, query_pre_attn_scalar=64,
                                         sliding_window=16, final_logit_softcapping=None)),
     "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=None)),  # fused attn_qkv and gate/up
 }
 TOKENIZER_CLASS = {"phi3": "GPT2Tokenizer"}
-GGUF_ARCH = {"llama3-tied": "llama", "mistral": "llama", "gemma3": "gemma3", "qwen2": "qwen2", "qwen3": "qwen3",
+SENTENCEPIECE = {"gemma2"}
+GGUF_ARCH = {"llama3-tied": "llama", "mistral": "llama", "gemma2": "gemma2", "gemma3": "gemma3", "qwen2": "qwen2", "qwen3": "qwen3",
              "phi3": "phi3"}
 
 
@@ -47,7 +52,8 @@ def arch_model(request, tmp_path_factory):
     if config.get("pad_token_id", 0) is None:
         config.pop("pad_token_id")
     folder = build_tiny_model(tmp_path_factory.mktemp(name) / "hf", cls, seed=3,
-                              tokenizer_class=TOKENIZER_CLASS.get(name), **config)
+                              tokenizer_class=TOKENIZER_CLASS.get(name), sentencepiece=name in SENTENCEPIECE,
+                              **config)
     return name, folder, load_model(folder)
 
 
@@ -136,3 +142,90 @@ def test_short_coa_run_adapter_on_searched_file(arch_model, tmp_path):
     torch_nll = evaluation.torch_window_nll(run.torch_logits_fn(cfg), windows)
     p_llama, p_torch = evaluation.perplexity(llama_nll), evaluation.perplexity(torch_nll)
     assert abs(p_llama / p_torch - 1) <= 0.005, (name, p_llama, p_torch)
+
+
+# ---- bad input: a one-line error, non-zero exit, nothing written ----------------------------------
+def rewrite_gguf(src, dst, kv: dict | None = None, drop=(), rows: dict | None = None):
+    """Copy GGUF ``src`` to ``dst`` with metadata values replaced (``kv``: key -> value, same type), tensors
+    dropped, or tensors cut to fewer rows (``rows``: name -> row count)."""
+    import gguf
+    r = gguf.GGUFReader(src)
+    kv, rows = kv or {}, rows or {}
+    arch = kv.get("general.architecture", r.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(dst, arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, kv.get(key, f.contents()), vtype, sub_type=sub)
+    for t in r.tensors:
+        if t.name in drop:
+            continue
+        data = np.asarray(t.data)
+        w.add_tensor(t.name, np.ascontiguousarray(data[: rows.get(t.name, len(data))]), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def phi3_gguf(tmp_path_factory):
+    cls, extra = ARCHS["phi3"]
+    config = {**SHAPE, **extra}
+    config.pop("pad_token_id")
+    folder = build_tiny_model(tmp_path_factory.mktemp("phi3") / "hf", cls, seed=3, tokenizer_class="GPT2Tokenizer",
+                              **config)
+    return load_model(folder).gguf.path
+
+
+def _refused(argv, pattern, tmp_path, capsys):
+    import re
+    from toolkit.cli import main
+    before = set(tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(argv) == 1, argv
+    lines = capsys.readouterr().err.splitlines()  # progress lines ("converting ...") may come first
+    err = lines[-1] if lines else ""
+    assert err.startswith("coalora: error:") and sum("error" in ln for ln in lines) == 1, lines
+    assert re.search(pattern, err), err
+    assert set(tmp_path.iterdir()) == before, "a refused command must write nothing"
+
+
+def test_damaged_models_are_refused(phi3_gguf, tiny_model_dir, tmp_path, capsys):
+    import shutil
+    bad = tmp_path / "in"
+    bad.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = [
+        (rewrite_gguf(phi3_gguf, bad / "arch.gguf", kv={"general.architecture": "gpt_neox"}),
+         r"unsupported architecture 'gpt_neox'; supported: llama, qwen2, qwen3, gemma2, gemma3, phi3"),
+        (rewrite_gguf(phi3_gguf, bad / "qkv.gguf", rows={"blk.0.attn_qkv.weight": 300}),
+         r"blk\.0\.attn_qkv\.weight is 300 x 256, but phi3 .* needs 512 x 256"),
+        (rewrite_gguf(phi3_gguf, bad / "missing.gguf", drop={"blk.1.ffn_down.weight"}),
+         r"block 1 has other tensors than block 0 \(ffn_down\)"),
+        (rewrite_gguf(phi3_gguf, bad / "blocks.gguf", kv={"phi3.block_count": 3}),
+         r"tensors of 2 blocks, but phi3\.block_count is 3"),
+        (rewrite_gguf(phi3_gguf, bad / "notok.gguf", drop={"tokenizer.ggml.tokens"}), r"GGUF has no tokenizer"),
+    ]
+    no_config = bad / "no-config"
+    shutil.copytree(tiny_model_dir, no_config)
+    (no_config / "config.json").unlink()
+    cases.append((no_config, r"no config\.json"))
+    no_tok = bad / "no-tokenizer"
+    shutil.copytree(tiny_model_dir, no_tok)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (no_tok / f).unlink()
+    cases.append((no_tok, r"llama\.cpp's converter cannot convert .*no-tokenizer"))
+    neox = bad / "neox"
+    neox.mkdir()
+    (neox / "config.json").write_text('{"model_type": "gpt_neox"}')
+    cases.append((neox, r"unsupported architecture 'gpt_neox'; supported model types: llama, mistral"))
+    text = bad / "train.txt"
+    text.write_text(tiny_corpus(2000))
+    for model, pattern in cases:
+        _refused(["convert", str(model), "-o", str(out / "x.gguf"), "--type", "Q8_0"], pattern, out, capsys)
+        _refused(["train", str(model), "-o", str(out / "run"), "--steps", "1", "--data", str(text)], pattern, out, capsys)
