@@ -13,6 +13,23 @@ RESULTS = ROOT / "bench" / "results"
 COALORA = [sys.executable, "-m", "toolkit.cli"]
 
 
+def provenance() -> dict:
+    """What made a result: the commit (and whether the tree had changes), the exact command, the date."""
+    import datetime
+
+    def git(*a):
+        r = subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)
+        return r.stdout.strip() if r.returncode == 0 else None
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def peak_self_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_child_rss_mb() -> float:
     """Largest resident memory any finished child process (e.g. a training run) reached, in MB."""
     import resource

@@ -47,6 +47,59 @@ def libggml() -> ctypes.CDLL:
     return lib
 
 
+@functools.lru_cache(maxsize=4)
+def _pool(n_threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="ggml-quantize")
+
+
+class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _to_float(ggml_type: int):
+    lib = libggml()
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    traits = lib.ggml_get_type_traits(ggml_type).contents
+    if not traits.to_float:
+        raise GGMLError(f"ggml has no dequantization for type {ggml_type}")
+    return _TO_FLOAT(traits.to_float)
+
+
+def to_float(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], threads: int = 1) -> np.ndarray:
+    """float32 values of raw ggml bytes of any ggml type, by ggml's own ``to_float`` (what llama-quantize
+    uses to dequantize a quantized source), rows split over ``threads``."""
+    raw = np.ascontiguousarray(np.asarray(data).view(np.uint8).reshape(-1))
+    n_rows, n_per_row = int(np.prod(shape[:-1])), int(shape[-1])
+    rbytes = row_size_of(ggml_type, n_per_row)
+    if raw.nbytes != n_rows * rbytes:
+        raise GGMLError(f"{raw.nbytes} bytes do not hold {n_rows} rows of {n_per_row} values of type {ggml_type}")
+    out = np.empty((n_rows, n_per_row), dtype=np.float32)
+    fn = _to_float(int(ggml_type))
+
+    def chunk(rows: tuple[int, int]) -> None:
+        r0, r1 = rows
+        fn(raw.ctypes.data + r0 * rbytes, out.ctypes.data + r0 * n_per_row * 4, (r1 - r0) * n_per_row)
+
+    step = max(1, -(-n_rows // max(1, threads)))
+    spans = [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
+    if len(spans) > 1 and n_rows * n_per_row >= _PARALLEL_MIN:
+        list(_pool(len(spans)).map(chunk, spans))
+    elif n_rows:
+        chunk((0, n_rows))
+    return out.reshape(shape)
+
+
+def row_size_of(ggml_type: int, n_per_row: int) -> int:
+    return int(libggml().ggml_row_size(int(ggml_type), n_per_row))
+
+
 def row_size(qtype: str | QuantType, n_per_row: int) -> int:
     """Bytes of one row, as ggml computes it."""
     return int(libggml().ggml_row_size(int(get(qtype).ggml), n_per_row))
@@ -87,8 +140,7 @@ def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | N
     step = max(1, -(-n_rows // max(1, threads)))
     spans = [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
     if len(spans) > 1 and n_rows * n_per_row >= _PARALLEL_MIN:
-        with ThreadPoolExecutor(max_workers=len(spans)) as pool:
-            n = sum(pool.map(chunk, spans))
+        n = sum(_pool(len(spans)).map(chunk, spans))
     else:
         n = chunk((0, n_rows))
     if n != out.nbytes:

@@ -117,7 +117,7 @@ def test_mix_bytes_equal_llama_quantize(arch_model, tmp_path):
     m.close()
 
 
-def test_short_coa_run_adapter_on_searched_file(arch_model, tmp_path):
+def test_short_coa_run_adapter_emit_validate_package(arch_model, tmp_path):
     name, folder, _ = arch_model
     text = tmp_path / "train.txt"
     text.write_text(tiny_corpus(4000, seed=1))
@@ -142,6 +142,22 @@ def test_short_coa_run_adapter_on_searched_file(arch_model, tmp_path):
     torch_nll = evaluation.torch_window_nll(run.torch_logits_fn(cfg), windows)
     p_llama, p_torch = evaluation.perplexity(llama_nll), evaluation.perplexity(torch_nll)
     assert abs(p_llama / p_torch - 1) <= 0.005, (name, p_llama, p_torch)
+
+    # deployment: emit for a device profile, validate with llama.cpp, package
+    from test_deploy import TINY_PROFILE
+    from toolkit import emit as emit_mod
+    from toolkit.package import package
+    from toolkit.profiles import load_profile
+    from toolkit.validate import validate
+    (tmp_path / "p.toml").write_text(TINY_PROFILE)
+    held_out = tmp_path / "heldout.txt"
+    held_out.write_text(tiny_corpus(3000, seed=11))
+    manifest = emit_mod.emit(run, load_profile(tmp_path / "p.toml"), tmp_path / "dist", n_windows=3, n_ctx=64,
+                             text_path=held_out)
+    assert manifest["fits"] == {"model_budget": True, "memory_model": True}
+    report = validate(tmp_path / "dist" / "tiny-test", threads=2)
+    assert report["ok"], (name, report["verdicts"])
+    assert package(tmp_path / "dist" / "tiny-test", tmp_path / "tiny.tar.gz").stat().st_size > 0
 
 
 # ---- bad input: a one-line error, non-zero exit, nothing written ----------------------------------
