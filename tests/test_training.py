@@ -44,7 +44,7 @@ def test_trained_run_has_everything(coa_run):
     run = Run.open(coa_run.path)
     assert run.meta["status"] == "trained" and run.meta["step"] == FAST["steps"]
     assert len(run.trainset()) >= 2
-    for f in ("checkpoint.pt", "trainset.json", "archive.json", "pareto.json", "pareto.png", "tokens.npy"):
+    for f in ("checkpoint.safetensors", "trainset.json", "archive.json", "pareto.json", "pareto.png", "tokens.npy"):
         assert (run.path / f).exists(), f
 
 
@@ -185,9 +185,50 @@ def test_corrupt_checkpoint(coa_run, tmp_path, capsys):
     import shutil
     broken = tmp_path / "broken"
     shutil.copytree(coa_run.path, broken)
-    (broken / "checkpoint.pt").write_bytes(b"garbage")
+    (broken / "checkpoint.safetensors").write_bytes(b"garbage")
     assert main(["adapter", str(broken), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")]) == 1
     assert "corrupt" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that code ran."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_pickle_never_runs(coa_run, tmp_path, capsys):
+    """A run folder whose checkpoint is a pickle (as older coalora wrote, or as an attacker crafts) is refused
+    by every command that reads checkpoints, and its code does not run."""
+    import pickle
+    import shutil
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    shutil.copytree(coa_run.path, evil)
+    (evil / "checkpoint.safetensors").unlink()
+    (evil / "checkpoint.pt").write_bytes(pickle.dumps({"lora": _Payload(marker), "step": 1}))
+    for argv in (["adapter", str(evil), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")],
+                 ["emit", str(evil), "--profile", "rpi4-4gb", "-o", str(tmp_path / "dist")],
+                 ["train", "unused", "-o", str(evil), "--resume", "--steps", "9"]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert "checkpoint.pt from an older coalora" in err and err.count("\n") == 1, err
+    assert not marker.exists()
+    assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "dist").exists()
+
+
+def test_nan_checkpoint_refused(coa_run, tmp_path, capsys):
+    import shutil
+    from toolkit.run import load_checkpoint, save_checkpoint
+    bad = tmp_path / "nan"
+    shutil.copytree(coa_run.path, bad)
+    state = load_checkpoint(bad / "checkpoint.safetensors")
+    state["lora"] = {k: torch.full_like(v, float("nan")) for k, v in state["lora"].items()}
+    save_checkpoint(bad / "checkpoint.safetensors", state)
+    assert main(["adapter", str(bad), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")]) == 1
+    assert "NaN" in capsys.readouterr().err and not (tmp_path / "a.gguf").exists()
 
 
 def test_device_names_are_checked():

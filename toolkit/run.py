@@ -1,7 +1,9 @@
 """A training run folder: what was trained, on which model, and everything derived from it.
 
 RUN/run.json       options, model path and sha256, model layout, status and training statistics
-RUN/checkpoint.pt  LoRA + configuration-aware model + optimizer state (latest step)
+RUN/checkpoint.safetensors  LoRA + configuration-aware model + optimizer state (latest step): tensors in
+                   safetensors, everything else as JSON in its metadata; nothing is unpickled
+                   (a checkpoint.pt of an older coalora is a pickle and is refused)
 RUN/trainset.json  the training configuration set
 RUN/archive.json   configurations evaluated by the search (bits, loss)
 RUN/tokens.npy     the tokenized training text
@@ -9,6 +11,7 @@ RUN/tokens.npy     the tokenized training text
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -39,7 +42,7 @@ class Run:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.path / "checkpoint.pt"
+        return self.path / "checkpoint.safetensors"
 
     @property
     def trainset_path(self) -> Path:
@@ -56,7 +59,12 @@ class Run:
         if not meta_path.exists():
             raise CoaloraError(f"{path} is not a coalora run (no run.json); create one with `coalora train`")
         run = cls(path, read_json(meta_path))
+        if (path / LEGACY_CHECKPOINT).exists() and not run.checkpoint_path.exists():
+            raise CoaloraError(f"run {path} has a {LEGACY_CHECKPOINT} from an older coalora: a pickle, which could run "
+                               f"code when loaded, so coalora no longer reads it; train the run again")
         meta = run.meta
+        if require_trained and meta.get("status") == "trained" and not run.checkpoint_path.exists():
+            raise CoaloraError(f"run {path} is marked trained but its {run.checkpoint_path.name} is missing")
         if require_trained and meta.get("status") != "trained":
             raise CoaloraError(f"run {path} has no trained model yet (status: {meta.get('status', 'unknown')}); "
                                f"finish it with `coalora train ... --resume`")
@@ -172,20 +180,57 @@ class Run:
         return out
 
 
+LEGACY_CHECKPOINT = "checkpoint.pt"
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
+    """``state``: {"lora": {name: tensor}, "optim": an optimizer state_dict, and JSON-able scalars}."""
+    from safetensors.torch import save_file
+
+    tensors = {f"lora/{k}": v.detach().cpu().contiguous().clone() for k, v in state["lora"].items()}
+    optim = state.get("optim") or {"state": {}, "param_groups": []}
+    scalars = {}
+    for pid, entry in optim["state"].items():
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{pid}/{k}"] = v.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{pid}/{k}"] = v
+    meta = {k: v for k, v in state.items() if k not in ("lora", "optim")}
+    meta.update(optim_param_groups=optim["param_groups"], optim_scalars=scalars, format="coalora-checkpoint-1")
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        save_file(tensors, str(tmp), metadata={"coalora": json.dumps(meta)})
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The state :func:`save_checkpoint` wrote (tensors read with safetensors; no code is ever unpickled)."""
+    from safetensors import safe_open
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many kinds for a damaged file
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {}).get("coalora", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise CoaloraError(f"checkpoint {path} is missing") from None
+    except Exception as e:  # safetensors raises its own errors for a damaged file
         raise CoaloraError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
                            f"delete it to train from scratch") from None
-    if not isinstance(state, dict) or "lora" not in state or "step" not in state:
+    if not isinstance(meta, dict) or meta.get("format") != "coalora-checkpoint-1" or "step" not in meta:
         raise CoaloraError(f"checkpoint {path} is not a coalora checkpoint")
-    return state
+    lora = {k[5:]: v for k, v in tensors.items() if k.startswith("lora/")}
+    bad = [k for k, v in lora.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CoaloraError(f"checkpoint {path}: {bad[0]} holds NaN or Inf values")
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, pid, name = k.split("/", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for k, v in (meta.get("optim_scalars") or {}).items():
+        pid, name = k.split("/", 1)
+        state.setdefault(int(pid), {})[name] = v
+    rest = {k: v for k, v in meta.items() if k not in ("optim_param_groups", "optim_scalars", "format")}
+    return {**rest, "lora": lora, "optim": {"state": state, "param_groups": meta.get("optim_param_groups", [])}}
 
 
 def env_threads() -> int:

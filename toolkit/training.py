@@ -326,7 +326,9 @@ def _set_delta_scales(run: Run, model, power: float) -> None:
 
 def _start_from_lora(model, source: Path) -> None:
     """Copy the LoRA matrices of a trained run (e.g. a full-precision fine-tune) into ``model``."""
-    ckpt = source / "checkpoint.pt"
+    if not (source / "run.json").is_file():
+        raise CoaloraError(f"--init-lora {source}: no trained run there")
+    ckpt = Run.open(source, require_trained=False).checkpoint_path
     if not ckpt.is_file():
         raise CoaloraError(f"--init-lora {source}: no trained run there")
     lora = {k: v for k, v in load_checkpoint(ckpt)["lora"].items() if k.startswith("layers.") and ".lora_" in k}
