@@ -388,3 +388,12 @@ def test_type_deltas_train_and_match_llama_cpp(tiny_model_dir, text_file, tmp_pa
     with pytest.raises(CoaloraError, match="type_deltas"):
         train(tmp_path / "d", None, [], TrainOptions(**dict(opts, steps=6)), resume=True, progress=False,
               log=lambda s: None)
+
+
+def test_missing_checkpoint_refused(coa_run, tmp_path, capsys):
+    import shutil
+    gone = tmp_path / "gone"
+    shutil.copytree(coa_run.path, gone)
+    (gone / "checkpoint.safetensors").unlink()
+    assert main(["adapter", str(gone), "--config", "Q8_0", "-o", str(tmp_path / "a.gguf")]) == 1
+    assert "checkpoint.safetensors is missing" in capsys.readouterr().err and not (tmp_path / "a.gguf").exists()

@@ -63,8 +63,6 @@ class Run:
             raise CoaloraError(f"run {path} has a {LEGACY_CHECKPOINT} from an older coalora: a pickle, which could run "
                                f"code when loaded, so coalora no longer reads it; train the run again")
         meta = run.meta
-        if require_trained and meta.get("status") == "trained" and not run.checkpoint_path.exists():
-            raise CoaloraError(f"run {path} is marked trained but its {run.checkpoint_path.name} is missing")
         if require_trained and meta.get("status") != "trained":
             raise CoaloraError(f"run {path} has no trained model yet (status: {meta.get('status', 'unknown')}); "
                                f"finish it with `coalora train ... --resume`")
@@ -114,6 +112,8 @@ class Run:
                          targets=tuple(o["targets"]), seed=o["seed"], type_deltas=tuple(o.get("type_deltas", ())))
         if self.checkpoint_path.exists():
             m.load_lora_state(load_checkpoint(self.checkpoint_path)["lora"])
+        elif self.meta.get("status") == "trained":  # never an untrained adapter in a trained run's name
+            raise CoaloraError(f"run {self.path} is marked trained but its {self.checkpoint_path.name} is missing")
         m.to_device(self.device)
         m.eval()
         return m
