@@ -95,6 +95,11 @@ class GGUFSource:
             v = max(v) if v else 0
         return int(v)
 
+    def chat_template(self) -> str | None:
+        """``tokenizer.chat_template``: what llama-server applies to a conversation."""
+        f = self.reader.get_field("tokenizer.chat_template")
+        return str(f.contents()) if f is not None else None
+
     def hparams(self) -> dict:
         """The shape numbers the memory model and the adapter need."""
         if self._hparams is None:

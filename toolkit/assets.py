@@ -152,7 +152,7 @@ def resolve_texts(args) -> list[Path]:
         elif a in ("austen-eval", EVAL_NOVEL):
             out += require_novels([EVAL_NOVEL])
         elif not Path(a).is_file():
-            raise CoaloraError(f"text file not found: {a}")
+            raise CoaloraError(f"data file not found: {a}")
         else:
             out.append(Path(a))
     return out

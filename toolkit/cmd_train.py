@@ -23,6 +23,12 @@ def _train_options(f):
         click.option("--targets", default="all", show_default=True,
                      help="Comma-separated GGUF tensor kinds that get a LoRA (attn_q,ffn_down,...; phi3: attn_qkv,...); "
                           "all: every block projection of the architecture."),
+        click.option("--data-format", type=click.Choice(["auto", "chat", "instruction", "text"]), default="auto",
+                     show_default=True, help="Record files (.jsonl/.json/.parquet/.csv): auto detects messages "
+                     "(chat), prompt+completion (instruction) or text; chat and instruction records use the "
+                     "model's chat template, with the loss on the answers only."),
+        click.option("--eval-data", multiple=True, help="Held-out records the search scores configurations on "
+                     "(default: the last whole records of --data)."),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", default="auto", show_default=True,
                      help="Where torch trains: auto (a CUDA GPU when torch sees one), cpu, cuda[:N]."),
@@ -54,7 +60,7 @@ def _report(run, as_json: bool) -> None:
     summary = {"run": str(run.path), "mode": m["options"]["mode"], "steps": m["step"],
                "final_loss": m.get("final_loss"), "final_loss_kind": m.get("final_loss_kind", "cross-entropy"),
                **({"final_anchor_loss": m["final_anchor_loss"]} if "final_anchor_loss" in m else {}),
-               "train_seconds": m.get("train_seconds"),
+               "data": m.get("data_summary"), "train_seconds": m.get("train_seconds"),
                "tokens_per_second": m.get("tokens_per_second"), "training_configurations": len(run.trainset())}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -69,6 +75,7 @@ def _run_training(model, data, out, mode, fixed, rank, alpha, steps, seq_len, ba
 
     model_path = assets.resolve_model(model) if not resume else None
     texts = assets.resolve_texts(data) if not resume else []
+    extra["eval_data"] = tuple(str(p) for p in assets.resolve_texts(extra.get("eval_data") or ())) if not resume else ()
     if not resume and not texts:
         raise CoaloraError("no training text given (--data FILE..., or --data austen)")
     opts = TrainOptions(mode=mode, rank=rank, alpha=alpha, steps=steps, seq_len=seq_len, batch=batch, lr=lr,

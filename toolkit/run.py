@@ -166,15 +166,22 @@ class Run:
         from toolkit.training import calibration_stream
 
         model = self.model()
-        batch = calibration_stream(self).calibration_batch(n_windows).to(self.device)
+        batch, labels = (t.to(self.device) for t in calibration_stream(self).labelled_calibration(n_windows))
         out = []
         for cfg in cfgs:
             model.set_configuration(cfg)
             windows = []
-            for b in batch.split(8):
+            for b, lab in zip(batch.split(8), labels.split(8)):
                 logits = model(b).logits[:, :-1].float()
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="none")
-                windows.append(nll.view(len(b), -1).mean(1).cpu().double().numpy())
+                target = lab[:, 1:]
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
+                                      ignore_index=-100).view(len(b), -1)
+                valid = target != -100
+                if bool(valid.all()):  # running text: every position
+                    w = nll.mean(1)
+                else:  # records: their target tokens only
+                    w = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
+                windows.append(w.cpu().double().numpy())
             w = np.concatenate(windows)
             out.append(w if per_window else float(w.mean()))
         return out

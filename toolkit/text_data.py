@@ -50,3 +50,51 @@ class TokenStream:
         n = self.seq_len
         k = min(n_windows or self.calib_windows, len(self.calib) // n)
         return torch.stack([self.calib[i * n:(i + 1) * n] for i in range(k)])
+
+    # the same windows with their labels: every token is a target in running text
+    def labelled_batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch(seed, step, batch_size)
+        return b, b
+
+    def labelled_calibration(self, n_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.calibration_batch(n_windows)
+        return b, b
+
+
+class RecordStream:
+    """Padded record windows (:mod:`toolkit.records`), sampled reproducibly from (seed, step). Labels are
+    -100 where a token is no target (prompts, padding). The held-out tail is made of whole records (at least
+    ``calib_fraction`` of the windows and ``calib_windows`` windows), unless ``calib`` gives held-out windows."""
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, record: np.ndarray, calib_fraction: float = 0.02,
+                 calib_windows: int = 4, calib: tuple[np.ndarray, np.ndarray] | None = None):
+        labels = np.where(mask, ids, -100)
+        if calib is None:
+            n = len(ids)
+            cut = n - max(int(np.ceil(n * calib_fraction)), calib_windows)
+            while 0 < cut < n and record[cut - 1] == record[cut]:  # never split a record
+                cut -= 1
+            if cut < 4:
+                raise CoaloraError(f"training data too small: {n} windows of {ids.shape[1]} tokens, need at least "
+                                   f"{4 + max(int(np.ceil(n * calib_fraction)), calib_windows)} (4 to train on and a "
+                                   f"held-out part of whole records)")
+            train, held = slice(0, cut), slice(cut, n)
+            self.train_ids, self.train_labels = torch.from_numpy(ids[train]), torch.from_numpy(labels[train])
+            self.calib_ids, self.calib_labels = torch.from_numpy(ids[held]), torch.from_numpy(labels[held])
+        else:
+            if len(ids) < 4:
+                raise CoaloraError(f"training data too small: {len(ids)} windows, need at least 4")
+            self.train_ids, self.train_labels = torch.from_numpy(ids), torch.from_numpy(labels)
+            self.calib_ids = torch.from_numpy(calib[0])
+            self.calib_labels = torch.from_numpy(np.where(calib[1], calib[0], -100))
+        self.seq_len = ids.shape[1]
+        self.calib_windows = calib_windows
+
+    def labelled_batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, len(self.train_ids), (batch_size,), generator=g)
+        return self.train_ids[idx], self.train_labels[idx]
+
+    def labelled_calibration(self, n_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = min(n_windows or self.calib_windows, len(self.calib_ids))
+        return self.calib_ids[:k], self.calib_labels[:k]

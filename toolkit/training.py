@@ -20,9 +20,10 @@ from torch.nn import functional as F
 
 from converters.configuration import DEFAULT_MENU, Configuration
 from converters.errors import CoaloraError
-from converters.fileio import model_fingerprint, write_json
+from converters.fileio import atomic_path, model_fingerprint, sha256_file, write_json
 from toolkit.run import Run, load_checkpoint, save_checkpoint
-from toolkit.text_data import TokenStream, tokenize_files
+from toolkit.records import FORMATS, build_windows, is_record_file
+from toolkit.text_data import RecordStream, TokenStream, tokenize_files
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainOptions:
     type_deltas: tuple = ()  # coa: quant types that get, per tensor, a trained correction of A and B
     delta_lr: float = 0.0  # learning rate of those corrections (0: lr)
     delta_error_power: float = 0.5  # a correction's scale: (its type's quantization error / Q4_0's) ** power
+    data_format: str = "auto"  # record files: auto (from their fields), chat, instruction or text
+    eval_data: tuple = ()  # files whose records are the held-out part (default: the tail of the training records)
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
         """The configuration of one step (of its ``part``-th share of the batch): with probability
@@ -80,14 +83,51 @@ _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_
            "delta_lr", "delta_error_power")
 
 
+WINDOWS_FILE = "windows.npz"  # record data: ids, mask, record (+ calib_ids, calib_mask with --eval-data)
+
+
 @functools.cache
-def _stream_for(path: str, seq_len: int, calib_windows: int) -> TokenStream:
-    return TokenStream(np.load(path), seq_len, calib_windows=calib_windows)
+def _stream_for(path: str, seq_len: int, calib_windows: int) -> TokenStream | RecordStream:
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            calib = (z["calib_ids"], z["calib_mask"]) if "calib_ids" in z else None
+            return RecordStream(z["ids"], z["mask"], z["record"], calib_windows=calib_windows, calib=calib)
+    return TokenStream(np.load(path, allow_pickle=False), seq_len, calib_windows=calib_windows)
 
 
-def calibration_stream(run: Run) -> TokenStream:
+def calibration_stream(run: Run) -> TokenStream | RecordStream:
     o = run.meta["options"]
-    return _stream_for(str(run.path / "tokens.npy"), o["seq_len"], o["calib_windows"])
+    records = run.path / WINDOWS_FILE
+    path = records if records.exists() else run.path / "tokens.npy"
+    return _stream_for(str(path), o["seq_len"], o["calib_windows"])
+
+
+def _prepare_data(run_dir: Path, loaded, data_paths, opts: "TrainOptions") -> tuple[dict, callable]:
+    """Tokenize the training data (checked before any folder exists); returns its summary and a function
+    that saves it into the run folder."""
+    if opts.data_format not in FORMATS:
+        raise CoaloraError(f"--data-format {opts.data_format!r}: choose from {', '.join(FORMATS)}")
+    if opts.data_format == "auto" and not opts.eval_data and not any(is_record_file(p) for p in data_paths):
+        tokens = tokenize_files(loaded.tokenizer, data_paths)  # running text, as the demo trains
+        TokenStream(tokens, opts.seq_len, calib_windows=opts.calib_windows)  # validates length
+        summary = {"format": "text", "records": len(data_paths), "tokens": int(len(tokens)),
+                   "loss_tokens": int(len(tokens)), "truncated": 0}
+        return summary, lambda: np.save(run_dir / "tokens.npy", tokens)
+    template = loaded.gguf.chat_template()
+    w = build_windows(loaded.tokenizer, template, data_paths, opts.seq_len, opts.data_format)
+    arrays = {"ids": w.ids, "mask": w.mask, "record": w.record}
+    calib = None
+    if opts.eval_data:
+        e = build_windows(loaded.tokenizer, template, opts.eval_data, opts.seq_len, opts.data_format)
+        calib = (e.ids, e.mask)
+        arrays.update(calib_ids=e.ids, calib_mask=e.mask)
+    RecordStream(w.ids, w.mask, w.record, calib_windows=opts.calib_windows, calib=calib)  # validates size
+
+    def save():
+        with atomic_path(run_dir / WINDOWS_FILE) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+    return w.summary.to_json(), save
 
 
 def sensitivity_errors(run: Run) -> dict:
@@ -170,11 +210,11 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             "status": "training", "model": str(model_path.resolve()), "model_sha256": model_fingerprint(model_path),
             "arch": loaded.arch, "options": _jsonable(asdict(opts)), "layout": layout.describe(),
             "data": [str(Path(p).resolve()) for p in data_paths], "step": 0,
+            "data_sha256": {str(Path(p).resolve()): sha256_file(p) for p in [*data_paths, *opts.eval_data]},
         })
-        tokens = tokenize_files(loaded.tokenizer, data_paths)
-        TokenStream(tokens, opts.seq_len, calib_windows=opts.calib_windows)  # validates length
+        run.meta["data_summary"], save_data = _prepare_data(run_dir, loaded, data_paths, opts)
         run_dir.mkdir(parents=True, exist_ok=True)
-        np.save(run_dir / "tokens.npy", tokens)
+        save_data()
         if fixed_config is not None:
             layout.validate(fixed_config, strict_menu=False)
             trainset = [fixed_config]
@@ -230,14 +270,14 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             model.train()
         if interrupt_at is not None and step == interrupt_at:
             raise KeyboardInterrupt
-        batch = stream.batch(opts.seed, step, opts.batch).to(run.device)
+        batch, labels = (t.to(run.device) for t in stream.labelled_batch(opts.seed, step, opts.batch))
         for grp in optim.param_groups:
             grp["lr"] = opts.lr_at(step, grp["base_lr"])
         optim.zero_grad(set_to_none=True)
         target = None
         if anchor is not None:  # the anchor learns the text on the whole batch; its output is the target below
             model.set_configuration(anchor)
-            out = model(batch, labels=batch)
+            out = model(batch, labels=labels)
             out.loss.backward()
             a = out.loss.item()
             anchor_ema = a if anchor_ema is None else 0.9 * anchor_ema + 0.1 * a
@@ -247,15 +287,19 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             if opts.anchor_lora_weight != 1.0:  # kept to re-weight the configurations' share below
                 anchor_grads = [p.grad.clone() for p in lora]
         k = opts.configs_per_step if len(trainset) > 1 else 1
-        parts = [batch] * k if opts.config_batch == "full" else batch.tensor_split(min(k, opts.batch))
+        if opts.config_batch == "full":
+            parts, label_parts = [batch] * k, [labels] * k
+        else:
+            parts, label_parts = batch.tensor_split(min(k, opts.batch)), labels.tensor_split(min(k, opts.batch))
         loss, n_seqs, row = 0.0, sum(len(q) for q in parts), 0
-        for j, part in enumerate(parts):  # one configuration per part; gradients accumulate to the mean loss
+        for j, (part, part_labels) in enumerate(zip(parts, label_parts)):  # one configuration per part
             cfg = opts.pick(trainset, run.layout.bits_per_weight, step, j)
             model.set_configuration(cfg)
             if target is None:
-                part_loss = model(part, labels=part).loss
-            else:  # distillation: match the anchor's next-token distribution
-                part_loss = _kl(target[row:row + len(part)], model(part).logits)
+                part_loss = model(part, labels=part_labels).loss
+            else:  # distillation: match the anchor's next-token distribution (on the target positions of records)
+                weight = _target_positions(part_labels) if isinstance(stream, RecordStream) else None
+                part_loss = _kl(target[row:row + len(part)], model(part).logits, weight)
                 row = row + len(part) if opts.config_batch == "split" else 0
             part_loss = part_loss * (len(part) / n_seqs)
             part_loss.backward()
@@ -299,10 +343,21 @@ def _anchor_configuration(run: Run, opts: TrainOptions) -> Configuration | None:
         raise CoaloraError(f"--anchor {opts.anchor}: {e}") from None
 
 
-def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(anchor || configuration) of the next-token distributions."""
+def _kl(target_logp: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions (those with ``weight``, if given) of KL(anchor || configuration) of the next-token
+    distributions."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1).mean()
+    kl = F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1)
+    if weight is None:
+        return kl.mean()
+    return (kl * weight).sum() / weight.sum().clamp(min=1)
+
+
+def _target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """1.0 where a position's next token is a training target (the positions whose prediction is trained)."""
+    w = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    w[:, :-1] = (labels[:, 1:] != -100).float()
+    return w
 
 
 def _set_delta_scales(run: Run, model, power: float) -> None:
