@@ -169,3 +169,26 @@ def test_parquet_without_usable_column_and_model_without_template(tiny_model_dir
     assert main(["train", str(plain), "-o", str(tmp_path / "run2"), "--data", data]) == 1
     assert "needs the model's chat template" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_emit_and_validate_on_held_out_chats(tiny_model_dir, tmp_path):
+    """A chat run emitted and validated with held-out chat records: llama.cpp scores the answers only, the
+    adapter lowers their perplexity, and torch's prediction matches."""
+    from test_deploy import TINY_PROFILE
+    from toolkit import emit as emit_mod
+    from toolkit.profiles import load_profile
+    from toolkit.validate import validate
+    data = write_jsonl(tmp_path / "train.jsonl", chats(120, seed=5))
+    held = write_jsonl(tmp_path / "held.jsonl", chats(12, seed=7))
+    run = train(tmp_path / "run", tiny_model_dir, [data], TrainOptions(steps=24, seq_len=96, batch=4, lr=1e-2,
+                rounds=1, checkpoint_every=24, search_candidates=2), progress=False, log=lambda s: None)
+    (tmp_path / "p.toml").write_text(TINY_PROFILE)
+    m = emit_mod.emit(run, load_profile(tmp_path / "p.toml"), tmp_path / "dist", n_windows=8, n_ctx=96,
+                      text_path=held)
+    assert m["evaluation"]["data_format"] == "chat"
+    r = validate(tmp_path / "dist" / "tiny-test", threads=2, data=held)
+    ev = r["evaluation"]
+    assert r["ok"], r["verdicts"]
+    assert ev["same_windows_as_manifest"] and ev["n_windows"] == 8 and ev["data_format"] == "chat"
+    assert ev["perplexity_adapter"] < ev["perplexity_base"], ev
+    assert abs(ev["relative_difference"]) < 0.005, ev

@@ -18,7 +18,8 @@ from pathlib import Path
 from toolkit import memory_model as mm
 from converters.configuration import Configuration, ModelLayout
 from converters.errors import CoaloraError
-from toolkit.evaluation import N_CTX, N_WINDOWS, eval_windows, model_bos, perplexity, torch_window_nll, windows_digest
+from toolkit.evaluation import (N_CTX, N_WINDOWS, eval_windows, masked_perplexity, model_bos, perplexity,
+                                records_digest, torch_window_nll, windows_digest)
 from converters.fileio import sha256_file, write_json
 from toolkit.profiles import Profile
 
@@ -84,6 +85,48 @@ def gguf_windows(model_path, text: str, n_windows: int, n_ctx: int):
         vocab.close()
 
 
+def eval_set(model_path, data_path: Path, n_windows: int, n_ctx: int):
+    """The evaluation windows of ``data_path`` tokenized by the GGUF's own vocabulary (llama.cpp): emit and
+    validate score exactly the same tokens. Running text: (windows, None, bos, "text", digest); a record file
+    (.jsonl, .json, .parquet, .csv): one window per record, scored on its answers, with their masks."""
+    from toolkit.records import eval_records, is_record_file
+
+    if not is_record_file(data_path):
+        windows, bos = gguf_windows(model_path, Path(data_path).read_text(), n_windows, n_ctx)
+        return windows, None, bos, "text", windows_digest(windows)
+    from llama_cpp import Llama
+
+    from converters.gguf_source import GGUFSource
+    from toolkit.llama_runtime import _quiet_llama_logs
+
+    src = GGUFSource(model_path)
+    tokens = src.reader.get_field("tokenizer.ggml.tokens")
+    special = {}
+    for name in ("bos", "eos"):
+        f = src.reader.get_field(f"tokenizer.ggml.{name}_token_id")
+        if f is not None and 0 <= int(f.contents()) < len(tokens.data):
+            special[f"{name}_token"] = str(tokens.contents(int(f.contents())))
+    _quiet_llama_logs()
+    try:
+        vocab = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise CoaloraError(f"llama.cpp cannot read the vocabulary of {model_path}: {e}") from None
+    try:
+        bos = model_bos(vocab)
+        windows, masks, fmt = eval_records(data_path, src.chat_template(), lambda t: list(
+            vocab.tokenize(t.encode("utf-8"), add_bos=False, special=True)), n_windows, n_ctx, special, bos)
+    finally:
+        vocab.close()
+    return windows, masks, bos, fmt, records_digest(windows, masks)
+
+
+def predicted_perplexity(logits_fn, windows, masks) -> float:
+    """What torch predicts llama.cpp will measure on the windows (the masked tokens, for records)."""
+    if masks is None:
+        return perplexity(torch_window_nll(logits_fn, windows))
+    return masked_perplexity([torch_window_nll(logits_fn, [w])[0] for w in windows], masks)
+
+
 def _num(x):
     return None if x is None else float(x)
 
@@ -120,7 +163,6 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
     cfg = res.cfg
     avoided = sorted({q.name for q in cfg.types.values()} & set(profile.avoid))
     text_file = eval_text(text_path)
-    text = text_file.read_text()
 
     out_dir = Path(out_dir)
     dest = out_dir / profile.name
@@ -137,9 +179,8 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
         model_bytes, adapter_bytes = model_path.stat().st_size, adapter_path.stat().st_size
 
         log(f"{profile.name}: predicting perplexity on {n_windows} windows of {n_ctx} tokens")
-        windows, bos = gguf_windows(model_path, text, n_windows, n_ctx)
-        nll = torch_window_nll(run.torch_logits_fn(cfg), windows)
-        ppl = perplexity(nll)
+        windows, masks, bos, data_format, digest = eval_set(model_path, text_file, n_windows, n_ctx)
+        ppl = predicted_perplexity(run.torch_logits_fn(cfg), windows, masks)
 
         mem = profile.memory(arch, model_bytes, adapter_bytes, mm.repack_bytes(layout, cfg))
         manifest = {
@@ -157,7 +198,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
             "files": {MODEL_FILE: {"bytes": model_bytes, "sha256": sha256_file(model_path)},
                       ADAPTER_FILE: {"bytes": adapter_bytes, "sha256": sha256_file(adapter_path)}},
             "evaluation": {"text": text_file.name, "text_path": str(text_file.resolve()), "text_sha256": sha256_file(text_file), "n_windows": n_windows,
-                           "n_ctx": n_ctx, "bos": bos, "windows_sha256": windows_digest(windows),
+                           "data_format": data_format, "n_ctx": n_ctx, "bos": bos, "windows_sha256": digest,
                            "predicted_perplexity": ppl},
             "memory": mem.as_dict(),
             "fits": {"model_budget": model_bytes <= budget, "memory_model": mem.total <= profile.process_budget_bytes},

@@ -87,6 +87,25 @@ def perplexity(nll: np.ndarray) -> float:
     return float(np.exp(np.mean(nll)))
 
 
+def masked_perplexity(nlls: Sequence[np.ndarray], masks: Sequence[Sequence[bool]]) -> float:
+    """Perplexity over the target tokens only: ``nlls[i][t]`` is the NLL of token t+1 of window i, counted
+    where ``masks[i][t+1]`` (the answer tokens of a chat record)."""
+    total = count = 0.0
+    for nll, m in zip(nlls, masks):
+        w = np.asarray(m[1:len(nll) + 1], dtype=bool)
+        total += float(np.asarray(nll, dtype=np.float64)[w].sum())
+        count += int(w.sum())
+    return float(np.exp(total / max(count, 1)))
+
+
+def records_digest(windows, masks) -> str:
+    """sha256 of variable-length windows and their target masks."""
+    h = hashlib.sha256()
+    for w, m in zip(windows, masks):
+        h.update(np.asarray(w, dtype=np.int64).tobytes() + np.asarray(m, dtype=bool).tobytes() + b"|")
+    return h.hexdigest()
+
+
 def _log_softmax64(logits) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     x = x - x.max(axis=-1, keepdims=True)

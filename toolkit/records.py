@@ -222,3 +222,61 @@ def build_windows(tokenizer, template: str | None, paths, seq_len: int, fmt: str
     summary.tokens = int(sum(len(t) for t in ids))
     summary.loss_tokens = int(out_mask.sum())
     return Windows(out_ids, out_mask, np.asarray(record, dtype=np.int64), summary)
+
+
+# ---- evaluation with llama.cpp's tokenizer ----------------------------------------------------
+def render_text(template: str, messages: list[dict], add_generation_prompt: bool, special: dict, where: str) -> str:
+    """The chat template applied as transformers (and llama-server's jinja) apply it, without a tokenizer."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    try:
+        out = render_jinja_template([messages], chat_template=template, add_generation_prompt=add_generation_prompt,
+                                    **special)
+    except Exception as e:
+        raise CoaloraError(f"{where}: the chat template fails on this record ({_short(e)})") from None
+    return out[0][0] if isinstance(out, tuple) else out[0]
+
+
+def eval_records(path, template: str | None, tokenize, n_windows: int, n_ctx: int, special: dict,
+                 bos: int | None = None, fmt: str = "auto") -> tuple[list[list[int]], list[list[bool]], str]:
+    """Up to ``n_windows`` evaluation windows of a record file, tokenized by ``tokenize`` (llama.cpp's vocabulary):
+    (token ids, target mask, format). Chat / instruction records are scored on their assistant turns only,
+    found by tokenizing the conversation turn by turn; text records on every token."""
+    rows = read_records(path)
+    f = detect_format(path, rows[0].keys()) if fmt == "auto" else fmt
+    if f in ("chat", "instruction") and not template:
+        raise CoaloraError(f"{path}: {f} data needs the model's chat template, and this model has none")
+    windows, masks = [], []
+    for n, row in enumerate(rows, 1):
+        if len(windows) >= n_windows:
+            break
+        where = f"{path}: record {n}"
+        if f == "text":
+            t = row.get("text")
+            if not isinstance(t, str) or not t:
+                raise CoaloraError(f"{where}: text must be a non-empty string")
+            toks, mask = tokenize(t), None
+        else:
+            msgs = _messages(row, f, where)
+            toks = tokenize(render_text(template, msgs, False, special, where))
+            mask = [False] * len(toks)
+            for i, m in enumerate(msgs):
+                if m["role"] != "assistant":
+                    continue
+                a = tokenize(render_text(template, msgs[:i], True, special, where))
+                b = tokenize(render_text(template, msgs[:i + 1], False, special, where))
+                if toks[:len(a)] != a or toks[:len(b)] != b:
+                    raise CoaloraError(f"{where}: the conversation does not tokenize turn by turn, so its "
+                                       f"assistant tokens cannot be found")
+                mask[len(a):len(b)] = [True] * (len(b) - len(a))
+        if bos is not None and (not toks or toks[0] != bos):
+            toks = [bos] + toks
+            mask = None if mask is None else [False] + mask
+        mask = [True] * len(toks) if mask is None else mask
+        toks, mask = toks[:n_ctx], mask[:n_ctx]
+        mask[0] = False
+        if len(toks) > 1 and any(mask):
+            windows.append(toks)
+            masks.append(mask)
+    if not windows:
+        raise CoaloraError(f"{path}: no record with tokens to evaluate")
+    return windows, masks, f

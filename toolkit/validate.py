@@ -27,7 +27,7 @@ import numpy as np
 
 from toolkit import memory_model as mm
 from converters.errors import CoaloraError
-from toolkit.evaluation import StreamComparison, nll_from_logits, perplexity, windows_digest
+from toolkit.evaluation import StreamComparison, masked_perplexity, nll_from_logits, perplexity
 from converters.fileio import sha256_file
 
 PPL_TOLERANCE = 0.01  # measured residual up to 0.63% (Q8_0-heavy SmolLM2 mix, see the module docstring)
@@ -173,7 +173,7 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
              threads: int | None = None, measure_tokens: int | None = None, log=lambda m: None) -> dict:
     """``measure_tokens``: prompt length of the memory / speed measurement (default: fill the profile's
     context, what the memory model predicts); ``threads`` overrides the profile's for all llama.cpp work."""
-    from toolkit.emit import ADAPTER_FILE, MODEL_FILE, eval_text, gguf_windows
+    from toolkit.emit import ADAPTER_FILE, MODEL_FILE, eval_set, eval_text
     from toolkit.llama_runtime import load_adapter, open_model, set_adapter, validate_adapter_file, window_logits
 
     t0 = time.perf_counter()
@@ -190,9 +190,9 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
     if data is None and ev.get("text_path") and Path(ev["text_path"]).is_file():
         data = ev["text_path"]
     text_file = eval_text(data)
-    text = text_file.read_text()
-    windows, _ = gguf_windows(model, text, n_windows, n_ctx)
-    same_protocol = sha256_file(text_file) == ev["text_sha256"] and n_windows == ev["n_windows"] and windows_digest(windows) == ev["windows_sha256"]
+    windows, masks, _, data_format, digest = eval_set(model, text_file, n_windows, n_ctx)
+    same_protocol = (sha256_file(text_file) == ev["text_sha256"] and n_windows == ev["n_windows"]
+                     and digest == ev["windows_sha256"])
 
     ref_path = Path(reference) if reference else reference_gguf(manifest, log)
     llm = open_model(model, n_ctx=n_ctx, n_threads=threads)
@@ -218,7 +218,10 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
         llm.close()
         if ref is not None:
             ref.close()
-    ppl_base, ppl_adapted = perplexity(np.stack(nll_base)), perplexity(np.stack(nll_adapted))
+    if masks is None:
+        ppl_base, ppl_adapted = perplexity(np.stack(nll_base)), perplexity(np.stack(nll_adapted))
+    else:  # records: their answer tokens
+        ppl_base, ppl_adapted = masked_perplexity(nll_base, masks), masked_perplexity(nll_adapted, masks)
     predicted = ev["predicted_perplexity"]
     rel = ppl_adapted / predicted - 1
 
@@ -243,7 +246,8 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
     report = {
         "dist": str(dist_dir), "profile": profile.name, "checksums": sums,
         "adapter": {"rank": info.rank, "alpha": info.alpha, "tensors": len(info.targets)},
-        "evaluation": {"n_windows": n_windows, "n_ctx": n_ctx, "same_windows_as_manifest": same_protocol,
+        "evaluation": {"n_windows": len(windows), "n_ctx": n_ctx, "data_format": data_format,
+                       "same_windows_as_manifest": same_protocol,
                        "perplexity_base": ppl_base, "perplexity_adapter": ppl_adapted,
                        "predicted_perplexity": predicted, "relative_difference": rel},
         "reference": None if ref is None else {"path": str(ref_path), "base": cmp_base.summary(),
