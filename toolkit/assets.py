@@ -156,3 +156,27 @@ def resolve_texts(args) -> list[Path]:
         else:
             out.append(Path(a))
     return out
+
+
+def austen_chats(novel: str, max_chars: int = 400) -> list[dict]:
+    """Chat records from a novel's dialogue: paragraphs holding quoted speech, in order, are turns; the quoted
+    words of four consecutive such paragraphs (narration in between ends a conversation) make one conversation
+    (user, assistant, user, assistant), stride four."""
+    import re
+
+    quote = re.compile(r'"([^"]+)"')
+    turns, chats = [], []
+    for para in re.split(r"\n\s*\n", require_novels([novel])[0].read_text()):
+        para = " ".join(para.split())
+        if para.count('"') < 2 or para.count('"') % 2:
+            turns = []
+            continue
+        said = " ".join(q.strip() for q in quote.findall(para)).strip()
+        if len(said.split()) < 2:
+            continue
+        turns.append(said[:max_chars])
+        if len(turns) == 4:
+            roles = ("user", "assistant", "user", "assistant")
+            chats.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]})
+            turns = []
+    return chats

@@ -1,0 +1,123 @@
+"""Benchmark: CoA-LoRA on chat data, scored on held-out answers with SmolLM2's chat template.
+
+The chat data is built reproducibly from the Austen novels (public domain; ``toolkit.assets.austen_chats``):
+paragraphs holding quoted speech, in order, are conversation turns; the quoted words of four consecutive such
+paragraphs make one conversation (user, assistant, user, assistant), stride four. The five training novels give the training chats, *Pride
+and Prejudice* the held-out ones. Training: `coalora train --mode coa` (plain defaults) and the
+full-precision LoRA (`coalora finetune --config F32`), same steps / batch / sequence length, loss on the
+assistant turns only. Evaluation: llama.cpp (CPU, F32 KV cache) perplexity of the held-out chats' answer
+tokens, with the GGUF's chat template applied (what `coalora validate --data held.jsonl` measures), per
+budget: the searched mix without adapter, llama.cpp's stock file of that size with the full-precision LoRA,
+the searched mix with the CoA-LoRA adapter.
+
+    .venv/bin/python bench/chat.py [--steps 60] [--budgets Q8_0,Q5_0]
+Writes bench/results/chat.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import cli, markdown_table, provenance, write_results  # noqa: E402
+from bench.quality import llama_quantize  # noqa: E402
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--held-out", type=int, default=64, help="Held-out conversations scored.")
+    ap.add_argument("--budgets", default="Q8_0,Q5_0", help="Stock types whose file sizes are the budgets.")
+    ap.add_argument("--work", type=Path, default=Path("bench/work/chat"))
+    args = ap.parse_args()
+    from converters.configuration import Configuration
+    from toolkit import assets, evaluation, llama_runtime
+    from toolkit.emit import eval_set
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    train_rows = [c for n in assets.TRAIN_NOVELS for c in assets.austen_chats(n)]
+    held_rows = assets.austen_chats(assets.EVAL_NOVEL)
+    train_file = write_jsonl(work / "austen-chats-train.jsonl", train_rows)
+    held_file = write_jsonl(work / "austen-chats-held-out.jsonl", held_rows)
+    print(f"{len(train_rows)} training chats, {len(held_rows)} held-out chats", flush=True)
+
+    common = ["--data", train_file, "--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch, "--json"]
+    runs = {}
+    for name, cmd in (("fp", ["finetune", "smollm2", "--config", "F32"]), ("coa", ["train", "smollm2", "--mode", "coa"])):
+        out = work / "runs" / name
+        if not (out / "run.json").exists() or json.loads((out / "run.json").read_text()).get("status") != "trained":
+            summary, wall = cli(*cmd, "-o", out, *common)
+            print(f"  trained {name} in {wall:.0f} s: {summary['data']}", flush=True)
+        runs[name] = json.loads((out / "run.json").read_text())
+
+    f32 = work / "f32.gguf"
+    if not f32.exists():
+        cli("convert", assets.smollm2_path(), "--type", "F32", "-o", f32)
+    fp_adapter = work / "fp-adapter.gguf"
+    if not fp_adapter.exists():
+        cli("adapter", work / "runs" / "fp", "--config", "F32", "-o", fp_adapter)
+    windows, masks, *_ = eval_set(f32, held_file, args.held_out, args.seq_len)
+
+    def ppl(model: Path, adapter: Path | None) -> float:
+        llm = llama_runtime.open_model(model, n_ctx=args.seq_len)
+        try:
+            handle = llama_runtime.load_adapter(llm, adapter, model) if adapter else None
+            llama_runtime.set_adapter(llm, handle)
+            nll = [evaluation.nll_from_logits(llama_runtime.window_logits(llm, w), w) for w in windows]
+            if handle:
+                llama_runtime.set_adapter(llm, None)
+                handle.close()
+        finally:
+            llm.close()
+        return evaluation.masked_perplexity(nll, masks)
+
+    rows = [{"budget": "", "method": "F32, no adapter", "file_bytes": f32.stat().st_size, "ppl": ppl(f32, None)},
+            {"budget": "", "method": "F32 + full-precision LoRA (floor)", "file_bytes": f32.stat().st_size,
+             "ppl": ppl(f32, fp_adapter)}]
+    for t in [b for b in args.budgets.split(",") if b]:
+        stock = work / f"stock-{t}.gguf"
+        if not stock.exists():
+            llama_quantize(f32, stock, t)
+        budget = stock.stat().st_size
+        cfg_path, mixed, coa_adapter = work / f"cfg-{t}.json", work / f"mixed-{t}.gguf", work / f"coa-{t}.gguf"
+        if not cfg_path.exists():
+            cli("search", work / "runs" / "coa", "--budget-bytes", budget, "--confirm", 3, "-o", cfg_path, "--json")
+        if not mixed.exists():
+            cli("convert", assets.smollm2_path(), "--recipe", cfg_path, "-o", mixed)
+        if not coa_adapter.exists():
+            cli("adapter", work / "runs" / "coa", "--config", cfg_path, "-o", coa_adapter)
+        label = f"<= {t} size ({budget:,} B)"
+        hist = ", ".join(f"{k} x{v}" for k, v in Configuration.load(cfg_path).histogram().items())
+        rows += [{"budget": label, "method": "searched mix, no adapter", "file_bytes": mixed.stat().st_size,
+                  "ppl": ppl(mixed, None), "mix": hist},
+                 {"budget": label, "method": f"stock {t} + full-precision LoRA", "file_bytes": budget,
+                  "ppl": ppl(stock, fp_adapter)},
+                 {"budget": label, "method": "searched mix + CoA-LoRA adapter", "file_bytes": mixed.stat().st_size,
+                  "ppl": ppl(mixed, coa_adapter), "mix": hist}]
+        print("  " + "  ".join(f"{r['method']}: {r['ppl']:.3f}" for r in rows[-3:]), flush=True)
+    for r in rows:
+        r["ppl"] = round(r["ppl"], 4)
+    cols = [("budget", "budget"), ("method", "method"), ("file_bytes", "file bytes"),
+            ("ppl", "answer perplexity (llama.cpp)"), ("mix", "searched types")]
+    data = runs["coa"]["data_summary"]
+    md = (f"{len(train_rows)} training chats ({data['tokens']:,} tokens, {data['loss_tokens']:,} answer tokens, "
+          f"{data['truncated']} truncated to {args.seq_len}), {len(windows)} held-out chats of Pride and Prejudice; "
+          f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, rank 8, loss on the answers; perplexity of "
+          f"the held-out answer tokens with SmolLM2's chat template, by llama.cpp.\n\n" + markdown_table(rows, cols))
+    write_results("chat", {"provenance": provenance(), "protocol": vars(args) | {"work": str(args.work)},
+                           "train_chats": len(train_rows), "held_out_chats": len(windows), "data": data,
+                           "train_seconds": {k: v.get("train_seconds") for k, v in runs.items()}, "rows": rows}, md)
+
+
+if __name__ == "__main__":
+    main()

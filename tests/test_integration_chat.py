@@ -1,0 +1,32 @@
+"""SmolLM2 on chat data: a chat JSONL run, emitted and validated with held-out chats (answer tokens only)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from toolkit import assets
+
+
+@pytest.mark.integration
+def test_smollm2_chat_run_emit_validate(smollm2_gguf, tmp_path):
+    from toolkit import emit as emit_mod
+    from toolkit.profiles import load_profile
+    from toolkit.training import TrainOptions, train
+    from toolkit.validate import validate
+
+    if not assets.novel_path(assets.EVAL_NOVEL).exists():
+        pytest.skip("Austen text missing; run `coalora assets --fetch`")
+    train_file, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train_file.write_text("".join(json.dumps(c) + "\n" for c in assets.austen_chats("emma")))
+    held.write_text("".join(json.dumps(c) + "\n" for c in assets.austen_chats(assets.EVAL_NOVEL)[:8]))
+    run = train(tmp_path / "run", smollm2_gguf, [train_file], TrainOptions(steps=16, seq_len=128, batch=2, rounds=1,
+                search_candidates=2, checkpoint_every=16, lr=2e-3, cam_lr=2e-3), progress=False, log=lambda s: None)
+    summary = run.meta["data_summary"]
+    assert summary["format"] == "chat" and 0 < summary["loss_tokens"] < summary["tokens"]
+    m = emit_mod.emit(run, load_profile("rpi4-4gb"), tmp_path / "dist", n_windows=8, n_ctx=128, text_path=held)
+    assert m["evaluation"]["data_format"] == "chat"
+    r = validate(tmp_path / "dist" / "rpi4-4gb", data=held, measure_memory=False)
+    ev = r["evaluation"]
+    assert ev["same_windows_as_manifest"] and r["verdicts"]["perplexity_matches_prediction"], ev
+    assert ev["perplexity_adapter"] < ev["perplexity_base"], ev
