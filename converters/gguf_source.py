@@ -100,6 +100,16 @@ class GGUFSource:
         f = self.reader.get_field("tokenizer.chat_template")
         return str(f.contents()) if f is not None else None
 
+    def special_tokens(self) -> dict:
+        """``bos_token`` / ``eos_token`` texts, as chat templates refer to them."""
+        tokens = self.reader.get_field("tokenizer.ggml.tokens")
+        out = {}
+        for name in ("bos", "eos"):
+            f = self.reader.get_field(f"tokenizer.ggml.{name}_token_id")
+            if f is not None and 0 <= int(f.contents()) < len(tokens.data):
+                out[f"{name}_token"] = str(tokens.contents(int(f.contents())))
+        return out
+
     def hparams(self) -> dict:
         """The shape numbers the memory model and the adapter need."""
         if self._hparams is None:

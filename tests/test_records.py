@@ -192,3 +192,21 @@ def test_emit_and_validate_on_held_out_chats(tiny_model_dir, tmp_path):
     assert ev["same_windows_as_manifest"] and ev["n_windows"] == 8 and ev["data_format"] == "chat"
     assert ev["perplexity_adapter"] < ev["perplexity_base"], ev
     assert abs(ev["relative_difference"]) < 0.005, ev
+
+
+def test_resume_on_records_matches_uninterrupted_and_refuses_changed_data(tiny_model_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, chats(60, seed=8))
+    opts = TrainOptions(steps=6, seq_len=96, batch=2, lr=1e-2, rounds=1, checkpoint_every=2, search_candidates=2)
+    full = train(tmp_path / "full", tiny_model_dir, [data], opts, progress=False, log=lambda s: None)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", tiny_model_dir, [data], opts, progress=False, log=lambda s: None, interrupt_at=3)
+    resumed = train(tmp_path / "cut", None, [], opts, resume=True, progress=False, log=lambda s: None)
+    a, b = full.model().lora_state(), resumed.model().lora_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut2", tiny_model_dir, [data], opts, progress=False, log=lambda s: None, interrupt_at=3)
+    write_jsonl(data, chats(60, seed=9))
+    from converters.errors import CoaloraError
+    with pytest.raises(CoaloraError, match="train.jsonl changed since the run started"):
+        train(tmp_path / "cut2", None, [], opts, resume=True, progress=False, log=lambda s: None)

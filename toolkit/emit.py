@@ -9,6 +9,7 @@ pair or the new one, never a mixture.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -66,9 +67,9 @@ def eval_text(text_path=None) -> Path:
     return p
 
 
-def gguf_windows(model_path, text: str, n_windows: int, n_ctx: int):
-    """Evaluation windows tokenized by the GGUF's own tokenizer (llama.cpp, vocabulary only): emit and
-    validate then score exactly the same token ids."""
+@contextlib.contextmanager
+def _vocabulary(model_path):
+    """The GGUF's own tokenizer (llama.cpp, vocabulary only)."""
     from llama_cpp import Llama
 
     from toolkit.llama_runtime import _quiet_llama_logs
@@ -79,44 +80,35 @@ def gguf_windows(model_path, text: str, n_windows: int, n_ctx: int):
     except (ValueError, RuntimeError) as e:
         raise CoaloraError(f"llama.cpp cannot read the vocabulary of {model_path}: {e}") from None
     try:
-        bos = model_bos(vocab)
-        return eval_windows(vocab, text, n_windows, n_ctx, bos=bos), bos
+        yield vocab
     finally:
         vocab.close()
+
+
+def gguf_windows(model_path, text: str, n_windows: int, n_ctx: int):
+    """Evaluation windows tokenized by the GGUF's own tokenizer: emit and validate then score exactly the
+    same token ids."""
+    with _vocabulary(model_path) as vocab:
+        bos = model_bos(vocab)
+        return eval_windows(vocab, text, n_windows, n_ctx, bos=bos), bos
 
 
 def eval_set(model_path, data_path: Path, n_windows: int, n_ctx: int):
     """The evaluation windows of ``data_path`` tokenized by the GGUF's own vocabulary (llama.cpp): emit and
     validate score exactly the same tokens. Running text: (windows, None, bos, "text", digest); a record file
     (.jsonl, .json, .parquet, .csv): one window per record, scored on its answers, with their masks."""
+    from converters.gguf_source import GGUFSource
     from toolkit.records import eval_records, is_record_file
 
     if not is_record_file(data_path):
         windows, bos = gguf_windows(model_path, Path(data_path).read_text(), n_windows, n_ctx)
         return windows, None, bos, "text", windows_digest(windows)
-    from llama_cpp import Llama
-
-    from converters.gguf_source import GGUFSource
-    from toolkit.llama_runtime import _quiet_llama_logs
-
     src = GGUFSource(model_path)
-    tokens = src.reader.get_field("tokenizer.ggml.tokens")
-    special = {}
-    for name in ("bos", "eos"):
-        f = src.reader.get_field(f"tokenizer.ggml.{name}_token_id")
-        if f is not None and 0 <= int(f.contents()) < len(tokens.data):
-            special[f"{name}_token"] = str(tokens.contents(int(f.contents())))
-    _quiet_llama_logs()
-    try:
-        vocab = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-    except (ValueError, RuntimeError) as e:
-        raise CoaloraError(f"llama.cpp cannot read the vocabulary of {model_path}: {e}") from None
-    try:
+    with _vocabulary(model_path) as vocab:
         bos = model_bos(vocab)
         windows, masks, fmt = eval_records(data_path, src.chat_template(), lambda t: list(
-            vocab.tokenize(t.encode("utf-8"), add_bos=False, special=True)), n_windows, n_ctx, special, bos)
-    finally:
-        vocab.close()
+            vocab.tokenize(t.encode("utf-8"), add_bos=False, special=True)), n_windows, n_ctx,
+            src.special_tokens(), bos)
     return windows, masks, bos, fmt, records_digest(windows, masks)
 
 

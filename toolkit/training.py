@@ -193,6 +193,9 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     if resume:
         run = Run.open(run_dir, require_trained=False)
         opts = _with_targets(opts, run.layout)
+        for path, digest in (run.meta.get("data_sha256") or {}).items():
+            if Path(path).is_file() and sha256_file(path) != digest:
+                raise CoaloraError(f"--resume: {path} changed since the run started; start a new run on it")
         old = run.meta["options"]
         defaults = asdict(TrainOptions())  # options added later default in older runs
         changed = [k for k in _FROZEN if _norm(old.get(k, defaults[k])) != _norm(asdict(opts)[k])]
@@ -213,6 +216,9 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             "data_sha256": {str(Path(p).resolve()): sha256_file(p) for p in [*data_paths, *opts.eval_data]},
         })
         run.meta["data_summary"], save_data = _prepare_data(run_dir, loaded, data_paths, opts)
+        if run.meta["data_summary"]["truncated"]:
+            log(f"warning: {run.meta['data_summary']['truncated']} records longer than --seq-len "
+                f"{opts.seq_len} were truncated")
         run_dir.mkdir(parents=True, exist_ok=True)
         save_data()
         if fixed_config is not None:
