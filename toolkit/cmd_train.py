@@ -89,7 +89,8 @@ def register(cli: click.Group) -> None:
     @cli.command()
     @click.argument("model")
     @click.option("--data", "-d", multiple=True, default=("austen",), show_default=True,
-                  help="Training text files; 'austen' = the five training novels.")
+                  help="Training data: text files, or chat / instruction / text records (.jsonl, .json, .parquet, "
+                       ".csv); 'austen' = the five training novels.")
     @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
     @click.option("--mode", type=click.Choice(["coa", "shared"]), default="coa", show_default=True,
                   help="coa: LoRA + configuration-aware model; shared: one LoRA for all configurations.")

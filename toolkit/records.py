@@ -72,8 +72,8 @@ def _check_json_lines(path: Path) -> None:
         raise CoaloraError(f"{path}: not UTF-8 text") from None
 
 
-def read_records(path) -> list[dict]:
-    """The rows of a record file as dicts (via ``datasets``; local files only)."""
+def read_records(path):
+    """The records of a file as a ``datasets.Dataset`` (memory-mapped Arrow; iterating yields dicts)."""
     path = Path(path)
     if not path.is_file():
         raise CoaloraError(f"data file not found: {path}")
@@ -96,7 +96,7 @@ def read_records(path) -> list[dict]:
         raise CoaloraError(f"{path}: cannot read as {suffix[1:]} records ({_short(e).splitlines()[0]})") from None
     if len(ds) == 0:
         raise CoaloraError(f"{path}: no records")
-    return list(ds)
+    return ds
 
 
 def detect_format(path, columns) -> str:
@@ -172,7 +172,7 @@ def build_windows(tokenizer, template: str | None, paths, seq_len: int, fmt: str
         path = Path(path)
         if is_record_file(path):
             rows = read_records(path)
-            f = detect_format(path, rows[0].keys()) if fmt == "auto" else fmt
+            f = detect_format(path, rows.column_names) if fmt == "auto" else fmt
         else:  # a plain text file is one text record
             try:
                 rows, f = [{"text": path.read_text(encoding="utf-8")}], "text"
@@ -242,7 +242,7 @@ def eval_records(path, template: str | None, tokenize, n_windows: int, n_ctx: in
     (token ids, target mask, format). Chat / instruction records are scored on their assistant turns only,
     found by tokenizing the conversation turn by turn; text records on every token."""
     rows = read_records(path)
-    f = detect_format(path, rows[0].keys()) if fmt == "auto" else fmt
+    f = detect_format(path, rows.column_names) if fmt == "auto" else fmt
     if f in ("chat", "instruction") and not template:
         raise CoaloraError(f"{path}: {f} data needs the model's chat template, and this model has none")
     windows, masks = [], []
