@@ -126,18 +126,19 @@ def top1_agreement(ref_logits, logits) -> float:
 
 
 class StreamComparison:
-    """Accumulates KL and top-1 agreement window by window (scored positions only: rows 0..T-2)."""
+    """Accumulates KL and top-1 agreement window by window (scored positions: rows 0..T-2, or ``rows``)."""
 
     def __init__(self):
         self.kl: list[np.ndarray] = []
         self.same: list[np.ndarray] = []
 
-    def add(self, ref_logits, logits) -> None:
-        r, o = np.asarray(ref_logits)[:-1], np.asarray(logits)[:-1]
+    def add(self, ref_logits, logits, rows=None) -> None:
+        sel = slice(0, -1) if rows is None else np.asarray(rows, dtype=bool)
+        r, o = np.asarray(ref_logits)[sel], np.asarray(logits)[sel]
         self.kl.append(kl_divergence(r, o))
         self.same.append(r.argmax(-1) == o.argmax(-1))
 
     def summary(self) -> dict:
         kl = np.concatenate(self.kl)
         return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
-                "top1_agreement": float(np.concatenate(self.same).mean())}
+                "top1_agreement": float(np.concatenate(self.same).mean()), "positions": int(len(kl))}

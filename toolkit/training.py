@@ -8,6 +8,7 @@ mode "single": one LoRA fine-tuned for one fixed configuration (the per-configur
 from __future__ import annotations
 
 import functools
+from typing import Callable
 import json
 import math
 import time
@@ -102,7 +103,7 @@ def calibration_stream(run: Run) -> TokenStream | RecordStream:
     return _stream_for(str(path), o["seq_len"], o["calib_windows"])
 
 
-def _prepare_data(run_dir: Path, loaded, data_paths, opts: "TrainOptions") -> tuple[dict, callable]:
+def _prepare_data(run_dir: Path, loaded, data_paths, opts: "TrainOptions") -> tuple[dict, Callable[[], None]]:
     """Tokenize the training data (checked before any folder exists); returns its summary and a function
     that saves it into the run folder."""
     if opts.data_format not in FORMATS:

@@ -211,8 +211,10 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
             nll_adapted.append(nll_from_logits(adapted, w))
             if ref is not None:
                 r = window_logits(ref, w)
-                cmp_base.add(r, base)
-                cmp_adapted.add(r, adapted)
+                # records: only the positions that predict an answer token
+                rows = None if masks is None else list(masks[i][1:]) + [False]
+                cmp_base.add(r, base, rows)
+                cmp_adapted.add(r, adapted, rows)
         handle.close()
     finally:
         llm.close()
