@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cli, markdown_table, provenance, write_results  # noqa: E402
-from bench.quality import llama_quantize  # noqa: E402
+from bench.quality import Evaluator, llama_quantize  # noqa: E402
+
 
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -40,7 +41,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/work/chat"))
     args = ap.parse_args()
     from converters.configuration import Configuration
-    from toolkit import assets, evaluation, llama_runtime
+    from toolkit import assets
     from toolkit.emit import eval_set
 
     work = args.work.resolve()
@@ -67,19 +68,10 @@ def main() -> None:
     if not fp_adapter.exists():
         cli("adapter", work / "runs" / "fp", "--config", "F32", "-o", fp_adapter)
     windows, masks, *_ = eval_set(f32, held_file, args.held_out, args.seq_len)
+    ev = Evaluator(f32, len(windows), args.seq_len, windows, masks)
 
     def ppl(model: Path, adapter: Path | None) -> float:
-        llm = llama_runtime.open_model(model, n_ctx=args.seq_len)
-        try:
-            handle = llama_runtime.load_adapter(llm, adapter, model) if adapter else None
-            llama_runtime.set_adapter(llm, handle)
-            nll = [evaluation.nll_from_logits(llama_runtime.window_logits(llm, w), w) for w in windows]
-            if handle:
-                llama_runtime.set_adapter(llm, None)
-                handle.close()
-        finally:
-            llm.close()
-        return evaluation.masked_perplexity(nll, masks)
+        return ev.ppl(model, [adapter])[0]
 
     rows = [{"budget": "", "method": "F32, no adapter", "file_bytes": f32.stat().st_size, "ppl": ppl(f32, None)},
             {"budget": "", "method": "F32 + full-precision LoRA (floor)", "file_bytes": f32.stat().st_size,

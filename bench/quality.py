@@ -58,18 +58,26 @@ def llama_quantize(src: Path, dst: Path, ftype_name: str) -> float:
 
 
 class Evaluator:
-    """llama.cpp perplexity of model files with and without adapters, on fixed windows."""
+    """llama.cpp perplexity of model files with and without adapters, on fixed windows: the first windows of
+    Pride and Prejudice, or given ``windows`` scored where ``masks`` say (chat answers)."""
 
-    def __init__(self, reference_model: Path, n_windows: int, n_ctx: int):
+    def __init__(self, reference_model: Path, n_windows: int, n_ctx: int, windows=None, masks=None):
         from toolkit import assets, evaluation, llama_runtime
 
         self.ev, self.rt = evaluation, llama_runtime
-        self.n_ctx = n_ctx
-        llm = llama_runtime.open_model(reference_model, n_ctx=n_ctx)
-        text = assets.novel_path(assets.EVAL_NOVEL).read_text()
-        self.windows = evaluation.eval_windows(llm, text, n_windows=n_windows, n_ctx=n_ctx,
-                                               bos=evaluation.model_bos(llm))
-        llm.close()
+        self.n_ctx, self.windows, self.masks = n_ctx, windows, masks
+        if windows is None:
+            llm = llama_runtime.open_model(reference_model, n_ctx=n_ctx)
+            text = assets.novel_path(assets.EVAL_NOVEL).read_text()
+            self.windows = evaluation.eval_windows(llm, text, n_windows=n_windows, n_ctx=n_ctx,
+                                                   bos=evaluation.model_bos(llm))
+            llm.close()
+
+    def _ppl(self, llm) -> float:
+        if self.masks is None:
+            return self.ev.perplexity(self.rt.llama_window_nll(llm, self.windows))
+        nll = [self.ev.nll_from_logits(self.rt.window_logits(llm, w), w) for w in self.windows]
+        return self.ev.masked_perplexity(nll, self.masks)
 
     def ppl(self, model: Path, adapters: list[Path | None]) -> list[float]:
         llm = self.rt.open_model(model, n_ctx=self.n_ctx)
@@ -77,7 +85,7 @@ class Evaluator:
         for a in adapters:
             handle = self.rt.load_adapter(llm, a, model) if a else None
             self.rt.set_adapter(llm, handle)
-            out.append(self.ev.perplexity(self.rt.llama_window_nll(llm, self.windows)))
+            out.append(self._ppl(llm))
             if handle:
                 self.rt.set_adapter(llm, None)
                 handle.close()
