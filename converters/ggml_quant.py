@@ -72,6 +72,16 @@ def _to_float(ggml_type: int):
     return _TO_FLOAT(traits.to_float)
 
 
+def _over_rows(n_rows: int, n_per_row: int, threads: int, chunk) -> list:
+    """``chunk((r0, r1))`` over the rows split into ``threads`` spans, in parallel for large tensors (ctypes
+    releases the GIL); the results in row order."""
+    step = max(1, -(-n_rows // max(1, threads)))
+    spans = [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
+    if len(spans) > 1 and n_rows * n_per_row >= _PARALLEL_MIN:
+        return list(_pool(len(spans)).map(chunk, spans))
+    return [chunk((0, n_rows))] if n_rows else []
+
+
 def to_float(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], threads: int = 1) -> np.ndarray:
     """float32 values of raw ggml bytes of any ggml type, by ggml's own ``to_float`` (what llama-quantize
     uses to dequantize a quantized source), rows split over ``threads``."""
@@ -87,12 +97,7 @@ def to_float(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], threads: 
         r0, r1 = rows
         fn(raw.ctypes.data + r0 * rbytes, out.ctypes.data + r0 * n_per_row * 4, (r1 - r0) * n_per_row)
 
-    step = max(1, -(-n_rows // max(1, threads)))
-    spans = [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
-    if len(spans) > 1 and n_rows * n_per_row >= _PARALLEL_MIN:
-        list(_pool(len(spans)).map(chunk, spans))
-    elif n_rows:
-        chunk((0, n_rows))
+    _over_rows(n_rows, n_per_row, threads, chunk)
     return out.reshape(shape)
 
 
@@ -102,7 +107,7 @@ def row_size_of(ggml_type: int, n_per_row: int) -> int:
 
 def row_size(qtype: str | QuantType, n_per_row: int) -> int:
     """Bytes of one row, as ggml computes it."""
-    return int(libggml().ggml_row_size(int(get(qtype).ggml), n_per_row))
+    return row_size_of(int(get(qtype).ggml), n_per_row)
 
 
 def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | None = None,
@@ -137,12 +142,7 @@ def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | N
         return lib.ggml_quantize_chunk(int(q.ggml), w.ctypes.data, out.ctypes.data, r0 * n_per_row, r1 - r0,
                                        n_per_row, imat_ptr)
 
-    step = max(1, -(-n_rows // max(1, threads)))
-    spans = [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
-    if len(spans) > 1 and n_rows * n_per_row >= _PARALLEL_MIN:
-        n = sum(_pool(len(spans)).map(chunk, spans))
-    else:
-        n = chunk((0, n_rows))
+    n = sum(_over_rows(n_rows, n_per_row, threads, chunk))
     if n != out.nbytes:
         raise GGMLError(f"ggml wrote {n} bytes, expected {out.nbytes}")
     if not lib.ggml_validate_row_data(int(q.ggml), out.ctypes.data, out.nbytes):

@@ -53,7 +53,8 @@ class _Reader(gguf.GGUFReader):
         self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+    """The first line of an exception message, bounded (for one-line errors)."""
     s = str(e).strip().splitlines()
     return (s[0] if s else type(e).__name__)[:300]
 
@@ -66,7 +67,7 @@ class GGUFSource:
         try:
             self.reader = _Reader(self.path)
         except Exception as e:  # gguf-py raises ValueError, struct errors, numpy errors on damaged files
-            raise CoaloraError(f"cannot read GGUF {self.path}: {_one_line(e)}") from None
+            raise CoaloraError(f"cannot read GGUF {self.path}: {one_line(e)}") from None
         field = self.reader.get_field("general.architecture")
         if field is None:
             raise CoaloraError(f"{self.path}: GGUF has no general.architecture")

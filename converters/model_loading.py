@@ -20,7 +20,8 @@ import numpy as np
 
 from converters.configuration import ModelLayout, TensorSpec
 from converters.errors import CoaloraError
-from converters.gguf_source import EMBEDDING_DEFAULT_TYPE, GGUFSource, open_source, tensor_kind  # noqa: F401
+from converters.gguf_source import (EMBEDDING_DEFAULT_TYPE, GGUFSource, one_line, open_source,  # noqa: F401
+                                    tensor_kind)
 
 __all__ = ["LoadedModel", "load_model", "EMBEDDING_DEFAULT_TYPE"]
 
@@ -138,7 +139,7 @@ def load_model(path, log=lambda m: None) -> LoadedModel:
     except CoaloraError:
         raise
     except Exception as e:  # corrupt weights, a tokenizer transformers cannot build, ...
-        raise CoaloraError(f"cannot load {path}: {_one_line(e)}") from None
+        raise CoaloraError(f"cannot load {path}: {one_line(e)}") from None
     finally:
         if plain_tqdm is not None:
             gguf_utils.tqdm = plain_tqdm
@@ -213,11 +214,6 @@ def _name_maps(model, src: GGUFSource) -> tuple[dict, dict]:
         if g in quantizable and shape != src.shape(g):
             raise CoaloraError(f"{src.path.name}: {g} has shape {src.shape(g)}, transformers expects {shape}")
     return to_gguf, to_hf
-
-
-def _one_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:300]
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -112,6 +112,14 @@ def detect_format(path, columns) -> str:
 
 
 # ---- rendering -------------------------------------------------------------------------------
+def _text(record: dict, where: str) -> str:
+    t = record.get("text")
+    if not isinstance(t, str) or not t:
+        raise CoaloraError(f"{where}: text must be a non-empty string")
+    return t
+
+
+
 def _messages(record: dict, fmt: str, where: str) -> list[dict]:
     if fmt == "instruction":
         p, c = record.get("prompt"), record.get("completion")
@@ -189,10 +197,7 @@ def build_windows(tokenizer, template: str | None, paths, seq_len: int, fmt: str
             index = summary.records
             summary.records += 1
             if f == "text":
-                t = row.get("text")
-                if not isinstance(t, str) or not t:
-                    raise CoaloraError(f"{where}: text must be a non-empty string")
-                toks = list(tokenizer(t, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
+                toks = list(tokenizer(_text(row, where), add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
                 chunks = [toks[i:i + seq_len] for i in range(0, len(toks), seq_len)]
                 chunks = [c for c in chunks if len(c) > 1]
                 for c in chunks:
@@ -251,10 +256,7 @@ def eval_records(path, template: str | None, tokenize, n_windows: int, n_ctx: in
             break
         where = f"{path}: record {n}"
         if f == "text":
-            t = row.get("text")
-            if not isinstance(t, str) or not t:
-                raise CoaloraError(f"{where}: text must be a non-empty string")
-            toks, mask = tokenize(t), None
+            toks, mask = tokenize(_text(row, where)), None
         else:
             msgs = _messages(row, f, where)
             toks = tokenize(render_text(template, msgs, False, special, where))
