@@ -29,10 +29,14 @@ for _mod in COMMAND_MODULES:
 
 
 def main(argv=None) -> int:
+    from toolkit import distributed
+
     try:
         cli.main(args=argv, prog_name="coalora", standalone_mode=False)
     except (CoaloraError, UnknownQuantType) as e:
-        click.echo(f"coalora: error: {e}", err=True)
+        if distributed.reports(e):  # under torchrun: an error all ranks share is printed by rank 0 alone
+            click.echo(f"coalora: error: {e}", err=True)
+        distributed.shutdown(e)
         return 1
     except click.exceptions.Abort:
         click.echo("coalora: aborted", err=True)
@@ -49,6 +53,7 @@ def main(argv=None) -> int:
     except OSError as e:
         click.echo(f"coalora: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
         return 1
+    distributed.shutdown()
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from toolkit import assets
+from toolkit import assets, distributed
 from converters.configuration import DEFAULT_MENU, Configuration
 from converters.errors import CoaloraError
 
@@ -73,7 +73,7 @@ def _run_training(model, data, out, mode, fixed, rank, alpha, steps, seq_len, ba
                   checkpoint_every, resume, as_json, **extra):
     from toolkit.training import TrainOptions, train
 
-    model_path = assets.resolve_model(model) if not resume else None
+    model_path = assets.resolve_model(model) if not resume else model  # resuming: checked against the run's
     texts = assets.resolve_texts(data) if not resume else []
     extra["eval_data"] = tuple(str(p) for p in assets.resolve_texts(extra.get("eval_data") or ())) if not resume else ()
     if not resume and not texts:
@@ -82,7 +82,8 @@ def _run_training(model, data, out, mode, fixed, rank, alpha, steps, seq_len, ba
                         targets=_targets(targets), seed=seed, checkpoint_every=checkpoint_every, **extra)
     run = train(out, model_path, texts, opts, resume=resume, fixed_config=fixed, progress=not as_json,
                 log=(lambda s: None) if as_json else click.echo)
-    _report(run, as_json)
+    if distributed.rank() == 0:  # under torchrun / accelerate launch, rank 0 reports
+        _report(run, as_json)
 
 
 def register(cli: click.Group) -> None:

@@ -23,6 +23,7 @@ from converters.configuration import DEFAULT_MENU, Configuration
 from converters.errors import CoaloraError
 from converters.fileio import atomic_path, model_fingerprint, sha256_file, write_json
 from toolkit.run import Run, load_checkpoint, save_checkpoint
+from toolkit.weight_bank import UNQUANTIZED
 from toolkit.records import FORMATS, build_windows, is_record_file
 from toolkit.text_data import RecordStream, TokenStream, tokenize_files
 
@@ -184,86 +185,52 @@ def _with_targets(opts: TrainOptions, layout) -> TrainOptions:
 def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool = False,
           fixed_config: Configuration | None = None, progress: bool = True, log=print,
           interrupt_at: int | None = None) -> Run:
-    from converters.model_loading import load_model
+    """Train (or, with ``resume``, continue) the run in ``run_dir``.
 
+    Under torchrun / accelerate launch every rank calls this (:mod:`toolkit.distributed`): each trains its
+    share of the step's batch with its own configurations (``--configs-per-step`` per rank; the run records the
+    step's total), gradients are averaged, rank 0 alone writes and runs the configuration search, whose
+    training set it broadcasts. N ranks equal one process with N times the configurations per step.
+    """
+    from toolkit import distributed
     from toolkit.run import resolve_device
 
     run_dir = Path(run_dir)
-    device = resolve_device(opts.device)  # a bad --device fails before anything is written
+    try:
+        device, bad_device = resolve_device(opts.device), None  # a bad --device fails before anything is written
+    except CoaloraError as e:
+        device, bad_device = torch.device("cpu"), e
+    group = distributed.start(device.type)
+    group.agree(lambda: _raise(bad_device))
+    device = group.device(device)
+    if not group.is_main:  # rank 0 alone prints and writes
+        log, progress = (lambda s: None), False
     torch.manual_seed(opts.seed)
-    if resume:
-        run = Run.open(run_dir, require_trained=False)
-        opts = _with_targets(opts, run.layout)
-        for path, digest in (run.meta.get("data_sha256") or {}).items():
-            if Path(path).is_file() and sha256_file(path) != digest:
-                raise CoaloraError(f"--resume: {path} changed since the run started; start a new run on it")
-        old = run.meta["options"]
-        defaults = asdict(TrainOptions())  # options added later default in older runs
-        changed = [k for k in _FROZEN if _norm(old.get(k, defaults[k])) != _norm(asdict(opts)[k])]
-        if changed:
-            raise CoaloraError(f"--resume with different {', '.join(changed)} than the run was started with")
-        run.meta["options"]["steps"] = opts.steps
-    else:
-        if (run_dir / "run.json").exists():
-            raise CoaloraError(f"{run_dir} already holds a run; use --resume or another output folder")
-        model_path = Path(model_path)
-        loaded = load_model(model_path, log=log)
-        layout = loaded.layout(include_embeddings=opts.include_embeddings).with_menu(opts.menu)
-        opts = _with_targets(opts, layout)
-        run = Run(run_dir, loaded=loaded, meta={
-            "status": "training", "model": str(model_path.resolve()), "model_sha256": model_fingerprint(model_path),
-            "arch": loaded.arch, "options": _jsonable(asdict(opts)), "layout": layout.describe(),
-            "data": [str(Path(p).resolve()) for p in data_paths], "step": 0,
-            "data_sha256": {str(Path(p).resolve()): sha256_file(p) for p in [*data_paths, *opts.eval_data]},
-        })
-        run.meta["data_summary"], save_data = _prepare_data(run_dir, loaded, data_paths, opts)
-        if run.meta["data_summary"]["truncated"]:
-            log(f"warning: {run.meta['data_summary']['truncated']} records longer than --seq-len "
-                f"{opts.seq_len} were truncated")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_data()
-        if fixed_config is not None:
-            layout.validate(fixed_config, strict_menu=False)
-            trainset = [fixed_config]
-        else:
-            trainset = _initial_trainset(run, opts)
-        write_json(run.trainset_path, [c.to_json() for c in trainset])
-        run.save_meta()
+    opts = replace(opts, configs_per_step=opts.configs_per_step * group.world)
+    run, opts, save_new = group.agree(lambda: _open_run(run_dir, model_path, data_paths, opts, resume, fixed_config,
+                                                        group.world, log))
+    group.check_same(_launch_digest(run, opts, resume))
+    run.meta["world_size"] = group.world
+    if save_new is not None:
+        group.agree(lambda: save_new(run) if group.is_main else None)
 
-    stream = calibration_stream(run)
+    stream = calibration_stream(run)  # the run folder rank 0 wrote (several nodes: a shared filesystem)
     run.device = device
-    model = run.model()  # fresh LoRA, or the checkpoint's when resuming
-    fresh = not (resume and run.checkpoint_path.exists())
-    if fresh and opts.type_deltas:
-        _set_delta_scales(run, model, opts.delta_error_power)
-    if opts.init_lora and fresh:
-        _start_from_lora(model, Path(opts.init_lora))
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    groups = [{"params": lora, "lr": opts.lr, "base_lr": opts.lr}]
-    if model.cam is not None:
-        groups.append({"params": list(model.cam.parameters()), "lr": opts.cam_lr, "base_lr": opts.cam_lr})
-    deltas = [p for n, p in model.named_parameters() if ".delta_" in n]
-    if deltas:  # a step only updates the corrections of the types its configuration uses (the others have no grad)
-        lr = opts.delta_lr or opts.lr
-        groups.append({"params": deltas, "lr": lr, "base_lr": lr})
-    optim = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
-    start, rounds_done, elapsed = 0, 0, 0.0
-    if resume and run.checkpoint_path.exists():
-        state = load_checkpoint(run.checkpoint_path)
-        try:
-            optim.load_state_dict(state["optim"])
-        except (ValueError, KeyError, RuntimeError):
-            raise CoaloraError(f"checkpoint {run.checkpoint_path} does not match this run") from None
-        start, rounds_done, elapsed = state["step"], state.get("rounds_done", 0), state.get("elapsed", 0.0)
-    trainset = run.trainset()
+    model, optim, start, rounds_done, elapsed, anchor = group.agree(
+        lambda: _training_state(run, opts, resume, group.is_main))
+    group.broadcast_tensors([v for k, v in model.state_dict(keep_vars=True).items()
+                             if k.startswith(("layers.", "cam."))])  # rank 0's LoRA, corrections and their scales
+    trainset = _broadcast_configurations(group, run.trainset() if group.is_main else None)
     if not trainset:
         raise CoaloraError(f"run {run_dir} has an empty training configuration set")
-    anchor = _anchor_configuration(run, opts)
+    params = [p for grp in optim.param_groups for p in grp["params"]]
+    lora = optim.param_groups[0]["params"]
 
-    _warm_bank(run, trainset + ([anchor] if anchor else []), progress)
+    _warm_bank(run, trainset + ([anchor] if anchor else []), progress, group)
     rounds = max(1, opts.rounds) if opts.mode == "coa" else 1
     per_round = math.ceil(opts.steps / rounds)
     tokens_per_step = opts.batch * opts.seq_len
+    shard = opts.batch // group.world if opts.config_batch == "split" else opts.batch  # sequences per rank
     bar = _progress(progress, opts.steps, start)
     t0, ema, anchor_ema = time.perf_counter(), None, None
     loss_name = "kl" if anchor is not None and opts.anchor_loss == "kl" else "loss"
@@ -271,36 +238,42 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     for step in range(start, opts.steps):
         if step > 0 and step % per_round == 0 and step // per_round > rounds_done:
             rounds_done = step // per_round
-            _checkpoint(run, model, optim, step, rounds_done, elapsed + time.perf_counter() - t0)
-            trainset = _search_round(run, rounds_done, opts, log)
-            _warm_bank(run, trainset, progress)
+            if group.is_main:
+                _checkpoint(run, model, optim, step, rounds_done, elapsed + time.perf_counter() - t0)
+            trainset = _broadcast_configurations(
+                group, _search_round(run, rounds_done, opts, log) if group.is_main else None)
+            _warm_bank(run, trainset, progress, group)
             model.train()
         if interrupt_at is not None and step == interrupt_at:
             raise KeyboardInterrupt
-        batch, labels = (t.to(run.device) for t in stream.labelled_batch(opts.seed, step, opts.batch))
+        batch, labels = stream.labelled_batch(opts.seed, step, opts.batch)  # the whole step's batch on every rank
+        if shard < opts.batch:  # this rank's share
+            rows = slice(group.rank * shard, (group.rank + 1) * shard)
+            batch, labels = batch[rows], labels[rows]
+        batch, labels = batch.to(run.device), labels.to(run.device)
         for grp in optim.param_groups:
             grp["lr"] = opts.lr_at(step, grp["base_lr"])
         optim.zero_grad(set_to_none=True)
-        target = None
+        target, a = None, 0.0
         if anchor is not None:  # the anchor learns the text on the whole batch; its output is the target below
             model.set_configuration(anchor)
             out = model(batch, labels=labels)
             out.loss.backward()
             a = out.loss.item()
-            anchor_ema = a if anchor_ema is None else 0.9 * anchor_ema + 0.1 * a
             if opts.anchor_loss == "kl":
                 target = torch.log_softmax(out.logits.detach().float(), dim=-1)
             del out
             if opts.anchor_lora_weight != 1.0:  # kept to re-weight the configurations' share below
                 anchor_grads = [p.grad.clone() for p in lora]
-        k = opts.configs_per_step if len(trainset) > 1 else 1
+        # this rank's configurations: parts rank*k .. rank*k+k-1 of the step's configurations over all ranks
+        k = max(1, (opts.configs_per_step if len(trainset) > 1 else 1) // group.world)
         if opts.config_batch == "full":
             parts, label_parts = [batch] * k, [labels] * k
         else:
-            parts, label_parts = batch.tensor_split(min(k, opts.batch)), labels.tensor_split(min(k, opts.batch))
+            parts, label_parts = batch.tensor_split(min(k, len(batch))), labels.tensor_split(min(k, len(batch)))
         loss, n_seqs, row = 0.0, sum(len(q) for q in parts), 0
         for j, (part, part_labels) in enumerate(zip(parts, label_parts)):  # one configuration per part
-            cfg = opts.pick(trainset, run.layout.bits_per_weight, step, j)
+            cfg = opts.pick(trainset, run.layout.bits_per_weight, step, group.rank * k + j)
             model.set_configuration(cfg)
             if target is None:
                 part_loss = model(part, labels=part_labels).loss
@@ -315,18 +288,23 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             with torch.no_grad():
                 for p, g in zip(lora, anchor_grads):
                     p.grad.mul_(opts.anchor_lora_weight).add_(g, alpha=1.0 - opts.anchor_lora_weight)
+        step_loss, a = group.average_gradients(params, [float(loss), a])  # the mean over ranks (one process: as is)
         for grp in optim.param_groups:  # per group: the LoRA's steps do not depend on the CAM's gradients
             torch.nn.utils.clip_grad_norm_(grp["params"], opts.clip)
         optim.step()
-        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
+        if anchor is not None:
+            anchor_ema = a if anchor_ema is None else 0.9 * anchor_ema + 0.1 * a
         done = step + 1
         rate = (done - start) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
         shown = f"{loss_name} {ema:.3f}" + (f"  anchor loss {anchor_ema:.3f}" if anchor_ema is not None else "")
         bar(done, f"{shown}  {rate:,.0f} tok/s  cfg {run.layout.bits_per_weight(cfg):.2f} bpw")
-        if done % opts.checkpoint_every == 0 and done < opts.steps:  # the last one is written below
+        if done % opts.checkpoint_every == 0 and done < opts.steps and group.is_main:  # the last one is written below
             _checkpoint(run, model, optim, done, rounds_done, elapsed + time.perf_counter() - t0)
     bar(None, "")
     elapsed += time.perf_counter() - t0
+    if not group.is_main:
+        return run
     _checkpoint(run, model, optim, opts.steps, rounds_done, elapsed)
     run.meta.update(status="trained", step=opts.steps, train_seconds=round(elapsed, 2), device=str(run.device),
                     tokens_per_second=round((opts.steps - start) * tokens_per_step / max(elapsed, 1e-9), 1),
@@ -336,6 +314,113 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     if opts.mode == "coa":
         _search_round(run, rounds_done + 1, opts, log)
     return run
+
+
+def _raise(error: Exception | None) -> None:
+    if error is not None:
+        raise error
+
+
+def _open_run(run_dir: Path, model_path, data_paths, opts: TrainOptions, resume: bool,
+              fixed_config: Configuration | None, world: int, log):
+    """Check everything and load the model, writing nothing: (run, options, None when resuming or else the
+    function that creates the run folder)."""
+    from converters.model_loading import load_model
+
+    if opts.config_batch == "split" and opts.batch % world:
+        raise CoaloraError(f"--batch {opts.batch} is not divisible by the world size {world} "
+                           f"(each of the {world} ranks trains batch / {world} sequences)")
+    if resume:
+        run = Run.open(run_dir, require_trained=False)
+        if model_path is not None:  # the run must have been trained on it
+            from toolkit.assets import resolve_model
+
+            run.check_model(resolve_model(str(model_path)))
+        opts = _with_targets(opts, run.layout)
+        for path, digest in (run.meta.get("data_sha256") or {}).items():
+            if Path(path).is_file() and sha256_file(path) != digest:
+                raise CoaloraError(f"--resume: {path} changed since the run started; start a new run on it")
+        old = run.meta["options"]
+        defaults = asdict(TrainOptions())  # options added later default in older runs
+        changed = [k for k in _FROZEN if _norm(old.get(k, defaults[k])) != _norm(asdict(opts)[k])]
+        if changed == ["configs_per_step"] and world != run.meta.get("world_size", 1):
+            total = old.get("configs_per_step", 1)
+            hint = (f"pass --configs-per-step {total // world}" if total % world == 0 else
+                    f"a world size dividing {total}")
+            raise CoaloraError(f"--resume: the run trains {total} configurations per step (--configs-per-step x "
+                               f"world size); on {world} ranks {hint}")
+        if changed:
+            raise CoaloraError(f"--resume with different {', '.join(changed)} than the run was started with")
+        run.meta["options"]["steps"] = opts.steps
+        return run, opts, None
+    if (run_dir / "run.json").exists():
+        raise CoaloraError(f"{run_dir} already holds a run; use --resume or another output folder")
+    model_path = Path(model_path)
+    loaded = load_model(model_path, log=log)
+    layout = loaded.layout(include_embeddings=opts.include_embeddings).with_menu(opts.menu)
+    opts = _with_targets(opts, layout)
+    run = Run(run_dir, loaded=loaded, meta={
+        "status": "training", "model": str(model_path.resolve()), "model_sha256": model_fingerprint(model_path),
+        "arch": loaded.arch, "options": _jsonable(asdict(opts)), "layout": layout.describe(),
+        "data": [str(Path(p).resolve()) for p in data_paths], "step": 0,
+        "data_sha256": {str(Path(p).resolve()): sha256_file(p) for p in [*data_paths, *opts.eval_data]},
+    })
+    run.meta["data_summary"], save_data = _prepare_data(run_dir, loaded, data_paths, opts)
+    if run.meta["data_summary"]["truncated"]:
+        log(f"warning: {run.meta['data_summary']['truncated']} records longer than --seq-len "
+            f"{opts.seq_len} were truncated")
+    if fixed_config is not None:
+        layout.validate(fixed_config, strict_menu=False)
+
+    def save(run: Run) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_data()
+        trainset = [fixed_config] if fixed_config is not None else _initial_trainset(run, opts)
+        write_json(run.trainset_path, [c.to_json() for c in trainset])
+        run.save_meta()
+    return run, opts, save
+
+
+def _launch_digest(run: Run, opts: TrainOptions, resume: bool) -> dict:
+    """What every rank must agree on: options, model and data (sha256)."""
+    return {"options": json.dumps(_jsonable(asdict(opts)), sort_keys=True), "resume": resume,
+            "model": run.meta["model_sha256"], "data": json.dumps(run.meta.get("data_sha256"), sort_keys=True),
+            "step": run.meta.get("step")}
+
+
+def _training_state(run: Run, opts: TrainOptions, resume: bool, main: bool):
+    """The model (rank 0 sets its correction scales / initial LoRA, then broadcasts them), its optimizer, and
+    where training starts: (model, optimizer, step, rounds done, seconds so far, anchor configuration)."""
+    model = run.model()  # fresh LoRA, or the checkpoint's when resuming
+    fresh = not (resume and run.checkpoint_path.exists())
+    if fresh and opts.type_deltas and main:
+        _set_delta_scales(run, model, opts.delta_error_power)
+    if opts.init_lora and fresh and main:
+        _start_from_lora(model, Path(opts.init_lora))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    groups = [{"params": lora, "lr": opts.lr, "base_lr": opts.lr}]
+    if model.cam is not None:
+        groups.append({"params": list(model.cam.parameters()), "lr": opts.cam_lr, "base_lr": opts.cam_lr})
+    deltas = [p for n, p in model.named_parameters() if ".delta_" in n]
+    if deltas:  # a step only updates the corrections of the types its configuration uses (the others have no grad)
+        lr = opts.delta_lr or opts.lr
+        groups.append({"params": deltas, "lr": lr, "base_lr": lr})
+    optim = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
+    start, rounds_done, elapsed = 0, 0, 0.0
+    if not fresh:
+        state = load_checkpoint(run.checkpoint_path)
+        try:
+            optim.load_state_dict(state["optim"])
+        except (ValueError, KeyError, RuntimeError):
+            raise CoaloraError(f"checkpoint {run.checkpoint_path} does not match this run") from None
+        start, rounds_done, elapsed = state["step"], state.get("rounds_done", 0), state.get("elapsed", 0.0)
+    return model, optim, start, rounds_done, elapsed, _anchor_configuration(run, opts)
+
+
+def _broadcast_configurations(group, cfgs: list[Configuration] | None) -> list[Configuration]:
+    """Rank 0's configurations on every rank."""
+    data = group.broadcast(None if cfgs is None else [c.to_json() for c in cfgs])
+    return [Configuration.from_json(d) for d in data]
 
 
 def _anchor_configuration(run: Run, opts: TrainOptions) -> Configuration | None:
@@ -409,10 +494,16 @@ def _checkpoint(run: Run, model, optim, step: int, rounds_done: int, elapsed: fl
     run.save_meta()
 
 
-def _warm_bank(run: Run, cfgs: list[Configuration], progress: bool) -> None:
-    """Quantize (with ggml) and dequantize every (tensor, type) the configurations use, once."""
+def _warm_bank(run: Run, cfgs: list[Configuration], progress: bool, group=None) -> None:
+    """Quantize (with ggml) and dequantize every (tensor, type) the configurations use, once. Several ranks
+    first quantize a share each into the shared on-disk cache, then read the others' from it."""
     bank = run.bank()
     pairs = sorted({(n, q.name) for c in cfgs for n, q in c.types.items()})
+    if group is not None and group.parallel:
+        for n, q in pairs[group.rank::group.world]:
+            if q not in UNQUANTIZED:
+                bank.quantized_bytes(n, q)
+        group.barrier()
     bar = _progress(progress and len(pairs) > 50, len(pairs), 0, "quantizing with ggml")
     for i, (n, q) in enumerate(pairs):
         bank.weight(n, q)
