@@ -143,3 +143,44 @@ def test_resume_of_a_run_trained_on_another_model(two_rank_run, tiny_model_dir, 
     res = torchrun(tmp_path, ["train", other, "-o", run, "--resume", *_cli_args(dict(FAST, steps=6))])
     _fails_once(res, "is not the model run")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_memory_options_activation_checkpointing_and_16_bit_weights(tiny_model_dir, text_file, tmp_path):
+    """Activation checkpointing recomputes exactly (same LoRA); bfloat16 weights halve the bank and train to
+    about the same loss; the memory plan is printed and checked against the device."""
+    opts = dict(FAST, steps=3, mode="shared")
+    logs: dict[str, list] = {}
+    runs = {}
+    for name, extra in (("plain", {}), ("ckpt", dict(activation_checkpointing=True)),
+                        ("bf16", dict(weights_dtype="bfloat16"))):
+        logs[name] = []
+        runs[name] = train(tmp_path / name, tiny_model_dir, [text_file], TrainOptions(**opts, **extra),
+                           progress=False, log=logs[name].append)
+    assert runs["ckpt"].model().base.is_activation_checkpointing
+    assert max_relative_difference(runs["ckpt"].model().lora_state(), runs["plain"].model().lora_state()) <= 1e-5
+    assert {t.dtype for t in runs["bf16"].bank()._deq.values()} == {torch.bfloat16}
+    assert abs(runs["bf16"].meta["final_loss"] / runs["plain"].meta["final_loss"] - 1) < 0.01
+    plan = next(s for s in logs["plain"] if s.startswith("memory plan on cpu"))
+    assert "activations, estimated" in plan and "(checkpointed)" in next(s for s in logs["ckpt"] if "memory plan" in s)
+    assert "weights (bfloat16" in next(s for s in logs["bf16"] if "memory plan" in s)
+
+
+def test_memory_plan_refuses_what_the_device_cannot_hold():
+    from toolkit import memory_plan
+
+    shape = memory_plan.ModelShape.llama(16, 2048, 8192, 128256, 32, 8, tied=True)  # Llama 3.2 1B
+    assert 1.2e9 < shape.n_quantized + shape.n_other < 1.3e9
+    args = dict(trainable=11_000_000, sequences=4, seq_len=2048, weights_dtype="float32", checkpointing=False,
+                bank_wanted=8 << 30, device="cuda:0")
+    full = memory_plan.plan(shape, **args, available=None)
+    ckpt = memory_plan.plan(shape, **dict(args, checkpointing=True), available=None)
+    assert ckpt.activations < full.activations / 4
+    half = memory_plan.plan(shape, **dict(args, weights_dtype="bfloat16"), available=None)
+    assert half.weights < 0.55 * full.weights
+    small = memory_plan.plan(shape, **args, available=full.needed - 1)
+    assert small.bank == 0
+    with pytest.raises(CoaloraError, match="--activation-checkpointing"):
+        small.check()
+    roomy = memory_plan.plan(shape, **args, available=2 * full.needed + (8 << 30))
+    roomy.check()
+    assert roomy.bank == 8 << 30  # everything the training set uses fits

@@ -33,6 +33,14 @@ def _train_options(f):
         click.option("--device", default="auto", show_default=True,
                      help="Where torch trains: auto (a CUDA GPU when torch sees one), cpu, cuda[:N]."),
         click.option("--checkpoint-every", default=25, show_default=True, help="Steps between checkpoints."),
+        click.option("--weights-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="What torch keeps the dequantized weights in; 16-bit halves their "
+                     "memory but is no longer bit-exact to llama.cpp. auto: bfloat16 on a GPU when the model's float32 "
+                     "weights exceed --weights-limit, else float32."),
+        click.option("--weights-limit", "weights_limit_gib", default=8.0, show_default=True,
+                     type=click.FloatRange(0.0), help="GiB of float32 weights above which auto uses bfloat16 on a GPU."),
+        click.option("--activation-checkpointing", is_flag=True,
+                     help="Recompute each block's activations in the backward pass (less memory, ~30% more compute)."),
         click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint."),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
     ]

@@ -62,6 +62,9 @@ class TrainOptions:
     delta_error_power: float = 0.5  # a correction's scale: (its type's quantization error / Q4_0's) ** power
     data_format: str = "auto"  # record files: auto (from their fields), chat, instruction or text
     eval_data: tuple = ()  # files whose records are the held-out part (default: the tail of the training records)
+    weights_dtype: str = "auto"  # dequantized weights torch computes with: auto, float32, bfloat16, float16
+    weights_limit_gib: float = 8.0  # auto: bfloat16 on a GPU when the float32 weights are larger than this
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
         """The configuration of one step (of its ``part``-th share of the batch): with probability
@@ -225,12 +228,14 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         raise CoaloraError(f"run {run_dir} has an empty training configuration set")
     params = [p for grp in optim.param_groups for p in grp["params"]]
     lora = optim.param_groups[0]["params"]
+    shard = opts.batch // group.world if opts.config_batch == "split" else opts.batch  # sequences per rank
+    amp = group.agree(lambda: _plan_memory(run, model, opts, trainset + ([anchor] if anchor else []), shard, group,
+                                           log))
 
     _warm_bank(run, trainset + ([anchor] if anchor else []), progress, group)
     rounds = max(1, opts.rounds) if opts.mode == "coa" else 1
     per_round = math.ceil(opts.steps / rounds)
     tokens_per_step = opts.batch * opts.seq_len
-    shard = opts.batch // group.world if opts.config_batch == "split" else opts.batch  # sequences per rank
     bar = _progress(progress, opts.steps, start)
     t0, ema, anchor_ema = time.perf_counter(), None, None
     loss_name = "kl" if anchor is not None and opts.anchor_loss == "kl" else "loss"
@@ -240,8 +245,9 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             rounds_done = step // per_round
             if group.is_main:
                 _checkpoint(run, model, optim, step, rounds_done, elapsed + time.perf_counter() - t0)
-            trainset = _broadcast_configurations(
-                group, _search_round(run, rounds_done, opts, log) if group.is_main else None)
+            with amp():
+                found = _search_round(run, rounds_done, opts, log) if group.is_main else None
+            trainset = _broadcast_configurations(group, found)
             _warm_bank(run, trainset, progress, group)
             model.train()
         if interrupt_at is not None and step == interrupt_at:
@@ -257,7 +263,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         target, a = None, 0.0
         if anchor is not None:  # the anchor learns the text on the whole batch; its output is the target below
             model.set_configuration(anchor)
-            out = model(batch, labels=labels)
+            with amp():
+                out = model(batch, labels=labels)
             out.loss.backward()
             a = out.loss.item()
             if opts.anchor_loss == "kl":
@@ -276,10 +283,13 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
             cfg = opts.pick(trainset, run.layout.bits_per_weight, step, group.rank * k + j)
             model.set_configuration(cfg)
             if target is None:
-                part_loss = model(part, labels=part_labels).loss
+                with amp():
+                    part_loss = model(part, labels=part_labels).loss
             else:  # distillation: match the anchor's next-token distribution (on the target positions of records)
                 weight = _target_positions(part_labels) if isinstance(stream, RecordStream) else None
-                part_loss = _kl(target[row:row + len(part)], model(part).logits, weight)
+                with amp():
+                    logits = model(part).logits
+                part_loss = _kl(target[row:row + len(part)], logits, weight)
                 row = row + len(part) if opts.config_batch == "split" else 0
             part_loss = part_loss * (len(part) / n_seqs)
             part_loss.backward()
@@ -312,7 +322,8 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
                     **({"final_anchor_loss": anchor_ema} if anchor_ema is not None else {}))
     run.save_meta()
     if opts.mode == "coa":
-        _search_round(run, rounds_done + 1, opts, log)
+        with amp():
+            _search_round(run, rounds_done + 1, opts, log)
     return run
 
 
@@ -415,6 +426,42 @@ def _training_state(run: Run, opts: TrainOptions, resume: bool, main: bool):
             raise CoaloraError(f"checkpoint {run.checkpoint_path} does not match this run") from None
         start, rounds_done, elapsed = state["step"], state.get("rounds_done", 0), state.get("elapsed", 0.0)
     return model, optim, start, rounds_done, elapsed, _anchor_configuration(run, opts)
+
+
+def _plan_memory(run: Run, model, opts: TrainOptions, cfgs: list[Configuration], shard: int, group, log):
+    """Print and check the rank's memory plan, size the weight bank's cache from it, set the weights dtype and
+    activation checkpointing; returns the autocast context of the forward passes (a no-op in float32)."""
+    import contextlib
+
+    from toolkit import memory_plan
+
+    shape = memory_plan.ModelShape.of(run.loaded(), run.layout)
+    dtype = opts.weights_dtype
+    if dtype == "auto":
+        big = shape.n_quantized * 4 > opts.weights_limit_gib * memory_plan.GIB
+        dtype = "bfloat16" if run.device.type == "cuda" and big else "float32"
+    if dtype not in memory_plan.DTYPE_BYTES:
+        raise CoaloraError(f"--weights-dtype {dtype}: choose from auto, {', '.join(memory_plan.DTYPE_BYTES)}")
+    width = memory_plan.DTYPE_BYTES[dtype]
+    pairs = {(n, q.name) for c in cfgs for n, q in c.types.items()}
+    wanted = max(0, sum(run.layout[n].n_weights for n, _ in pairs) - shape.n_quantized) * width
+    k = max(1, (opts.configs_per_step if len(cfgs) > 1 else 1) // group.world)
+    sequences = shard if opts.config_batch == "full" else -(-shard // k)
+    plan = memory_plan.plan(shape, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                            sequences=sequences, seq_len=opts.seq_len, weights_dtype=dtype,
+                            checkpointing=opts.activation_checkpointing, bank_wanted=wanted, device=run.device,
+                            available=memory_plan.available_bytes(run.device))
+    log(plan.describe())
+    plan.check()
+    bank = run.bank()
+    bank.dtype = getattr(torch, dtype)
+    room = shape.n_quantized * width + plan.bank  # the bank holds the current configuration too
+    bank.ram_limit = room if run.device.type == "cuda" else min(bank.ram_limit, max(room, shape.n_quantized * width))
+    if opts.activation_checkpointing:
+        model.base.activation_checkpointing_enable({"use_reentrant": False})
+    if dtype == "float32":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, run.device.type, dtype=bank.dtype)
 
 
 def _broadcast_configurations(group, cfgs: list[Configuration] | None) -> list[Configuration]:

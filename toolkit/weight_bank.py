@@ -25,6 +25,7 @@ class WeightBank:
     def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30):
         self.loaded = loaded
         self.device = torch.device("cpu")  # where the dequantized weights are kept; see to()
+        self.dtype = torch.float32  # what they are kept in (training may choose a 16-bit type for large models)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.ram_limit = ram_limit_bytes
         self._last: tuple[str, np.ndarray] | None = None
@@ -68,10 +69,10 @@ class WeightBank:
             w = self.original(name)
         else:
             w = ggml_quant.dequantize(self.quantized_bytes(name, q), q, self.loaded.gguf.shape(name))
-        t = torch.from_numpy(np.array(self.loaded.to_hf_order(name, w), dtype=np.float32)).to(self.device)  # a copy: the source is a read-only map
+        t = torch.from_numpy(np.array(self.loaded.to_hf_order(name, w), dtype=np.float32)).to(self.device, self.dtype)  # a copy: the source is a read-only map
         self._deq[key] = t
-        self._ram += t.numel() * 4
+        self._ram += t.numel() * t.element_size()
         while self._ram > self.ram_limit and len(self._deq) > 1:
             _, old = self._deq.popitem(last=False)
-            self._ram -= old.numel() * 4
+            self._ram -= old.numel() * old.element_size()
         return t
