@@ -135,23 +135,24 @@ def _prepare_data(run_dir: Path, loaded, data_paths, opts: "TrainOptions") -> tu
     return w.summary.to_json(), save
 
 
-def sensitivity_errors(run: Run) -> dict:
-    """Per-tensor, per-type ggml quantization errors of the run's model (cached in the run folder)."""
+def sensitivity_errors(run: Run, progress: bool = False) -> dict:
+    """Per-tensor, per-type ggml quantization errors of the run's model (cached in the run folder), measured
+    tensor by tensor (memory bounded by the largest tensor)."""
     from toolkit import sensitivity
 
     from toolkit.run import quant_cache_dir
 
     shared = quant_cache_dir(run.meta["model_sha256"]) / "sensitivity.json"  # reused by later runs of the model
-    errors = sensitivity.error_table(run.layout, run.bank().original, cache=shared)
+    errors = sensitivity.error_table(run.layout, run.bank().original, cache=shared, progress=progress)
     if not (run.path / "sensitivity.json").exists():  # the run folder keeps its own copy for search / emit
         write_json(run.path / "sensitivity.json", json.loads(shared.read_text()))
     return errors
 
 
-def _initial_trainset(run: Run, opts: TrainOptions) -> list[Configuration]:
+def _initial_trainset(run: Run, opts: TrainOptions, progress: bool = False) -> list[Configuration]:
     from toolkit import sensitivity
 
-    errors = sensitivity_errors(run)
+    errors = sensitivity_errors(run, progress)
     lo, hi = sensitivity.byte_range(run.layout)
     return sensitivity.initial_training_set(run.layout, errors, sensitivity.bpw_of_bytes(run.layout, lo),
                                             sensitivity.bpw_of_bytes(run.layout, hi))
@@ -215,7 +216,7 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
     group.check_same(_launch_digest(run, opts, resume))
     run.meta["world_size"] = group.world
     if save_new is not None:
-        group.agree(lambda: save_new(run) if group.is_main else None)
+        group.agree(lambda: save_new(run, progress) if group.is_main else None)
 
     stream = calibration_stream(run)  # the run folder rank 0 wrote (several nodes: a shared filesystem)
     run.device = device
@@ -383,10 +384,10 @@ def _open_run(run_dir: Path, model_path, data_paths, opts: TrainOptions, resume:
     if fixed_config is not None:
         layout.validate(fixed_config, strict_menu=False)
 
-    def save(run: Run) -> None:
+    def save(run: Run, progress: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_data()
-        trainset = [fixed_config] if fixed_config is not None else _initial_trainset(run, opts)
+        trainset = [fixed_config] if fixed_config is not None else _initial_trainset(run, opts, progress)
         write_json(run.trainset_path, [c.to_json() for c in trainset])
         run.save_meta()
     return run, opts, save
