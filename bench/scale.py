@@ -13,6 +13,7 @@ two models per parameter.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -88,12 +89,15 @@ def warm_quant_cache(src: Path, work: Path) -> dict:
     return {"pairs": len(pairs), "cache_bytes": sum(f.stat().st_size for f in (work / "quant-cache").iterdir())}
 
 
-def measure(name: str, src: Path, work: Path, threads: int) -> dict:
+def measure(name: str, src: Path, work: Path, threads: int, rows: list, report) -> None:
+    """Append ``name``'s row to ``rows`` and fill it step by step, reporting after each (a run cut short on a
+    busy machine still leaves the steps it finished in the result file)."""
     s, layout = source_layout(src)
     largest = max(t.n_weights for t in layout.tensors)
     row = {"model": name, "source_bytes": src.stat().st_size,
            "parameters": sum(math.prod(s.shape(n)) for n in s.names()),
            "quantizable_weights": layout.n_weights(), "largest_tensor_mb_f32": round(largest * 4 / 2**20, 1)}
+    rows.append(row)
     del s
     shutil.rmtree(work / "quant-cache", ignore_errors=True)  # every step from scratch, even in a kept folder
     (work / "sensitivity.json").unlink(missing_ok=True)
@@ -105,38 +109,23 @@ def measure(name: str, src: Path, work: Path, threads: int) -> dict:
         row[f"{step}_s"], row[f"{step}_peak_rss_mb"] = round(wall, 2), round(rss, 1)
         row.update({f"{step}_{k}": v for k, v in json.loads(extra.read_text()).items()})
         print(f"{name}: {step} {wall:.1f} s, peak RSS {rss:,.0f} MB", flush=True)
-    return row
+        report(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-1b", action="store_true", help="only SmolLM2")
-    ap.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
-    args = ap.parse_args()
-    threads = os.cpu_count() or 1
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.keep or Path(tmp)
-        rows = []
-        small = root / "smollm2"
-        small.mkdir(parents=True, exist_ok=True)
-        rows.append(measure("SmolLM2-135M-Instruct (Q4_1 GGUF)", require_smollm2(), small, threads))
-        if not args.no_1b:
-            big = root / "synthetic-1b"
-            big.mkdir(parents=True, exist_ok=True)
-            src = big / "synthetic-1b-f16.gguf"
-            if not src.exists():
-                write_synthetic_llama(require_smollm2(), src, **SYNTH_1B)
-            rows.append(measure("synthetic Llama 1B (F16 GGUF)", src, big, threads))
-    if len(rows) == 2:  # growth from 135M to 1B, per parameter: (1B's / its parameters) / (135M's / its parameters)
+def report(rows: list, threads: int, complete: bool) -> None:
+    """Write bench/results/scale.{json,md}; with both models, a ratio row for the steps both finished."""
+    rows = list(rows)
+    if len(rows) == 2:  # growth from 135M to 1B: 1B's time / 135M's, and that per quantizable weight
         a, b = rows
         n = b["quantizable_weights"] / a["quantizable_weights"]
         growth = {"model": "ratio 1B / 135M", "quantizable_weights": round(n, 2)}
         for step in STEPS:
-            growth[f"{step}_s"] = round(b[f"{step}_s"] / a[f"{step}_s"], 2)
-            growth[f"{step}_peak_rss_mb"] = round(b[f"{step}_peak_rss_mb"] / a[f"{step}_peak_rss_mb"], 2)
-            growth[f"{step}_s_per_weight"] = round(growth[f"{step}_s"] / n, 3)
+            if f"{step}_s" in a and f"{step}_s" in b:
+                growth[f"{step}_s"] = round(b[f"{step}_s"] / a[f"{step}_s"], 2)
+                growth[f"{step}_peak_rss_mb"] = round(b[f"{step}_peak_rss_mb"] / a[f"{step}_peak_rss_mb"], 2)
+                growth[f"{step}_s_per_weight"] = round(growth[f"{step}_s"] / n, 3)
         rows.append(growth)
-    result = {"provenance": provenance(), "machine_shared": True, "threads": threads,
+    result = {"provenance": provenance(), "machine_shared": True, "complete": complete, "threads": threads,
               "machine": f"{platform.processor() or platform.machine()}, {threads} cores",
               "rules_convert": [f"{p}={t}" for p, t in RULES_1B], "rows": rows}
     cols = [("model", "model"), ("quantizable_weights", "quantizable weights")]
@@ -147,11 +136,36 @@ def main() -> None:
           f"{', '.join(result['rules_convert'])}; sensitivity: every tensor x menu type (tall tensors on 2048 "
           f"sampled rows); search: the initial training set + allocations at 4.5 / 5.5 / 6.5 bpw; quant cache: every "
           f"(tensor, type) pair of that training set quantized and written to disk. The ratio row divides 1B by 135M "
-          f"(`_s_per_weight`: the time ratio per quantizable weight).", "", markdown_table(rows, cols)]
+          f"(`_s_per_weight`: the time ratio per quantizable weight)."
+          + ("" if complete else " Partial: the run had not finished every step when this was written."),
+          "", markdown_table(rows, cols)]
     if len(rows) == 3:
         md += ["", "Per quantizable weight (1B time ratio / weight ratio): " + ", ".join(
-            f"{s} {rows[2][f'{s}_s_per_weight']}" for s in STEPS) + "."]
+            f"{s} {rows[2][f'{s}_s_per_weight']}" for s in STEPS if f"{s}_s_per_weight" in rows[2]) + "."]
     write_results("scale", result, "\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-1b", action="store_true", help="only SmolLM2")
+    ap.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    args = ap.parse_args()
+    threads = os.cpu_count() or 1
+    rows: list = []
+    partial = functools.partial(report, threads=threads, complete=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        small = root / "smollm2"
+        small.mkdir(parents=True, exist_ok=True)
+        measure("SmolLM2-135M-Instruct (Q4_1 GGUF)", require_smollm2(), small, threads, rows, partial)
+        if not args.no_1b:
+            big = root / "synthetic-1b"
+            big.mkdir(parents=True, exist_ok=True)
+            src = big / "synthetic-1b-f16.gguf"
+            if not src.exists():
+                write_synthetic_llama(require_smollm2(), src, **SYNTH_1B)
+            measure("synthetic Llama 1B (F16 GGUF)", src, big, threads, rows, partial)
+    report(rows, threads, complete=True)
 
 
 if __name__ == "__main__":
