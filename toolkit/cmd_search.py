@@ -6,7 +6,7 @@ import json
 import click
 
 from converters.errors import CoaloraError
-from toolkit import cmd_options as opts
+from toolkit import cmd_options as ranges
 
 
 def _budget(run, budget_bytes, bpw, profile):
@@ -38,16 +38,16 @@ def _budget(run, budget_bytes, bpw, profile):
 def register(cli):
     @cli.command("search")
     @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
-    @click.option("--budget-bytes", type=opts.BUDGET_BYTES, default=None, help="Largest model file, in bytes.")
-    @click.option("--bpw", type=opts.BPW, default=None, help="Largest bits per weight of the quantized tensors.")
+    @click.option("--budget-bytes", type=ranges.BUDGET_BYTES, default=None, help="Largest model file, in bytes.")
+    @click.option("--bpw", type=ranges.BPW, default=None, help="Largest bits per weight of the quantized tensors.")
     @click.option("--profile", default=None, help="Device profile (name or TOML path) giving the model budget.")
     @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
                   help="Write the configuration JSON here.")
-    @click.option("--confirm", type=opts.CONFIRM, default=0, show_default=True,
+    @click.option("--confirm", type=ranges.CONFIRM, default=0, show_default=True,
                   help="Measure the best N candidates (plus the best archived one and the largest uniform file "
                        "that fits) with the run's model, about 8 s each on 2 cores; a mix replaces that uniform "
                        "file only when better by two standard errors of the per-window difference.")
-    @click.option("--confirm-windows", type=opts.WINDOWS, default=32, show_default=True,
+    @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
     def search_cmd(run_dir, budget_bytes, bpw, profile, output, confirm, confirm_windows, as_json):

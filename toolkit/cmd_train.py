@@ -8,19 +8,19 @@ from pathlib import Path
 import click
 
 from toolkit import assets
-from toolkit import cmd_options as opts
+from toolkit import cmd_options as ranges
 from converters.configuration import DEFAULT_MENU, Configuration
 from converters.errors import CoaloraError
 
 
 def _train_options(f):
     opts = [
-        click.option("--rank", type=opts.train("rank"), default=8, show_default=True, help="LoRA rank r."),
-        click.option("--alpha", type=opts.train("alpha"), default=16.0, show_default=True, help="LoRA alpha (scale alpha/r)."),
-        click.option("--steps", type=opts.train("steps"), default=200, show_default=True, help="Optimizer steps."),
-        click.option("--seq-len", type=opts.train("seq_len"), default=256, show_default=True, help="Tokens per sequence."),
-        click.option("--batch", type=opts.train("batch"), default=4, show_default=True, help="Sequences per step."),
-        click.option("--lr", type=opts.train("lr"), default=1e-3, show_default=True, help="Learning rate of the LoRA."),
+        click.option("--rank", type=ranges.train("rank"), default=8, show_default=True, help="LoRA rank r."),
+        click.option("--alpha", type=ranges.train("alpha"), default=16.0, show_default=True, help="LoRA alpha (scale alpha/r)."),
+        click.option("--steps", type=ranges.train("steps"), default=200, show_default=True, help="Optimizer steps."),
+        click.option("--seq-len", type=ranges.train("seq_len"), default=256, show_default=True, help="Tokens per sequence."),
+        click.option("--batch", type=ranges.train("batch"), default=4, show_default=True, help="Sequences per step."),
+        click.option("--lr", type=ranges.train("lr"), default=1e-3, show_default=True, help="Learning rate of the LoRA."),
         click.option("--targets", default="all", show_default=True,
                      help="Comma-separated GGUF tensor kinds that get a LoRA (attn_q,ffn_down,...; phi3: attn_qkv,...); "
                           "all: every block projection of the architecture."),
@@ -30,10 +30,10 @@ def _train_options(f):
                      "model's chat template, with the loss on the answers only."),
         click.option("--eval-data", multiple=True, help="Held-out records the search scores configurations on "
                      "(default: the last whole records of --data)."),
-        click.option("--seed", type=opts.train("seed"), default=0, show_default=True),
+        click.option("--seed", type=ranges.train("seed"), default=0, show_default=True),
         click.option("--device", default="auto", show_default=True,
                      help="Where torch trains: auto (a CUDA GPU when torch sees one), cpu, cuda[:N]."),
-        click.option("--checkpoint-every", type=opts.train("checkpoint_every"), default=25, show_default=True, help="Steps between checkpoints."),
+        click.option("--checkpoint-every", type=ranges.train("checkpoint_every"), default=25, show_default=True, help="Steps between checkpoints."),
         click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint."),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON."),
     ]
@@ -115,19 +115,19 @@ def register(cli: click.Group) -> None:
     @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
     @click.option("--mode", type=click.Choice(["coa", "shared"]), default="coa", show_default=True,
                   help="coa: LoRA + configuration-aware model; shared: one LoRA for all configurations.")
-    @click.option("--rounds", type=opts.train("rounds"), default=2, show_default=True, help="Training / configuration-search rounds.")
-    @click.option("--search-candidates", type=opts.train("search_candidates"), default=12, show_default=True,
+    @click.option("--rounds", type=ranges.train("rounds"), default=2, show_default=True, help="Training / configuration-search rounds.")
+    @click.option("--search-candidates", type=ranges.train("search_candidates"), default=12, show_default=True,
                   help="Configurations the search evaluates for real per round.")
     @click.option("--menu", default=",".join(DEFAULT_MENU), show_default=True, help="Quant types to choose from.")
-    @click.option("--cam-lr", type=opts.train("cam_lr"), default=1e-3, show_default=True, help="Learning rate of the configuration-aware model.")
-    @click.option("--configs-per-step", default=1, show_default=True, type=opts.train("configs_per_step"),
+    @click.option("--cam-lr", type=ranges.train("cam_lr"), default=1e-3, show_default=True, help="Learning rate of the configuration-aware model.")
+    @click.option("--configs-per-step", default=1, show_default=True, type=ranges.train("configs_per_step"),
                   help="Configurations of the training set drawn per optimizer step.")
     @click.option("--config-batch", type=click.Choice(["split", "full"]), default="split", show_default=True,
                   help="split: the step's configurations share the batch; full: each sees the whole batch "
                        "(more compute per step).")
     @click.option("--init-lora", default="", type=click.Path(file_okay=False),
                   help="Start from the LoRA of a trained run (e.g. a `coalora finetune --config F32` run).")
-    @click.option("--top-share", default=0.0, show_default=True, type=opts.train("top_share"),
+    @click.option("--top-share", default=0.0, show_default=True, type=ranges.train("top_share"),
                   help="Share of steps trained on the training set's highest-precision configuration.")
     @click.option("--anchor", default="", metavar="TYPE",
                   help="Also train every step on the uniform TYPE model (e.g. F32), whose output the sampled "
@@ -135,15 +135,15 @@ def register(cli: click.Group) -> None:
     @click.option("--anchor-loss", type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
                   help="With --anchor: the sampled configurations' loss, KL to the anchor's output or "
                        "cross-entropy on the text.")
-    @click.option("--anchor-lora-weight", default=1.0, show_default=True, type=opts.train("anchor_lora_weight"),
+    @click.option("--anchor-lora-weight", default=1.0, show_default=True, type=ranges.train("anchor_lora_weight"),
                   help="With --anchor: weight of the sampled configurations' gradient on the LoRA (0: only the "
                        "configuration-aware model learns from them).")
     @click.option("--type-deltas", default="", metavar="TYPES",
                   help="CoA-LoRA: for these quant types ('all': the menu), also train per tensor a correction of its "
                        "LoRA A and B that the tensor's type in a configuration picks (the adapter's rank stays --rank).")
-    @click.option("--delta-lr", default=0.0, show_default=True, type=opts.train("delta_lr"),
+    @click.option("--delta-lr", default=0.0, show_default=True, type=ranges.train("delta_lr"),
                   help="Learning rate of the --type-deltas corrections (0: --lr).")
-    @click.option("--delta-error-power", default=0.5, show_default=True, type=opts.train("delta_error_power"),
+    @click.option("--delta-error-power", default=0.5, show_default=True, type=ranges.train("delta_error_power"),
                   help="Scale each correction by (its type's ggml quantization error / Q4_0's) ** P (0: unscaled).")
     @_train_options
     def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, config_batch,

@@ -24,7 +24,8 @@ class Limit:
         return None
 
     def describe(self) -> str:
-        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+        fmt = (lambda x: f"{int(x)}") if self.integer else (lambda x: f"{x:g}")
+        return f"{'(' if self.lo_open else '['}{fmt(self.lo)}, {fmt(self.hi)}]"
 
 
 def _i(lo, hi) -> Limit:

@@ -33,6 +33,7 @@ class Case:
     why: str = ""             # for OK: the documented acceptance
     outputs: tuple[str, ...] = ()   # paths (relative to the work folder) an OK case may create or change
     isolate: bool = False     # run in a fresh interpreter, not a fork of the runner (llama.cpp, signals)
+    usage_error: bool = False  # the error must be click's usage error (exit 2): an option out of its range
     timeout_s: float = 30.0
 
     def __post_init__(self):
