@@ -66,7 +66,7 @@ def register(cli):
             raise CoaloraError("training runs are not available in this installation") from None
         run = Run.open(run_dir)
         budget, what, layout = _budget(run, budget_bytes, bpw, profile)
-        archive = Archive.load(run.archive_path) if run.archive_path.exists() else Archive()
+        archive = Archive.load(run.archive_path, run.layout) if run.archive_path.exists() else Archive()
         errors = load_error_table(run.path / "sensitivity.json")
         measure = (lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)) if confirm else None
         res = best_configuration(layout, archive, budget, errors=errors, evaluate=measure, n_confirm=confirm)

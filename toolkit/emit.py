@@ -65,7 +65,7 @@ def _best(run, layout: ModelLayout, budget: int):
     from toolkit import budget_search, pareto_search
     from toolkit.sensitivity import load_error_table
 
-    archive = pareto_search.Archive.load(run.archive_path) if Path(run.archive_path).exists() else None
+    archive = pareto_search.Archive.load(run.archive_path, run.layout) if Path(run.archive_path).exists() else None
     errors = load_error_table(Path(run.path) / "sensitivity.json")
     return budget_search.best_configuration(layout, archive, budget, errors=errors)
 
@@ -152,6 +152,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
     from converters.gguf_model_writer import write_gguf
 
     loaded = run.loaded()
+    run.model()  # a checkpoint that does not fit the run fails here, before any file is written
     layout = run.layout
     arch = mm.ArchInfo.from_layout(layout)
     o = run.meta.get("options", {})

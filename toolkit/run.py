@@ -48,7 +48,7 @@ def _problem(meta) -> str | None:
     for key, ok in (("status", lambda v: v in ("training", "trained")), ("model", lambda v: isinstance(v, str) and v),
                     ("model_sha256", lambda v: isinstance(v, str) and SHA256.fullmatch(v)),
                     ("options", lambda v: isinstance(v, dict)), ("layout", lambda v: isinstance(v, dict)),
-                    ("step", lambda v: limits.TRAIN["steps"].check(v) is None or v == 0)):
+                    ("step", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**7)):
         if key not in meta:
             return f"run.json lacks {key!r}"
         if not ok(meta[key]):
@@ -196,7 +196,13 @@ class Run:
     def trainset(self) -> list[Configuration]:
         if not self.trainset_path.exists():
             return []
-        return [Configuration.from_json(d) for d in read_json(self.trainset_path)]
+        rows = read_json(self.trainset_path)
+        if not isinstance(rows, list):
+            raise CoaloraError(f"{self.trainset_path} is not a list of configurations")
+        cfgs = [Configuration.from_json(d) for d in rows]
+        for c in cfgs:
+            self.layout.validate(c, strict_menu=False)
+        return cfgs
 
     def check_configuration(self, cfg: Configuration) -> None:
         """A CoA run answers for the types it was trained on; other modes' adapters ignore the configuration."""

@@ -307,6 +307,11 @@ def option_cases(rng: random.Random, workdir: Path, fx: Fixtures, n: int) -> lis
 
 
 # ---------------------------------------------------------------- run folders
+# The fixture run's options (bench/fuzz/fixtures.py), so that --resume reaches the damage.
+RESUME = ["--steps", "3", "--rank", "2", "--seq-len", "32", "--batch", "1", "--rounds", "1", "--search-candidates",
+          "1", "--checkpoint-every", "1", "--menu", "Q8_0,Q4_0"]
+
+
 class _Canary:
     """A pickle that, when loaded, writes the canary file: code execution made visible."""
 
@@ -328,8 +333,9 @@ def run_cases(rng: random.Random, workdir: Path, fx: Fixtures, n: int) -> list[C
         run = d / "run"
         shutil.copytree(src, run)
         m = json.loads(json.dumps(meta))
-        r = rng.randrange(14)
+        r = rng.randrange(17)
         what = ""
+        cmd = rng.choice(["adapter", "adapter", "search", "emit", "resume"])
         if r <= 1:
             data, what = damaged_json(rng, meta)
             if what == "structured" or what == "flipped bits":
@@ -386,22 +392,47 @@ def run_cases(rng: random.Random, workdir: Path, fx: Fixtures, n: int) -> list[C
         elif r == 12:
             _nan_checkpoint(run / "checkpoint.safetensors", rng)
             what = "NaN checkpoint"
-        else:
+        elif r == 13:
             m["status"] = "training"
             what = "not trained"
-        if r >= 2 and r not in (10, 11, 12):
+        elif r == 14:  # the search's archive: read by search and emit
+            arch = json.loads((run / "archive.json").read_text())
+            data, what = damaged_json(rng, arch)
+            if what in ("structured", "flipped bits"):
+                rec = arch["records"][0]
+                key = rng.choice(list(rec))
+                rec[key] = rng.choice([None, "x", -1, math.nan, [], {"blk.0.nope.weight": "Q8_0"}])
+                if key == "round" and rec[key] == -1:
+                    rec[key] = None
+                data, what = json.dumps(arch).encode(), f"archive record {key}"
+            write(run / "archive.json", data)
+            cmd = rng.choice(["search", "emit"])
+        elif r == 15:  # the training set: read on resume
+            data, what = damaged_json(rng, {"x": 1})
+            if what in ("structured", "flipped bits"):
+                data, what = json.dumps(rng.choice([{}, [None], [{"types": {"x": "Q8_0"}}], [{"types": []}]])).encode(), "trainset"
+            write(run / "trainset.json", data)
+            cmd = "resume"
+        else:  # the tokenized training text: read by --confirm's measurements and on resume
+            tok = (run / "tokens.npy").read_bytes()
+            write(run / "tokens.npy", rng.choice([b"", truncate(tok, rng), tok[:10] + b"\x00" * 20 + tok[30:],
+                                                 pickle.dumps([1, 2, 3]), b"\x93NUMPY\x01\x00" + b"{" * 100]))
+            what = "tokens damaged"
+            cmd = rng.choice(["confirm", "resume"])
+        if r >= 2 and r not in (10, 11, 12, 14, 15, 16):
             write_json(run / "run.json", m)
-        cmd = rng.choice(["adapter", "adapter", "search", "emit", "resume"])
+        if cmd == "search" and r in (5, 6, 10, 11, 12):
+            cmd = "adapter"  # search (without --confirm) never reads the checkpoint: rightly unaffected
         if cmd == "adapter":
             argv = ["adapter", run, "--config", "Q8_0", "-o", d / "adapter.gguf"]
         elif cmd == "search":
             argv = ["search", run, "--bpw", "6"]
+        elif cmd == "confirm":
+            argv = ["search", run, "--bpw", "6", "--confirm", "1", "--confirm-windows", "1"]
         elif cmd == "emit":
             argv = ["emit", run, "--profile", fx.profile_toml(), "-o", d / "dist", "--windows", "1", "--data", fx.text()]
         else:
-            argv = ["train", "ignored", "-o", run, "--resume", "--steps", "5", "--rank", str(meta["options"]["rank"]),
-                    "--seq-len", "32", "--batch", "2", "--rounds", "1", "--search-candidates", "2",
-                    "--checkpoint-every", "2"]
+            argv = ["train", "ignored", "-o", run, "--resume", *RESUME]
         if what == "not trained" and cmd == "resume":
             argv = ["adapter", run, "--config", "Q8_0", "-o", d / "adapter.gguf"]
         out.append(Case(f"{name}-{cmd}-{what.replace(' ', '_')}", "run", argv))
@@ -471,7 +502,8 @@ def data_cases(rng: random.Random, workdir: Path, fx: Fixtures, n: int) -> list[
 # ---------------------------------------------------------------- all of them
 def cases(rng: random.Random, workdir: Path, n: int) -> list[Case]:
     fx = Fixtures(workdir)
-    shares = {"configuration": 0.16, "recipe": 0.08, "profile": 0.22, "option": 0.24, "run": 0.2, "data": 0.1}
+    # data cases load the model before the records fail (seconds each): fewer of them
+    shares = {"configuration": 0.16, "recipe": 0.08, "profile": 0.23, "option": 0.25, "run": 0.22, "data": 0.06}
     out: list[Case] = []
     for kind, share in shares.items():
         k = max(1, round(n * share))
