@@ -152,7 +152,6 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
     from converters.gguf_model_writer import write_gguf
 
     loaded = run.loaded()
-    run.model()  # a checkpoint that does not fit the run fails here, before any file is written
     layout = run.layout
     arch = mm.ArchInfo.from_layout(layout)
     o = run.meta.get("options", {})
@@ -185,8 +184,8 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
     try:
         model_path, adapter_path = tmp / MODEL_FILE, tmp / ADAPTER_FILE
         log(f"{profile.name}: writing {MODEL_FILE} ({res.file_bytes / 1e6:.1f} MB, {res.bpw:.2f} bpw)")
+        run.write_adapter(cfg, adapter_path)  # first: a checkpoint not fitting the run fails before the slow part
         write_gguf(loaded.gguf, model_path, cfg, quantized=run.quantized_bytes, progress=False)
-        run.write_adapter(cfg, adapter_path)
         model_bytes, adapter_bytes = model_path.stat().st_size, adapter_path.stat().st_size
 
         log(f"{profile.name}: predicting perplexity on {n_windows} windows of {n_ctx} tokens")
