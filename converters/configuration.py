@@ -74,8 +74,11 @@ class ModelLayout:
         return sum(t.n_weights for t in self.tensors)
 
     def with_menu(self, menu_names) -> "ModelLayout":
-        """The same tensors with another type menu."""
-        return ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, tuple(menu_names), dict(self.hparams))
+        """The same tensors with another type menu (every tensor must keep a type to choose)."""
+        layout = ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, tuple(menu_names), dict(self.hparams))
+        if not layout.menu_names or any(not layout.menu(t.name) for t in self.tensors):
+            raise CoaloraError(f"no quant type of the menu ({', '.join(layout.menu_names) or 'empty'}) fits every tensor")
+        return layout
 
     def projection_kinds(self) -> tuple[str, ...]:
         """The kinds of the block tensors (attn_q ... ffn_down for llama; attn_qkv, ffn_up ... for phi3)."""
@@ -144,8 +147,11 @@ class Configuration:
 
     @classmethod
     def from_json(cls, d: dict) -> "Configuration":
-        if not isinstance(d, dict) or not isinstance(d.get("types"), dict):
+        if not isinstance(d, dict) or not isinstance(d.get("types"), dict) or not d["types"]:
             raise CoaloraError("a configuration is a JSON object with a \"types\" mapping of tensor name to quant type")
+        bad = [n for n, q in d["types"].items() if not isinstance(q, str)]
+        if bad:
+            raise CoaloraError(f"configuration: the type of {bad[0][:80]!r} is not a quant type name")
         try:
             return cls(dict(d["types"]))
         except ValueError as e:

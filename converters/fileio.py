@@ -51,13 +51,20 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path):
-    """Parsed JSON of ``path``; an unreadable or malformed file is a one-line CoaloraError."""
+    """Parsed JSON of ``path``; an unreadable, non-UTF-8, malformed or absurdly nested file is a one-line
+    CoaloraError (what the values mean is the reader's schema's business)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CoaloraError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CoaloraError(f"{path} is unreadable: {e}") from None
+    except IsADirectoryError:
+        raise CoaloraError(f"{path} is a folder, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise CoaloraError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise CoaloraError(f"{path} is nested too deeply to be a coalora file") from None
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CoaloraError(f"{path} is unreadable: {getattr(e, 'strerror', None) or e}") from None
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

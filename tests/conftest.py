@@ -161,3 +161,14 @@ def smollm2_run(smollm2_gguf, tmp_path_factory):
         pytest.skip("Austen text missing; run `coalora assets --fetch`")
     return train(tmp_path_factory.mktemp("smollm2") / "run", smollm2_gguf, texts[:1],
                  TrainOptions(**SMOLLM2_RUN_OPTIONS), progress=False, log=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def fuzz_workdir(tmp_path_factory):
+    """A fuzz work folder (bench/fuzz) whose shared inputs, a tiny GGUF and a trained tiny run, are built
+    once per session through the CLI."""
+    from bench.fuzz.cases import Fixtures
+
+    wd = tmp_path_factory.mktemp("fuzz")
+    Fixtures(wd).run()
+    return wd

@@ -237,7 +237,9 @@ def test_cli_search_on_a_run_folder(setup, tmp_path, capsys):
     archive.add(layout, init, evaluate(init))
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"status": "trained", "layout": layout.describe()}))
+    (run / "run.json").write_text(json.dumps({
+        "status": "trained", "layout": layout.describe(), "model": "unused", "model_sha256": "0" * 64, "step": 1,
+        "options": {"mode": "coa", "rank": 8, "alpha": 16.0, "seed": 0, "seq_len": 256, "calib_windows": 4}}))
     archive.save(run / "archive.json")
     (run / "sensitivity.json").write_text(json.dumps({"key": "x", "errors": errors}))
     out = tmp_path / "cfg.json"

@@ -28,31 +28,47 @@ for _mod in COMMAND_MODULES:
             raise
 
 
+# Longest error line printed: a message quoting a hostile input (a 10 MB tensor name, a huge option value)
+# is cut to an excerpt.
+MAX_ERROR_CHARS = 400
+
+
+def bounded_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message`` on one line (newlines and control characters as spaces), at most ``limit`` characters."""
+    s = "".join(c if c.isprintable() else " " for c in str(message))
+    return s if len(s) <= limit else s[:limit - 25] + f" ... ({len(s) - limit + 25:,} more chars)"
+
+
 def main(argv=None) -> int:
     from toolkit import distributed
+
+    def error(msg) -> int:
+        click.echo(f"coalora: error: {bounded_line(msg)}", err=True)
+        return 1
 
     try:
         cli.main(args=argv, prog_name="coalora", standalone_mode=False)
     except (CoaloraError, UnknownQuantType) as e:
         if distributed.reports(e):  # under torchrun: an error all ranks share is printed by rank 0 alone
-            click.echo(f"coalora: error: {e}", err=True)
+            click.echo(f"coalora: error: {bounded_line(e)}", err=True)
         distributed.shutdown(e)
         return 1
     except click.exceptions.Abort:
         click.echo("coalora: aborted", err=True)
         return 130
     except click.ClickException as e:
+        e.message = bounded_line(e.message)
         e.show()
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("coalora: interrupted; no partial output was kept", err=True)
         return 130
     except MemoryError:
-        click.echo("coalora: error: out of memory", err=True)
-        return 1
+        return error("out of memory")
+    except RecursionError:
+        return error("input nested too deeply")
     except OSError as e:
-        click.echo(f"coalora: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
-        return 1
+        return error(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
     distributed.shutdown()
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from converters.errors import CoaloraError
+from toolkit import cmd_options as ranges
 
 
 def run_demo(out: Path, steps: int, windows: int, log=click.echo) -> list[dict]:
@@ -55,8 +56,8 @@ def run_demo(out: Path, steps: int, windows: int, log=click.echo) -> list[dict]:
 def register(cli: click.Group) -> None:
     @cli.command()
     @click.option("-o", "--out", default="coalora-demo", show_default=True, type=click.Path(path_type=Path))
-    @click.option("--steps", default=60, show_default=True, help="Training steps (128 x 4 tokens each).")
-    @click.option("--windows", default=8, show_default=True, help="Evaluation windows of 512 tokens per profile.")
+    @click.option("--steps", type=ranges.train("steps"), default=60, show_default=True, help="Training steps (128 x 4 tokens each).")
+    @click.option("--windows", type=ranges.WINDOWS, default=8, show_default=True, help="Evaluation windows of 512 tokens per profile.")
     @click.option("--json", "as_json", is_flag=True)
     def demo(out, steps, windows, as_json):
         """Run the whole pipeline on SmolLM2 + Austen: train, search, emit, validate, package every profile.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from toolkit import cmd_options as ranges
 from toolkit.console import console
 from converters.errors import CoaloraError
 
@@ -53,7 +54,7 @@ def register(cli):
     @click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
     @click.option("--profile", "profile", required=True, help="Profile name, a .toml path, or 'all'.")
     @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="DIST folder.")
-    @click.option("--windows", "n_windows", default=32, show_default=True, help="Evaluation windows (512 tokens).")
+    @click.option("--windows", "n_windows", type=ranges.WINDOWS, default=32, show_default=True, help="Evaluation windows (512 tokens).")
     @click.option("--data", type=click.Path(path_type=Path), help="Held-out text (default: Pride and Prejudice).")
     @click.option("--json", "as_json", is_flag=True)
     def emit_cmd(run_dir, profile, out, n_windows, data, as_json):
@@ -90,11 +91,11 @@ def register(cli):
     @cli.command("validate")
     @click.argument("dist", type=click.Path(path_type=Path))
     @click.option("--data", type=click.Path(path_type=Path), help="Evaluate on this text instead of the manifest's.")
-    @click.option("--windows", "n_windows", type=int, help="Number of evaluation windows (default: the manifest's).")
+    @click.option("--windows", "n_windows", type=ranges.WINDOWS, help="Number of evaluation windows (default: the manifest's).")
     @click.option("--reference", type=click.Path(path_type=Path), help="Unquantized F16/F32 GGUF to compare with.")
     @click.option("--no-measure", is_flag=True, help="Skip the speed / peak-memory measurement.")
-    @click.option("--measure-tokens", type=int, help="Prompt tokens of the measurement (default: fill the context).")
-    @click.option("--threads", type=int, help="Threads for llama.cpp (default: the profile's).")
+    @click.option("--measure-tokens", type=ranges.TOKENS, help="Prompt tokens of the measurement (default: fill the context).")
+    @click.option("--threads", type=ranges.THREADS, help="Threads for llama.cpp (default: the profile's).")
     @click.option("--json", "as_json", is_flag=True)
     def validate_cmd(dist, data, n_windows, reference, no_measure, measure_tokens, threads, as_json):
         """Check an emitted pair on CPU: checksums, adapter, perplexity, KL, speed, memory."""

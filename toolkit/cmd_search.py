@@ -6,6 +6,7 @@ import json
 import click
 
 from converters.errors import CoaloraError
+from toolkit import cmd_options as ranges
 
 
 def _budget(run, budget_bytes, bpw, profile):
@@ -27,27 +28,26 @@ def _budget(run, budget_bytes, bpw, profile):
         from toolkit.profiles import load_profile
     except ImportError:
         raise CoaloraError("device profiles are not available in this installation; use --budget-bytes or --bpw") from None
+    from toolkit.emit import search_layout
+
     p = load_profile(profile)
-    layout = run.layout
-    avoid = tuple(getattr(p, "avoid", ()) or ())
-    if avoid:
-        layout = layout.with_menu(m for m in layout.menu_names if m not in avoid)
-    return int(p.model_budget_bytes(run.layout)), f"profile {getattr(p, 'name', profile)}", layout
+    layout = search_layout(run.layout, p)
+    return int(p.model_budget_bytes(run.layout)), f"profile {p.name}", layout
 
 
 def register(cli):
     @cli.command("search")
     @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
-    @click.option("--budget-bytes", type=int, default=None, help="Largest model file, in bytes.")
-    @click.option("--bpw", type=float, default=None, help="Largest bits per weight of the quantized tensors.")
+    @click.option("--budget-bytes", type=ranges.BUDGET_BYTES, default=None, help="Largest model file, in bytes.")
+    @click.option("--bpw", type=ranges.BPW, default=None, help="Largest bits per weight of the quantized tensors.")
     @click.option("--profile", default=None, help="Device profile (name or TOML path) giving the model budget.")
     @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
                   help="Write the configuration JSON here.")
-    @click.option("--confirm", default=0, show_default=True,
+    @click.option("--confirm", type=ranges.CONFIRM, default=0, show_default=True,
                   help="Measure the best N candidates (plus the best archived one and the largest uniform file "
                        "that fits) with the run's model, about 8 s each on 2 cores; a mix replaces that uniform "
                        "file only when better by two standard errors of the per-window difference.")
-    @click.option("--confirm-windows", default=32, show_default=True,
+    @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
     def search_cmd(run_dir, budget_bytes, bpw, profile, output, confirm, confirm_windows, as_json):
@@ -66,7 +66,7 @@ def register(cli):
             raise CoaloraError("training runs are not available in this installation") from None
         run = Run.open(run_dir)
         budget, what, layout = _budget(run, budget_bytes, bpw, profile)
-        archive = Archive.load(run.archive_path) if run.archive_path.exists() else Archive()
+        archive = Archive.load(run.archive_path, run.layout) if run.archive_path.exists() else Archive()
         errors = load_error_table(run.path / "sensitivity.json")
         measure = (lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)) if confirm else None
         res = best_configuration(layout, archive, budget, errors=errors, evaluate=measure, n_confirm=confirm)

@@ -8,18 +8,19 @@ from pathlib import Path
 import click
 
 from toolkit import assets, distributed
+from toolkit import cmd_options as ranges
 from converters.configuration import DEFAULT_MENU, Configuration
 from converters.errors import CoaloraError
 
 
 def _train_options(f):
     opts = [
-        click.option("--rank", default=8, show_default=True, help="LoRA rank r."),
-        click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scale alpha/r)."),
-        click.option("--steps", default=200, show_default=True, help="Optimizer steps."),
-        click.option("--seq-len", default=256, show_default=True, help="Tokens per sequence."),
-        click.option("--batch", default=4, show_default=True, help="Sequences per step."),
-        click.option("--lr", default=1e-3, show_default=True, help="Learning rate of the LoRA."),
+        click.option("--rank", type=ranges.train("rank"), default=8, show_default=True, help="LoRA rank r."),
+        click.option("--alpha", type=ranges.train("alpha"), default=16.0, show_default=True, help="LoRA alpha (scale alpha/r)."),
+        click.option("--steps", type=ranges.train("steps"), default=200, show_default=True, help="Optimizer steps."),
+        click.option("--seq-len", type=ranges.train("seq_len"), default=256, show_default=True, help="Tokens per sequence."),
+        click.option("--batch", type=ranges.train("batch"), default=4, show_default=True, help="Sequences per step."),
+        click.option("--lr", type=ranges.train("lr"), default=1e-3, show_default=True, help="Learning rate of the LoRA."),
         click.option("--targets", default="all", show_default=True,
                      help="Comma-separated GGUF tensor kinds that get a LoRA (attn_q,ffn_down,...; phi3: attn_qkv,...); "
                           "all: every block projection of the architecture."),
@@ -29,10 +30,10 @@ def _train_options(f):
                      "model's chat template, with the loss on the answers only."),
         click.option("--eval-data", multiple=True, help="Held-out records the search scores configurations on "
                      "(default: the last whole records of --data)."),
-        click.option("--seed", default=0, show_default=True),
+        click.option("--seed", type=ranges.train("seed"), default=0, show_default=True),
         click.option("--device", default="auto", show_default=True,
                      help="Where torch trains: auto (a CUDA GPU when torch sees one), cpu, cuda[:N]."),
-        click.option("--checkpoint-every", default=25, show_default=True, help="Steps between checkpoints."),
+        click.option("--checkpoint-every", type=ranges.train("checkpoint_every"), default=25, show_default=True, help="Steps between checkpoints."),
         click.option("--weights-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True, help="What torch keeps the dequantized weights in; 16-bit halves their "
                      "memory but is no longer bit-exact to llama.cpp. auto: bfloat16 on a GPU when the model's float32 "
@@ -88,10 +89,30 @@ def _run_training(model, data, out, mode, fixed, rank, alpha, steps, seq_len, ba
         raise CoaloraError("no training text given (--data FILE..., or --data austen)")
     opts = TrainOptions(mode=mode, rank=rank, alpha=alpha, steps=steps, seq_len=seq_len, batch=batch, lr=lr,
                         targets=_targets(targets), seed=seed, checkpoint_every=checkpoint_every, **extra)
-    run = train(out, model_path, texts, opts, resume=resume, fixed_config=fixed, progress=not as_json,
-                log=(lambda s: None) if as_json else click.echo)
+    out = Path(out)
+    existed = out.exists()
+    fresh = not resume and (not existed or (out.is_dir() and not any(out.iterdir())))
+    try:
+        run = train(out, model_path, texts, opts, resume=resume, fixed_config=fixed, progress=not as_json,
+                    log=(lambda s: None) if as_json else click.echo)
+    except CoaloraError:
+        if fresh and distributed.rank() == 0:  # a new run that failed leaves no half-written folder (an interrupted one stays resumable)
+            _remove_new_run(out, keep_folder=existed)
+        raise
     if distributed.rank() == 0:  # under torchrun / accelerate launch, rank 0 reports
         _report(run, as_json)
+
+
+def _remove_new_run(out: Path, keep_folder: bool) -> None:
+    import shutil
+
+    if not out.is_dir():
+        return
+    if not keep_folder:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def register(cli: click.Group) -> None:
@@ -103,19 +124,19 @@ def register(cli: click.Group) -> None:
     @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
     @click.option("--mode", type=click.Choice(["coa", "shared"]), default="coa", show_default=True,
                   help="coa: LoRA + configuration-aware model; shared: one LoRA for all configurations.")
-    @click.option("--rounds", default=2, show_default=True, help="Training / configuration-search rounds.")
-    @click.option("--search-candidates", default=12, show_default=True,
+    @click.option("--rounds", type=ranges.train("rounds"), default=2, show_default=True, help="Training / configuration-search rounds.")
+    @click.option("--search-candidates", type=ranges.train("search_candidates"), default=12, show_default=True,
                   help="Configurations the search evaluates for real per round.")
     @click.option("--menu", default=",".join(DEFAULT_MENU), show_default=True, help="Quant types to choose from.")
-    @click.option("--cam-lr", default=1e-3, show_default=True, help="Learning rate of the configuration-aware model.")
-    @click.option("--configs-per-step", default=1, show_default=True, type=click.IntRange(1),
+    @click.option("--cam-lr", type=ranges.train("cam_lr"), default=1e-3, show_default=True, help="Learning rate of the configuration-aware model.")
+    @click.option("--configs-per-step", default=1, show_default=True, type=ranges.train("configs_per_step"),
                   help="Configurations of the training set drawn per optimizer step.")
     @click.option("--config-batch", type=click.Choice(["split", "full"]), default="split", show_default=True,
                   help="split: the step's configurations share the batch; full: each sees the whole batch "
                        "(more compute per step).")
     @click.option("--init-lora", default="", type=click.Path(file_okay=False),
                   help="Start from the LoRA of a trained run (e.g. a `coalora finetune --config F32` run).")
-    @click.option("--top-share", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+    @click.option("--top-share", default=0.0, show_default=True, type=ranges.train("top_share"),
                   help="Share of steps trained on the training set's highest-precision configuration.")
     @click.option("--anchor", default="", metavar="TYPE",
                   help="Also train every step on the uniform TYPE model (e.g. F32), whose output the sampled "
@@ -123,15 +144,15 @@ def register(cli: click.Group) -> None:
     @click.option("--anchor-loss", type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
                   help="With --anchor: the sampled configurations' loss, KL to the anchor's output or "
                        "cross-entropy on the text.")
-    @click.option("--anchor-lora-weight", default=1.0, show_default=True, type=click.FloatRange(0.0),
+    @click.option("--anchor-lora-weight", default=1.0, show_default=True, type=ranges.train("anchor_lora_weight"),
                   help="With --anchor: weight of the sampled configurations' gradient on the LoRA (0: only the "
                        "configuration-aware model learns from them).")
     @click.option("--type-deltas", default="", metavar="TYPES",
                   help="CoA-LoRA: for these quant types ('all': the menu), also train per tensor a correction of its "
                        "LoRA A and B that the tensor's type in a configuration picks (the adapter's rank stays --rank).")
-    @click.option("--delta-lr", default=0.0, show_default=True, type=click.FloatRange(0.0),
+    @click.option("--delta-lr", default=0.0, show_default=True, type=ranges.train("delta_lr"),
                   help="Learning rate of the --type-deltas corrections (0: --lr).")
-    @click.option("--delta-error-power", default=0.5, show_default=True, type=click.FloatRange(0.0),
+    @click.option("--delta-error-power", default=0.5, show_default=True, type=ranges.train("delta_error_power"),
                   help="Scale each correction by (its type's ggml quantization error / Q4_0's) ** P (0: unscaled).")
     @_train_options
     def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, config_batch,

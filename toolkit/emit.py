@@ -41,7 +41,19 @@ def search_layout(layout: ModelLayout, profile: Profile) -> ModelLayout:
     if not profile.avoid:
         return layout
     menu = tuple(m for m in layout.menu_names if m not in profile.avoid)
+    if not menu:
+        raise CoaloraError(f"profile {profile.name} avoids every quant type of the run's menu "
+                           f"({', '.join(layout.menu_names)})")
     return layout.with_menu(menu)
+
+
+def profile_dest(out_dir: Path, name: str) -> Path:
+    """DIST/NAME, refused unless NAME is a plain folder name inside DIST (never DIST itself, a parent or a path)."""
+    from toolkit.profiles import NAME
+
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise CoaloraError(f"profile name {str(name)[:60]!r} cannot name a folder in {out_dir}")
+    return Path(out_dir) / name
 
 
 def largest(layout: ModelLayout) -> Configuration:
@@ -53,7 +65,7 @@ def _best(run, layout: ModelLayout, budget: int):
     from toolkit import budget_search, pareto_search
     from toolkit.sensitivity import load_error_table
 
-    archive = pareto_search.Archive.load(run.archive_path) if Path(run.archive_path).exists() else None
+    archive = pareto_search.Archive.load(run.archive_path, run.layout) if Path(run.archive_path).exists() else None
     errors = load_error_table(Path(run.path) / "sensitivity.json")
     return budget_search.best_configuration(layout, archive, budget, errors=errors)
 
@@ -157,17 +169,23 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
     text_file = eval_text(text_path)
 
     out_dir = Path(out_dir)
-    dest = out_dir / profile.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.", suffix=".part", dir=out_dir))
+    dest = profile_dest(out_dir, profile.name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CoaloraError(f"output {out_dir} is not a folder")
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # removed again if emit fails
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}.", suffix=".part", dir=out_dir))
+    except OSError as e:
+        raise CoaloraError(f"cannot write into {out_dir}: {e.strerror or e}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
         model_path, adapter_path = tmp / MODEL_FILE, tmp / ADAPTER_FILE
         log(f"{profile.name}: writing {MODEL_FILE} ({res.file_bytes / 1e6:.1f} MB, {res.bpw:.2f} bpw)")
+        run.write_adapter(cfg, adapter_path)  # first: a checkpoint not fitting the run fails before the slow part
         write_gguf(loaded.gguf, model_path, cfg, quantized=run.quantized_bytes, progress=False)
-        run.write_adapter(cfg, adapter_path)
         model_bytes, adapter_bytes = model_path.stat().st_size, adapter_path.stat().st_size
 
         log(f"{profile.name}: predicting perplexity on {n_windows} windows of {n_ctx} tokens")
@@ -199,7 +217,11 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
         }
         write_json(tmp / MANIFEST, manifest)
         _install(tmp, dest)
+        made = []
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # innermost first: folders this call created, left empty by a failure
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return manifest

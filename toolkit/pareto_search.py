@@ -13,11 +13,9 @@ loss = the largest archived loss + 10% of the archived loss range (see :func:`re
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -84,14 +82,33 @@ class Archive:
         write_json(path, {"version": 1, "records": [asdict(r) for r in self.records]})
 
     @classmethod
-    def load(cls, path) -> "Archive":
-        try:
-            d = json.loads(Path(path).read_text())
-            return cls([Record(**r) for r in d["records"]])
-        except FileNotFoundError:
-            raise CoaloraError(f"archive not found: {path}") from None
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CoaloraError(f"cannot read archive {path}: {e}") from None
+    def load(cls, path, layout: ModelLayout | None = None) -> "Archive":
+        """The archive at ``path``, every record checked (and, given the run's ``layout``, every configuration
+        checked against it): a damaged archive is a one-line error, never a search on garbage."""
+        from converters.fileio import read_json
+
+        d = read_json(path)
+        records = d.get("records") if isinstance(d, dict) else None
+        if not isinstance(records, list):
+            raise CoaloraError(f"archive {path} has no list of records")
+        out = []
+        for i, r in enumerate(records):
+            ok = (isinstance(r, dict) and set(r) <= {"types", "file_bytes", "bpw", "loss", "round"}
+                  and {"types", "file_bytes", "bpw", "loss"} <= set(r)
+                  and isinstance(r["file_bytes"], int) and not isinstance(r["file_bytes"], bool) and r["file_bytes"] >= 0
+                  and all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) and math.isfinite(r[k])
+                          for k in ("bpw", "loss"))
+                  and isinstance(r.get("round", 0), int) and not isinstance(r.get("round", 0), bool))
+            if not ok:
+                raise CoaloraError(f"archive {path}: record {i} is damaged")
+            cfg = Configuration.from_json({"types": r["types"]})
+            if layout is not None:
+                try:
+                    layout.validate(cfg, strict_menu=False)
+                except CoaloraError as e:
+                    raise CoaloraError(f"archive {path}: record {i}: {e}") from None
+            out.append(Record(**r))
+        return cls(out)
 
 
 # ---------------------------------------------------------------- fronts and hypervolume

@@ -8,13 +8,16 @@ capped by the profile's optional explicit ``model_budget_bytes``.
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from converters.quant_types import CATALOGUE_NAMES
+from toolkit import limits
 from toolkit import memory_model as mm
+from toolkit.limits import Limit
 from converters.errors import CoaloraError
 
 REQUIRED = ("name", "description", "memory_bytes", "model_share", "context_length", "threads")
@@ -77,35 +80,60 @@ class Profile:
         return d
 
 
-def _parse(data: dict, source: str) -> Profile:
+# Profile names become folder names (DIST/NAME): a plain name, never a path.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The TOML keys and their types / ranges (a string, a bool, a list of quant type names, or a limits.Limit).
+FIELDS = {"name": str, "description": str, "memory_bytes": Limit(1, 2**50), "model_share": Limit(0, 1, False, True),
+          "context_length": Limit(1, 1 << 20), "threads": limits.THREADS, "kv_cache_type": str,
+          "ubatch": Limit(1, 1 << 16), "flash_attn": bool, "prefer": list, "avoid": list,
+          "model_budget_bytes": Limit(1, 2**50)}
+
+
+def _check_fields(data: dict, source: str) -> None:
+    """Every key known and of its type: ``flash_attn = "false"`` is an error, not true; ``threads = true``,
+    ``"4"``, ``1.5`` or ``inf`` are errors, not 1 or 4."""
+    if not isinstance(data, dict):
+        raise CoaloraError(f"profile {source}: not a TOML table")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise CoaloraError(f"profile {source} lacks {', '.join(missing)}")
-    known = set(REQUIRED) | {"kv_cache_type", "ubatch", "flash_attn", "prefer", "avoid", "model_budget_bytes"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise CoaloraError(f"profile {source}: unknown key {unknown[0]!r}")
-    try:
-        p = Profile(name=str(data["name"]), description=str(data["description"]),
-                    memory_bytes=int(data["memory_bytes"]), model_share=float(data["model_share"]),
-                    context_length=int(data["context_length"]), threads=int(data["threads"]),
-                    kv_cache_type=str(data.get("kv_cache_type", "f16")).lower(), ubatch=int(data.get("ubatch", 512)),
-                    flash_attn=bool(data.get("flash_attn", False)),
-                    prefer=tuple(str(q).upper() for q in data.get("prefer", ())),
-                    avoid=tuple(str(q).upper() for q in data.get("avoid", ())),
-                    model_budget_cap=(int(data["model_budget_bytes"]) if "model_budget_bytes" in data else None),
-                    source=source)
-    except (TypeError, ValueError) as e:
-        raise CoaloraError(f"profile {source}: {e}") from None
-    if p.memory_bytes <= 0 or not 0 < p.model_share <= 1 or p.context_length < 1 or p.threads < 1 or p.ubatch < 1:
-        raise CoaloraError(f"profile {source}: memory_bytes, context_length, threads and ubatch must be positive "
-                           f"and model_share in (0, 1]")
+        raise CoaloraError(f"profile {source}: unknown key {unknown[0][:60]!r}")
+    for key, kind in FIELDS.items():
+        if key not in data:
+            continue
+        v = data[key]
+        if isinstance(kind, Limit):
+            problem = kind.check(v)
+        elif kind is list:
+            problem = None if isinstance(v, list) and all(isinstance(q, str) for q in v) else "must be a list of quant type names"
+        else:
+            problem = None if isinstance(v, kind) else f"must be a {'string' if kind is str else 'boolean (true or false)'}"
+        if problem:
+            raise CoaloraError(f"profile {source}: {key} {problem}")
+    if not NAME.fullmatch(data["name"]):
+        raise CoaloraError(f"profile {source}: name {data['name'][:60]!r} must be 1-64 letters, digits, '.', '_' or "
+                           f"'-', starting with a letter or digit (it names the profile's output folder)")
+
+
+def _parse(data: dict, source: str) -> Profile:
+    _check_fields(data, source)
+    p = Profile(name=data["name"], description=data["description"], memory_bytes=data["memory_bytes"],
+                model_share=float(data["model_share"]), context_length=data["context_length"],
+                threads=data["threads"], kv_cache_type=data.get("kv_cache_type", "f16").lower(),
+                ubatch=data.get("ubatch", 512), flash_attn=data.get("flash_attn", False),
+                prefer=tuple(q.upper() for q in data.get("prefer", ())),
+                avoid=tuple(q.upper() for q in data.get("avoid", ())),
+                model_budget_cap=data.get("model_budget_bytes"), source=source)
     mm.kv_bytes_per_element(p.kv_cache_type)
     if p.kv_cache_type not in ("f16", "f32", "bf16") and not p.flash_attn:
         raise CoaloraError(f"profile {source}: a {p.kv_cache_type} KV cache needs flash_attn = true in llama.cpp")
     bad = [q for q in p.prefer + p.avoid if q not in CATALOGUE_NAMES]
     if bad:
-        raise CoaloraError(f"profile {source}: unknown quant type {bad[0]!r}")
+        raise CoaloraError(f"profile {source}: unknown quant type {bad[0][:40]!r}")
+    if set(CATALOGUE_NAMES) <= set(p.avoid):
+        raise CoaloraError(f"profile {source}: avoid lists every quant type; nothing would be left to choose")
     return p
 
 
@@ -133,9 +161,15 @@ def load_profile(name_or_path) -> Profile:
                                f"(or give the path of a .toml file)")
         path = shipped[s]
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CoaloraError(f"profile file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise CoaloraError(f"cannot read profile {path}: {e}") from None
+    except IsADirectoryError:
+        raise CoaloraError(f"profile {path} is a folder, not a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise CoaloraError(f"profile {path} is not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise CoaloraError(f"profile {path} is nested too deeply") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CoaloraError(f"cannot read profile {path}: {getattr(e, 'strerror', None) or e}") from None
     return _parse(data, str(path))

@@ -12,20 +12,81 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from toolkit import assets
+from toolkit import assets, limits
 from converters.configuration import Configuration, ModelLayout
 from converters.errors import CoaloraError
 from converters.fileio import atomic_path, model_fingerprint, read_json, write_json
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def quant_cache_dir(model_sha256: str) -> Path:
+    """``$COALORA_HOME/quant-cache/<first 16 hex digits>``: only a real sha256 names a folder there."""
+    if not isinstance(model_sha256, str) or not SHA256.fullmatch(model_sha256):
+        raise CoaloraError("model_sha256 is not a sha256 (64 hex digits)")
     return assets.home() / "quant-cache" / model_sha256[:16]
+
+
+def _problem(meta) -> str | None:
+    """What is wrong with a run.json's content (None: usable), before any field is used."""
+    from converters.quant_types import CATALOGUE_NAMES
+
+    def strs(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    if not isinstance(meta, dict):
+        return "run.json is not a JSON object"
+    for key, ok in (("status", lambda v: v in ("training", "trained")), ("model", lambda v: isinstance(v, str) and v),
+                    ("model_sha256", lambda v: isinstance(v, str) and SHA256.fullmatch(v)),
+                    ("options", lambda v: isinstance(v, dict)), ("layout", lambda v: isinstance(v, dict)),
+                    ("step", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**7)):
+        if key not in meta:
+            return f"run.json lacks {key!r}"
+        if not ok(meta[key]):
+            return f"run.json: {key} has a wrong type or value"
+    o = meta["options"]
+    if o.get("mode") not in ("coa", "shared", "single"):
+        return "run.json: options.mode must be coa, shared or single"
+    for key, limit in limits.TRAIN.items():
+        if key in o and limit.check(o[key]) is not None:
+            return f"run.json: options.{key} {limit.check(o[key])}"
+    for key in ("rank", "alpha", "seed", "seq_len", "calib_windows"):
+        if key not in o:
+            return f"run.json: options lack {key!r}"
+    if not strs(o.get("targets", [])) or not strs(o.get("type_deltas", [])):
+        return "run.json: options.targets and options.type_deltas must be lists of tensor kinds / quant types"
+    lay = meta["layout"]
+    rows = lay.get("tensors")
+    if not (isinstance(rows, list) and rows and all(
+            isinstance(r, list) and len(r) == 5 and isinstance(r[0], str) and isinstance(r[3], str)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in (r[1], r[2], r[4]))
+            and 1 <= r[1] <= 1 << 24 and 1 <= r[2] <= 1 << 24 and -1 <= r[4] < 1 << 16 for r in rows)):
+        return "run.json: layout.tensors must list [name, rows, columns, kind, block] of each tensor"
+    if len({r[0] for r in rows}) != len(rows):
+        return "run.json: layout.tensors names a tensor twice"
+    for key in ("fixed_bytes", "n_blocks"):
+        v = lay.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 50:
+            return f"run.json: layout.{key} must be a non-negative integer"
+    menu = lay.get("menu")
+    if not strs(menu) or not menu or any(q not in CATALOGUE_NAMES for q in menu):
+        return "run.json: layout.menu must list known quant types"
+    hp = lay.get("hparams") or {}
+    if not isinstance(hp, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                                       or v < 0 for v in hp.values()):
+        return "run.json: layout.hparams must map names to non-negative numbers"
+    if not strs(meta.get("data", [])) or not isinstance(meta.get("data_sha256", {}), dict):
+        return "run.json: data must list files and data_sha256 map them to digests"
+    return None
 
 
 class Run:
@@ -58,7 +119,11 @@ class Run:
         meta_path = path / "run.json"
         if not meta_path.exists():
             raise CoaloraError(f"{path} is not a coalora run (no run.json); create one with `coalora train`")
-        run = cls(path, read_json(meta_path))
+        meta = read_json(meta_path)
+        problem = _problem(meta)
+        if problem:
+            raise CoaloraError(f"run {path} is damaged: {problem}")
+        run = cls(path, meta)
         if (path / LEGACY_CHECKPOINT).exists() and not run.checkpoint_path.exists():
             raise CoaloraError(f"run {path} has a {LEGACY_CHECKPOINT} from an older coalora: a pickle, which could run "
                                f"code when loaded, so coalora no longer reads it; train the run again")
@@ -84,7 +149,9 @@ class Run:
             model_path = Path(self.meta["model"])
             if not model_path.exists():
                 raise CoaloraError(f"the run's model {model_path} is missing")
-            self._loaded = load_model(model_path)
+            loaded = load_model(model_path)
+            _check_layout(self.layout, loaded.layout(include_embeddings=True), self.path)
+            self._loaded = loaded
         return self._loaded
 
     def check_model(self, model_path) -> None:
@@ -108,10 +175,18 @@ class Run:
         from toolkit.coa_lora import CoALoRAModel
 
         o = self.meta["options"]
-        m = CoALoRAModel(self.loaded(), self.bank(), self.layout, mode=o["mode"], rank=o["rank"], alpha=o["alpha"],
-                         targets=tuple(o["targets"]), seed=o["seed"], type_deltas=tuple(o.get("type_deltas", ())))
+        try:
+            m = CoALoRAModel(self.loaded(), self.bank(), self.layout, mode=o["mode"], rank=o["rank"],
+                             alpha=o["alpha"], targets=tuple(o.get("targets", ())), seed=o["seed"],
+                             type_deltas=tuple(o.get("type_deltas", ())))
+        except (ValueError, KeyError, IndexError) as e:
+            raise CoaloraError(f"run {self.path}: its options do not fit its model ({type(e).__name__})") from None
         if self.checkpoint_path.exists():
-            m.load_lora_state(load_checkpoint(self.checkpoint_path)["lora"])
+            try:
+                m.load_lora_state(load_checkpoint(self.checkpoint_path)["lora"])
+            except ValueError:
+                raise CoaloraError(f"checkpoint {self.checkpoint_path} does not match run.json's options "
+                                   f"(rank, targets, mode)") from None
         elif self.meta.get("status") == "trained":  # never an untrained adapter in a trained run's name
             raise CoaloraError(f"run {self.path} is marked trained but its {self.checkpoint_path.name} is missing")
         m.to_device(self.device)
@@ -121,7 +196,13 @@ class Run:
     def trainset(self) -> list[Configuration]:
         if not self.trainset_path.exists():
             return []
-        return [Configuration.from_json(d) for d in read_json(self.trainset_path)]
+        rows = read_json(self.trainset_path)
+        if not isinstance(rows, list):
+            raise CoaloraError(f"{self.trainset_path} is not a list of configurations")
+        cfgs = [Configuration.from_json(d) for d in rows]
+        for c in cfgs:
+            self.layout.validate(c, strict_menu=False)
+        return cfgs
 
     def check_configuration(self, cfg: Configuration) -> None:
         """A CoA run answers for the types it was trained on; other modes' adapters ignore the configuration."""
@@ -188,6 +269,14 @@ class Run:
 
 
 LEGACY_CHECKPOINT = "checkpoint.pt"
+
+
+def _check_layout(layout: ModelLayout, model_layout: ModelLayout, path) -> None:
+    """run.json's tensors must be the model's (names and shapes), never a layout the model does not have."""
+    have = {t.name: (t.n_rows, t.n_per_row) for t in model_layout.tensors}
+    for t in layout.tensors:
+        if have.get(t.name) != (t.n_rows, t.n_per_row):
+            raise CoaloraError(f"run {path}: run.json's tensor {t.name[:80]!r} is not in the model as described")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

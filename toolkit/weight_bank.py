@@ -8,6 +8,8 @@ so no whole float32 copy of the model is held besides torch's own.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from converters.quant_types import QuantType, get
 from converters.fileio import atomic_path
 
 UNQUANTIZED = ("F32",)
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}")
 
 
 class WeightBank:
@@ -48,14 +51,26 @@ class WeightBank:
 
     def quantized_bytes(self, name: str, qtype: str | QuantType) -> np.ndarray:
         q = get(qtype)
-        path = self.cache_dir / f"{name}.{q.name}.bin" if self.cache_dir else None
-        if path is not None and path.exists():
-            return np.fromfile(path, dtype=np.uint8)
+        path = self._cache_file(name, q)
+        if path is not None and path.is_file():
+            data = np.fromfile(path, dtype=np.uint8)
+            shape = self.loaded.gguf.shape(name)
+            if data.size == q.tensor_bytes(int(np.prod(shape[:-1])), shape[-1]):
+                return data  # else a damaged cache file: quantized again below
         data = ggml_quant.quantize(self.original(name), q)
         if path is not None:
             with atomic_path(path) as tmp:
                 data.tofile(tmp)
         return data
+
+    def _cache_file(self, name: str, q: QuantType) -> Path | None:
+        """The cache file of a tensor in a type; a name that is not a plain file name (``/``, ``..``, a leading
+        dot, control characters) is hashed, so nothing is written outside the cache folder."""
+        if self.cache_dir is None:
+            return None
+        if not SAFE_NAME.fullmatch(name):
+            name = "sha256-" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        return self.cache_dir / f"{name}.{q.name}.bin"
 
     def weight(self, name: str, qtype: str | QuantType) -> torch.Tensor:
         """Float32 torch weight (HF row order, on the bank's device) that the GGUF tensor of this type
