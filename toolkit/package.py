@@ -46,11 +46,11 @@ Serve an OpenAI-compatible API:
 
 def package(dist_dir, out_tar_gz) -> Path:
     from toolkit.emit import ADAPTER_FILE, MANIFEST, MODEL_FILE
-    from toolkit.validate import check_checksums, read_manifest
+    from toolkit.manifest import check_folder, read_manifest
 
     dist_dir = Path(dist_dir)
     manifest = read_manifest(dist_dir)
-    check_checksums(dist_dir, manifest)
+    check_folder(dist_dir, manifest)
     out = Path(out_tar_gz)
     if out.resolve().is_relative_to(dist_dir.resolve()):
         raise CoaloraError("write the archive outside the folder being packaged")
