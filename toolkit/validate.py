@@ -134,27 +134,42 @@ def measure(model, adapter, profile, prompt: list[int], n_gen: int = MEASURE_GEN
 
 
 # ---- validation -------------------------------------------------------------------------------
+def check_dist(dist_dir) -> dict:
+    """The checks of DIST/NAME that need no llama.cpp, in the order that keeps damaged bytes away from the
+    parsers: the manifest's schema, the folder's files and checksums, the model GGUF against its
+    architecture, the adapter against the model, the manifest's recomputable values, the source model."""
+    from converters.gguf_source import GGUFSource
+    from toolkit.emit import ADAPTER_FILE, MODEL_FILE
+    from toolkit.llama_runtime import validate_adapter_file
+
+    dist_dir = Path(dist_dir)
+    manifest = read_manifest(dist_dir)
+    sums = check_folder(dist_dir, manifest)
+    model, adapter = dist_dir / MODEL_FILE, dist_dir / ADAPTER_FILE
+    src = GGUFSource(model)
+    info = validate_adapter_file(adapter, model)
+    profile = profile_of(manifest)
+    recomputed = check_against_files(manifest, src, adapter.stat().st_size, profile)
+    return {"manifest": manifest, "checksums": sums, "model": src, "adapter": info, "profile": profile,
+            "recomputed": recomputed, "source_verified": check_source_model(manifest)}
+
+
 def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, measure_memory: bool = True,
              threads: int | None = None, measure_tokens: int | None = None, log=lambda m: None) -> dict:
     """``measure_tokens``: prompt length of the memory / speed measurement (default: fill the profile's
     context, what the memory model predicts); ``threads`` overrides the profile's for all llama.cpp work."""
     from converters.gguf_source import GGUFSource
     from toolkit.emit import ADAPTER_FILE, MODEL_FILE, eval_set, eval_text
-    from toolkit.llama_runtime import (check_threads, load_adapter, open_model, probe, set_adapter,
-                                       validate_adapter_file, window_logits)
+    from toolkit.llama_runtime import check_threads, load_adapter, open_model, probe, set_adapter, window_logits
 
     t0 = time.perf_counter()
     dist_dir = Path(dist_dir)
     check_threads(threads)
-    manifest = read_manifest(dist_dir)                  # schema: types, finiteness, ranges
-    sums = check_folder(dist_dir, manifest)             # exactly the listed files, sha256: before parsing any
-    model, adapter = dist_dir / MODEL_FILE, dist_dir / ADAPTER_FILE
-    src = GGUFSource(model)                             # structure, tensor set, hyperparameters, vocabulary
-    info = validate_adapter_file(adapter, model)
-    profile = profile_of(manifest)
+    c = check_dist(dist_dir)                            # everything that can be checked without llama.cpp
+    manifest, sums, src, info, profile, recomputed = (c["manifest"], c["checksums"], c["model"], c["adapter"],
+                                                      c["profile"], c["recomputed"])
     check_threads(threads or profile.threads)
-    recomputed = check_against_files(manifest, src, adapter.stat().st_size, profile)
-    source_checked = check_source_model(manifest)
+    model, adapter = dist_dir / MODEL_FILE, dist_dir / ADAPTER_FILE
 
     ev = manifest["evaluation"]
     n_windows = n_windows or ev["n_windows"]
@@ -229,7 +244,7 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
         "perplexity_matches_prediction": (abs(rel) <= PPL_TOLERANCE) if same_protocol else None,
     }
     report = {
-        "dist": str(dist_dir), "profile": profile.name, "checksums": sums, "source_model_verified": source_checked,
+        "dist": str(dist_dir), "profile": profile.name, "checksums": sums, "source_model_verified": c["source_verified"],
         "adapter": {"rank": info.rank, "alpha": info.alpha, "tensors": len(info.targets)},
         "evaluation": {"n_windows": len(windows), "n_ctx": n_ctx, "data_format": data_format,
                        "same_windows_as_manifest": same_protocol,
