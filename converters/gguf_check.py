@@ -26,8 +26,8 @@ MAX_TENSORS = 1 << 16          # a 405B model has ~1,100; a large mixture of exp
 MAX_KV = 1 << 16
 MAX_KEY_BYTES = 1 << 10
 MAX_STRING_BYTES = 1 << 27     # 128 MiB (chat templates and embedded tokenizer files are far smaller)
-MAX_ARRAY = 1 << 22            # elements of one array (vocabularies and merges: a few 100k)
-MAX_ARRAY_TOTAL = 1 << 23      # elements of all arrays: gguf-py keeps one numpy view per element
+MAX_ARRAY = 1 << 20            # elements of one array (vocabularies and merges: up to a few 100k)
+MAX_ARRAY_TOTAL = 1 << 21      # of all arrays: gguf-py keeps a numpy view per element (~300 B each)
 MAX_NAME_BYTES = 63            # GGML_MAX_NAME - 1
 MAX_DIMS = 4                   # GGML_MAX_DIMS
 MAX_ALIGNMENT = 1 << 16
@@ -39,8 +39,9 @@ _SCALAR_SIZE = {_T.UINT8: 1, _T.INT8: 1, _T.UINT16: 2, _T.INT16: 2, _T.UINT32: 4
 _VALUE_TYPES = {int(t) for t in _T}
 
 
-def _excerpt(b: bytes, n: int = 40) -> str:
-    s = b[:n].decode("utf-8", "replace")
+def _excerpt(b: bytes | str, n: int = 60) -> str:
+    """A bounded, quoted excerpt of a name or value for an error message."""
+    s = b[:n].decode("utf-8", "replace") if isinstance(b, bytes) else b[:n]
     return repr(s + ("..." if len(b) > n else ""))
 
 
@@ -82,7 +83,7 @@ class _Cursor:
 def _check_value(c: _Cursor, vtype: int, key: str, budget: list[int]):
     """Skip one value of ``vtype`` (returning scalars and strings; arrays are checked and skipped)."""
     if vtype not in _VALUE_TYPES:
-        c.fail(f"key {key!r} has unknown value type {vtype}")
+        c.fail(f"key {_excerpt(key)} has unknown value type {vtype}")
     t = _T(vtype)
     if t in _SCALAR_SIZE:
         fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[_SCALAR_SIZE[t]]
@@ -90,29 +91,29 @@ def _check_value(c: _Cursor, vtype: int, key: str, budget: list[int]):
             fmt = "f"
         elif t == _T.FLOAT64:
             fmt = "d"
-        return c.unpack(fmt, f"value of {key!r}")
+        return c.unpack(fmt, f"value of {_excerpt(key)}")
     if t == _T.STRING:
-        return c.utf8(f"value of {key!r}")
+        return c.utf8(f"value of {_excerpt(key)}")
     # an array: element type and count, then the elements
-    etype = c.unpack("I", f"element type of {key!r}")
-    n = c.unpack("Q", f"length of {key!r}")
+    etype = c.unpack("I", f"element type of {_excerpt(key)}")
+    n = c.unpack("Q", f"length of {_excerpt(key)}")
     if etype == _T.ARRAY:
-        c.fail(f"key {key!r} is an array of arrays (not supported by GGUF readers)")
+        c.fail(f"key {_excerpt(key)} is an array of arrays (not supported by GGUF readers)")
     if etype not in _VALUE_TYPES:
-        c.fail(f"key {key!r} has unknown element type {etype}")
+        c.fail(f"key {_excerpt(key)} has unknown element type {etype}")
     if n > MAX_ARRAY:
-        c.fail(f"key {key!r} has {n} elements (at most {MAX_ARRAY})")
+        c.fail(f"key {_excerpt(key)} has {n} elements (at most {MAX_ARRAY})")
     budget[0] -= n
     if budget[0] < 0:
         c.fail(f"the arrays hold more than {MAX_ARRAY_TOTAL} elements in all")
     et = _T(etype)
     if et in _SCALAR_SIZE:
-        c.take(n * _SCALAR_SIZE[et], f"elements of {key!r}")
+        c.take(n * _SCALAR_SIZE[et], f"elements of {_excerpt(key)}")
         return None
     if n * 8 > c.size - c.pos:
-        c.fail(f"key {key!r} has {n} strings, more than the file can hold")
+        c.fail(f"key {_excerpt(key)} has {n} strings, more than the file can hold")
     for i in range(n):
-        c.utf8(f"element {i} of {key!r}")
+        c.utf8(f"element {i} of {_excerpt(key)}")
     return None
 
 
@@ -158,8 +159,8 @@ def _check(c: _Cursor) -> dict:
         if not key:
             c.fail(f"key {i} is empty")
         if key in keys:
-            c.fail(f"duplicate key {key[:80]!r}")
-        vtype = c.unpack("I", f"type of {key!r}")
+            c.fail(f"duplicate key {_excerpt(key)}")
+        vtype = c.unpack("I", f"type of {_excerpt(key)}")
         keys[key] = (vtype, _check_value(c, vtype, key, budget))
 
     alignment = DEFAULT_ALIGNMENT
@@ -175,11 +176,11 @@ def _check(c: _Cursor) -> dict:
         if not name or len(name.encode()) > MAX_NAME_BYTES:
             c.fail(f"tensor {i} has a name of {len(name.encode())} bytes (1 to {MAX_NAME_BYTES})")
         if name in names:
-            c.fail(f"duplicate tensor {name!r}")
+            c.fail(f"duplicate tensor {_excerpt(name)}")
         names.add(name)
         n_dims = c.unpack("I", f"dimensions of {name}")
         if not 1 <= n_dims <= MAX_DIMS:
-            c.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS})")
+            c.fail(f"tensor {_excerpt(name)} has {n_dims} dimensions (1 to {MAX_DIMS})")
         ne = [c.unpack("Q", f"shape of {name}") for _ in range(n_dims)]
         raw_type = c.unpack("I", f"type of {name}")
         offset = c.unpack("Q", f"offset of {name}")
@@ -187,11 +188,11 @@ def _check(c: _Cursor) -> dict:
             qtype = gguf.GGMLQuantizationType(raw_type)
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
-            c.fail(f"tensor {name!r} has unknown ggml type {raw_type}")
+            c.fail(f"tensor {_excerpt(name)} has unknown ggml type {raw_type}")
         if any(d < 1 or d >= 1 << 40 for d in ne):
-            c.fail(f"tensor {name!r} has shape {ne[:MAX_DIMS]}")
+            c.fail(f"tensor {_excerpt(name)} has shape {ne[:MAX_DIMS]}")
         if ne[0] % block:
-            c.fail(f"tensor {name!r} has {ne[0]} values per row, not a multiple of {qtype.name}'s block of {block}")
+            c.fail(f"tensor {_excerpt(name)} has {ne[0]} values per row, not a multiple of {qtype.name}'s block of {block}")
         n_elements = int(np.prod(ne, dtype=object))
         infos.append((name, qtype, tuple(ne), offset, n_elements // block * type_size))
 
@@ -200,7 +201,7 @@ def _check(c: _Cursor) -> dict:
     expected = 0
     for name, _, _, offset, nbytes in infos:
         if offset != expected:
-            c.fail(f"tensor {name!r} starts at data offset {offset}, expected {expected} (overlapping or "
+            c.fail(f"tensor {_excerpt(name)} starts at data offset {offset}, expected {expected} (overlapping or "
                    f"out-of-order tensors)")
         expected += -(-nbytes // alignment) * alignment
     if infos:  # llama.cpp maps each tensor from data_offset + offset; all of it must be in the file

@@ -83,6 +83,9 @@ def damaged(tiny_gguf, tmp_path):
             n_kv = struct.unpack_from("<Q", data, 16)[0]
             data = bytearray(_gguf_bytes(_kv("evil.nested", 9, nested), n_kv + 1,
                                          struct.unpack_from("<Q", data, 8)[0], bytes(data[24:])))
+        elif kind == "huge_array":  # more elements than any vocabulary: gguf-py would hold a view per element
+            n = (1 << 20) + 1
+            data = bytearray(_gguf_bytes(_kv("evil.arr", 9, struct.pack("<IQ", 0, n) + bytes(n)), 1))
         elif kind == "huge_string":
             data = bytearray(_gguf_bytes(_kv("evil.str", 8, struct.pack("<Q", 1 << 62)), 1))
         elif kind == "huge_counts":
@@ -104,6 +107,7 @@ STRUCTURAL = [
     ("flipped_global_name", r"is not a llama tensor"),
     ("truncated", r"truncated"),
     ("nested_array", r"array of arrays"),
+    ("huge_array", r"has 1048577 elements \(at most"),
     ("huge_string", r"is \d+ bytes long"),
     ("huge_counts", r"tensors \(at most"),
     ("overflow_offset", r"' starts at data offset 18446744073709551584, expected"),
@@ -235,6 +239,7 @@ MANIFEST_EDITS = [
     ("bpw", lambda m: m["search"].update(bits_per_weight=1.0), r"bits_per_weight does not match"),
     ("nan", lambda m: m["evaluation"].update(predicted_perplexity=float("nan")), r"predicted_perplexity"),
     ("str-int", lambda m: m["evaluation"].update(n_ctx="64"), r"evaluation\.n_ctx"),
+    ("nul-path", lambda m: m["evaluation"].update(text_path="a\0b"), r"evaluation\.text_path"),
     ("commands", lambda m: m["commands"].update({"llama-cli": "rm -rf /"}), r"commands does not match"),
 ]
 

@@ -26,6 +26,7 @@ from toolkit.emit import ADAPTER_FILE, FORMAT, MANIFEST, MODEL_FILE, commands
 MAX_MANIFEST_BYTES = 16 << 20
 
 _HEX64 = r"^[0-9a-f]{64}$"
+_PATH = r"^[^\x00]*$"  # no NUL: the OS refuses such a path
 _Bytes = Field(ge=0, le=1 << 50)
 
 
@@ -39,7 +40,7 @@ class FileRecord(_Strict):
 
 
 class SourceModel(_Strict):
-    path: str = Field(min_length=1, max_length=4096)
+    path: str = Field(min_length=1, max_length=4096, pattern=_PATH)
     sha256: Optional[str] = Field(default=None, pattern=_HEX64)
 
 
@@ -55,7 +56,7 @@ class Search(_Strict):
 
 class Evaluation(_Strict):
     text: str = Field(max_length=4096)
-    text_path: str = Field(max_length=4096)
+    text_path: str = Field(max_length=4096, pattern=_PATH)
     text_sha256: str = Field(pattern=_HEX64)
     n_windows: int = Field(ge=1, le=1 << 20)
     data_format: Literal["text", "chat", "instruction"]

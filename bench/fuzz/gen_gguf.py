@@ -400,8 +400,8 @@ def manifest_edit(m: dict, rng: random.Random) -> str:
         m["profile"]["threads"] = rng.choice([0, 100_000, -1, "4", True, 2.5])
     elif op == "profile_ctx":
         m["profile"]["context_length"] = rng.choice([0, -1, 2**40, "256", math.inf])
-    else:  # the evaluation text: another file
-        ev["text_sha256"] = rng.choice(["0" * 64, "zz"])
+    else:  # not a sha256 (another valid one is a changed text: validate then skips the perplexity verdict)
+        ev["text_sha256"] = rng.choice(["zz", "G" * 64, "", "0" * 63])
     return op
 
 
