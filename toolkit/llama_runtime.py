@@ -34,7 +34,7 @@ from converters.gguf_check import open_reader
 from toolkit.evaluation import nll_from_logits
 
 GGML_TYPE_F32 = 0
-MAX_THREADS = min(512, 4 * (os.cpu_count() or 1))  # ggml aborts above GGML_MAX_N_THREADS (512)
+MAX_THREADS = 512  # GGML_MAX_N_THREADS: ggml aborts above it
 PROBE_TOKENS = 8
 _LORA_NAME = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[ab])$")
 
