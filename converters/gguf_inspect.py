@@ -1,4 +1,5 @@
-"""Summarize a GGUF file: tensors, types, sizes and bits per weight (read with gguf-py's GGUFReader)."""
+"""Summarize a GGUF file: tensors, types, sizes and bits per weight (checked by converters.gguf_check, then read
+with gguf-py's GGUFReader)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from converters.configuration import pad
 from converters.errors import CoaloraError
+from converters.gguf_check import open_reader
 
 _FLOAT_TYPES = ("F32", "F64")
 
@@ -16,11 +18,9 @@ def inspect_gguf(path) -> dict:
     import gguf
 
     path = Path(path)
-    if not path.is_file():
-        raise CoaloraError(f"GGUF file not found: {path}")
+    reader = open_reader(path)  # bounds, offsets and sizes checked: truncated or damaged files are refused
     size = os.path.getsize(path)
     try:
-        reader = gguf.GGUFReader(path)
         fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
         meta = {}
         for k, f in fields.items():
@@ -39,10 +39,7 @@ def inspect_gguf(path) -> dict:
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CoaloraError(f"{path} is not a readable GGUF file: {msg[:200]}") from None
-    alignment = int(meta.get("general.alignment", 32))
-    end = max((t["offset"] + t["bytes"] for t in tensors), default=data_offset)
-    if end > size:
-        raise CoaloraError(f"{path} is truncated: tensor data ends at byte {end}, file has {size}")
+    alignment = int(reader.alignment)
     hist: dict[str, int] = {}
     for t in tensors:
         hist[t["type"]] = hist.get(t["type"], 0) + 1

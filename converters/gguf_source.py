@@ -16,6 +16,8 @@ import numpy as np
 from converters.architectures import Architecture, by_gguf_name
 from converters.configuration import ModelLayout, TensorSpec
 from converters.errors import CoaloraError
+from converters.gguf_check import open_reader
+from converters.gguf_model_check import MAX_BLOCKS, check_hparams, check_names, check_vocabulary, typed_value
 
 # Substrings of tensor names llama-quantize never quantizes (besides 1-D tensors and names not ending in weight).
 _KEPT = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj", "position_embd",
@@ -40,19 +42,6 @@ def is_quantizable(name: str, n_dims: int) -> bool:
     return n_dims >= 2 and name.endswith("weight") and not any(k in name for k in _KEPT)
 
 
-class _Reader(gguf.GGUFReader):
-    """gguf-py's reader over a plain ndarray view of its memory map: the same parse and the same mapped
-    bytes, without numpy's per-slice memmap bookkeeping (3x faster on a 49k-token vocabulary)."""
-
-    @property
-    def data(self):
-        return self._data
-
-    @data.setter
-    def data(self, value):
-        self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
-
-
 def one_line(e: Exception) -> str:
     """The first line of an exception message, bounded (for one-line errors)."""
     s = str(e).strip().splitlines()
@@ -64,51 +53,67 @@ class GGUFSource:
 
     def __init__(self, path):
         self.path = Path(path)
-        try:
-            self.reader = _Reader(self.path)
-        except Exception as e:  # gguf-py raises ValueError, struct errors, numpy errors on damaged files
-            raise CoaloraError(f"cannot read GGUF {self.path}: {one_line(e)}") from None
-        field = self.reader.get_field("general.architecture")
-        if field is None:
-            raise CoaloraError(f"{self.path}: GGUF has no general.architecture")
-        self.arch: Architecture = by_gguf_name(str(field.contents()))
+        self.reader = open_reader(self.path, "model file")
+        arch = self._typed("general.architecture", str)
+        if arch is None:
+            raise CoaloraError(f"{self.path.name}: GGUF has no general.architecture")
+        self.arch: Architecture = by_gguf_name(arch)
         self.tensors = {t.name: t for t in self.reader.tensors}
         if "token_embd.weight" not in self.tensors:
-            raise CoaloraError(f"{self.path}: no token_embd.weight tensor (not a {self.arch.name} model)")
-        if self.reader.get_field("tokenizer.ggml.tokens") is None:
-            raise CoaloraError(f"{self.path}: GGUF has no tokenizer")
+            raise CoaloraError(f"{self.path.name}: no token_embd.weight tensor (not a {self.arch.name} model)")
         self.n_blocks = self.int_key("block_count")
+        if not 1 <= self.n_blocks <= MAX_BLOCKS:
+            raise CoaloraError(f"{self.path.name}: {self.arch.name}.block_count is {self.n_blocks} "
+                               f"(1 to {MAX_BLOCKS})")
         self._hparams: dict | None = None
-        self._check_tensor_set()
+        check_names(self)
+        check_hparams(self)
         self._check_shapes()
+        check_vocabulary(self)
 
     # ---- metadata -----------------------------------------------------------------------------
+    def _typed(self, key: str, kind: type, default=None):
+        """Value of metadata ``key`` if it is of ``kind`` (int: integer types; float: also integers; per-layer
+        arrays of those allowed for numbers); CoaloraError for any other type."""
+        f = self.reader.get_field(key)
+        if f is None:
+            return default
+        return typed_value(f, kind, f"{self.path.name}: {key}")
+
     def key(self, suffix: str, default=None):
         """Value of the metadata key ``{arch}.{suffix}``."""
         f = self.reader.get_field(f"{self.arch.name}.{suffix}")
         return default if f is None else f.contents()
 
     def int_key(self, suffix: str, default: int | None = None) -> int:
-        v = self.key(suffix, default)
+        v = self._typed(f"{self.arch.name}.{suffix}", int, default)
         if v is None:
             raise CoaloraError(f"{self.path.name}: no {self.arch.name}.{suffix}")
-        if isinstance(v, list):  # per-layer arrays (some archs): the largest
-            v = max(v) if v else 0
+        if isinstance(v, list):  # per-layer arrays (some archs): one value per block; the largest
+            if suffix == "block_count" or len(v) != self.n_blocks:
+                raise CoaloraError(f"{self.path.name}: {self.arch.name}.{suffix} has {len(v)} values for "
+                                   f"{self.n_blocks} blocks")
+            v = max(v)
         return int(v)
+
+    def float_key(self, suffix: str, default: float | None = None) -> float | None:
+        v = self._typed(f"{self.arch.name}.{suffix}", float, default)
+        if isinstance(v, list):
+            raise CoaloraError(f"{self.path.name}: {self.arch.name}.{suffix} is an array, not a number")
+        return v
 
     def chat_template(self) -> str | None:
         """``tokenizer.chat_template``: what llama-server applies to a conversation."""
-        f = self.reader.get_field("tokenizer.chat_template")
-        return str(f.contents()) if f is not None else None
+        return self._typed("tokenizer.chat_template", str)
 
     def special_tokens(self) -> dict:
         """``bos_token`` / ``eos_token`` texts, as chat templates refer to them."""
         tokens = self.reader.get_field("tokenizer.ggml.tokens")
         out = {}
         for name in ("bos", "eos"):
-            f = self.reader.get_field(f"tokenizer.ggml.{name}_token_id")
-            if f is not None and 0 <= int(f.contents()) < len(tokens.data):
-                out[f"{name}_token"] = str(tokens.contents(int(f.contents())))
+            i = self._typed(f"tokenizer.ggml.{name}_token_id", int)
+            if isinstance(i, int) and 0 <= i < len(tokens.data):
+                out[f"{name}_token"] = str(tokens.contents(i))
         return out
 
     def hparams(self) -> dict:
@@ -179,23 +184,6 @@ class GGUFSource:
     def tensor_spec(self, name: str) -> TensorSpec:
         rows, cols = self.shape(name)[-2:]
         return TensorSpec(name, int(rows), int(cols), tensor_kind(name), tensor_block(name))
-
-    def _check_tensor_set(self) -> None:
-        """Every block has the same quantizable tensors and the block numbers match block_count: a GGUF
-        whose tensors do not match its architecture is refused, never filled in."""
-        per_block: dict[int, set[str]] = {}
-        for n in self.quantizable_names(False):
-            per_block.setdefault(tensor_block(n), set()).add(tensor_kind(n))
-        if len(per_block) != self.n_blocks or set(per_block) != set(range(len(per_block))):
-            raise CoaloraError(f"{self.path.name}: tensors of {len(per_block)} blocks, but "
-                               f"{self.arch.name}.block_count is {self.n_blocks}")
-        first = per_block.get(0, set())
-        for b, kinds in per_block.items():
-            if kinds != first:
-                odd = sorted(kinds ^ first)[0]
-                raise CoaloraError(f"{self.path.name}: block {b} has other tensors than block 0 ({odd})")
-        if not first:
-            raise CoaloraError(f"{self.path.name}: no quantizable block tensors")
 
     def expected_shape(self, name: str) -> tuple[int, int] | None:
         """(rows, n_per_row) the hyperparameters imply for the standard kinds (fused attn_qkv = Q, K, V rows;

@@ -112,7 +112,8 @@ class TinyRun:
         self.path = Path(path)
         self.loaded_model = load_model(model_dir)
         self.layout = self.loaded_model.layout()
-        self.meta = {"model": str(model_dir), "model_sha256": f"tiny{seed:060d}",
+        from converters.fileio import model_fingerprint
+        self.meta = {"model": str(model_dir), "model_sha256": model_fingerprint(model_dir),
                      "options": {"rank": rank, "alpha": alpha, "targets": ["attn_q", "ffn_down"]}}
         self.archive_path = self.path / "archive.json"
         self.rank, self.alpha = rank, alpha

@@ -5,15 +5,24 @@ attention off, so an F32 GGUF agrees with transformers to ~1e-5.
 
 Adapters: ``Llama(lora_path=...)`` is never used — in 0.3.36 it tests the returned pointer with
 ``is None`` (a NULL ctypes pointer is not None) and crashes on a bad file. Here every adapter file is
-first checked with gguf.GGUFReader against the model, then loaded with ``llama_adapter_lora_init``
+first checked (converters.gguf_check, then against the model), then loaded with ``llama_adapter_lora_init``
 whose result is tested for NULL.
+
+Damaged files: llama.cpp aborts the process (GGML_ASSERT) on some inputs that are well-formed GGUF.
+Callers check a model with ``converters.gguf_source.GGUFSource`` (structure, tensor set, hyperparameters,
+vocabulary) and then :func:`probe` it: load and a short evaluation in a child process, so that whatever
+the checks still miss kills the child, and the user gets a one-line error naming the file.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +30,12 @@ from typing import Sequence
 import numpy as np
 
 from converters.errors import CoaloraError
+from converters.gguf_check import open_reader
 from toolkit.evaluation import nll_from_logits
 
 GGML_TYPE_F32 = 0
+MAX_THREADS = 512  # GGML_MAX_N_THREADS: ggml aborts above it
+PROBE_TOKENS = 8
 _LORA_NAME = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[ab])$")
 
 
@@ -46,6 +58,7 @@ def open_model(path, n_ctx: int = 512, n_threads: int | None = None, f32_kv: boo
     path = Path(path)
     if not path.is_file():
         raise CoaloraError(f"model file not found: {path}")
+    check_threads(n_threads)
     _quiet_llama_logs()
     kv = GGML_TYPE_F32 if f32_kv else kv_type
     try:
@@ -55,6 +68,68 @@ def open_model(path, n_ctx: int = 512, n_threads: int | None = None, f32_kv: boo
                      verbose=False)
     except (ValueError, RuntimeError) as e:
         raise CoaloraError(f"llama.cpp cannot load {path}: {e}") from None
+
+
+def check_threads(n) -> None:
+    """A thread count llama.cpp can run (None: its default)."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS):
+        raise CoaloraError(f"threads must be an integer from 1 to {MAX_THREADS}, got {str(n)[:20]}")
+
+
+def probe(model, adapter=None, n_ctx: int = 512, threads: int | None = None, timeout: float = 600) -> None:
+    """Load ``model`` (and ``adapter``, already checked with validate_adapter_file) with llama.cpp in a child
+    process and evaluate a few tokens; a crash or a refusal there is a CoaloraError naming the file."""
+    check_threads(threads)
+    model = Path(model)
+    args = {"model": str(model), "adapter": None if adapter is None else str(adapter), "n_ctx": int(n_ctx),
+            "threads": threads}
+    files = model.name + ("" if adapter is None else f" with {Path(adapter).name}")
+    run_child("toolkit.llama_runtime", "--probe", args, files, timeout)
+
+
+def run_child(module: str, flag: str, args: dict, files: str, timeout: float) -> str:
+    """``python -m module flag`` with ``args`` as JSON on stdin; its stdout. A signal (llama.cpp's abort), an
+    error exit or a timeout is a one-line CoaloraError naming ``files``."""
+    try:
+        res = subprocess.run([sys.executable, "-m", module, flag], input=json.dumps(args), capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CoaloraError(f"llama.cpp ran past {timeout:.0f} s on {files}") from None
+    if res.returncode < 0:
+        try:
+            sig = signal.Signals(-res.returncode).name
+        except ValueError:
+            sig = f"signal {-res.returncode}"
+        raise CoaloraError(f"llama.cpp crashed ({sig}) on {files}: a damaged file or settings it cannot run")
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1][:200]
+        raise CoaloraError(f"llama.cpp failed on {files}: {last}")
+    return res.stdout
+
+
+def child_main(fn) -> None:
+    """The child side of run_child: ``fn(args)``'s JSON result on stdout, an error's one line on stderr."""
+    try:
+        out = fn(json.loads(sys.stdin.read()))
+        print(json.dumps(out), flush=True)
+    except BaseException as e:  # report it; the interpreter teardown would hide it
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        print(msg if isinstance(e, CoaloraError) else f"{type(e).__name__}: {msg}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(0)  # skip interpreter teardown: llama_cpp's finalizers can fail at shutdown
+
+
+def _probe_child(args: dict) -> None:
+    """Runs in the child: what the parent is about to do with the files, on a few tokens."""
+    llm = open_model(args["model"], n_ctx=args["n_ctx"], n_threads=args["threads"])
+    tokens = list(llm.tokenize(b"The quick brown fox", add_bos=True, special=False))[:PROBE_TOKENS]
+    window_logits(llm, tokens or [0])
+    if args["adapter"]:
+        h = load_checked_adapter(llm, args["adapter"])
+        set_adapter(llm, h)
+        window_logits(llm, tokens or [0])
+        h.close()
+    llm.close()
 
 
 def window_logits(llm, tokens: Sequence[int]) -> np.ndarray:
@@ -73,18 +148,6 @@ def llama_window_nll(llm, windows: Sequence[Sequence[int]]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------
 # adapter files
-
-
-def _reader(path, what: str):
-    from gguf import GGUFReader
-
-    path = Path(path)
-    if not path.is_file():
-        raise CoaloraError(f"{what} not found: {path}")
-    try:
-        return GGUFReader(str(path))
-    except Exception as e:  # truncated or not a GGUF file at all
-        raise CoaloraError(f"{what} {path.name} is not a readable GGUF file: {e}") from None
 
 
 def _field(reader, key: str):
@@ -110,8 +173,8 @@ def validate_adapter_file(adapter_path, model_path) -> AdapterInfo:
     """Check a LoRA GGUF against its base model before llama.cpp sees it; CoaloraError on any mismatch."""
     from gguf.quants import dequantize
 
-    ad = _reader(adapter_path, "adapter file")
-    md = _reader(model_path, "model file")
+    ad = open_reader(adapter_path, "adapter file")
+    md = open_reader(model_path, "model file")
     name = Path(adapter_path).name
     if _field(ad, "general.type") != "adapter":
         raise CoaloraError(f"{name}: general.type is {_field(ad, 'general.type')!r}, not 'adapter'")
@@ -211,13 +274,17 @@ def _ctx_ptr(llm):
 
 def load_adapter(llm, path, model_path) -> AdapterHandle:
     """Validate ``path`` against ``model_path`` (the GGUF ``llm`` was opened from) and load it."""
+    return load_checked_adapter(llm, path, validate_adapter_file(path, model_path))
+
+
+def load_checked_adapter(llm, path, info: AdapterInfo | None = None) -> AdapterHandle:
+    """Load an adapter already checked with validate_adapter_file (here, or by the parent process)."""
     import llama_cpp
 
-    info = validate_adapter_file(path, model_path)
     ptr = llama_cpp.llama_adapter_lora_init(_model_ptr(llm), str(Path(path)).encode("utf-8"))
     if not ptr:  # NULL: llama.cpp refused the file
         raise CoaloraError(f"llama.cpp refused the adapter {Path(path).name}")
-    return AdapterHandle(llm, ptr, info)
+    return AdapterHandle(llm, ptr, info or AdapterInfo(Path(path), "", None, 0, {}))
 
 
 def set_adapter(llm, handle: AdapterHandle | None, scale: float = 1.0) -> None:
@@ -236,3 +303,7 @@ def set_adapter(llm, handle: AdapterHandle | None, scale: float = 1.0) -> None:
         raise CoaloraError(f"llama.cpp could not set the adapter (code {rc})")
     llm._coalora_adapter = handle
     llm.reset()  # cached logits / KV belong to the previous adapter
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--probe"]:
+    child_main(_probe_child)

@@ -1,7 +1,8 @@
 """`coalora package DIST/NAME -o NAME.tar.gz`: the pair, its manifest and a README for the device, in one archive.
 
-Checksums are verified first, so a damaged pair is never shipped; the archive is written to a temporary
-file and renamed.
+The folder gets validate's checks that need no llama.cpp first (manifest schema, exactly the listed files and
+their checksums, the model and adapter GGUFs, the manifest's recomputable values), so a damaged pair is never
+shipped; the archive is written to a temporary file and renamed.
 """
 from __future__ import annotations
 
@@ -46,11 +47,10 @@ Serve an OpenAI-compatible API:
 
 def package(dist_dir, out_tar_gz) -> Path:
     from toolkit.emit import ADAPTER_FILE, MANIFEST, MODEL_FILE
-    from toolkit.validate import check_checksums, read_manifest
+    from toolkit.validate import check_dist
 
     dist_dir = Path(dist_dir)
-    manifest = read_manifest(dist_dir)
-    check_checksums(dist_dir, manifest)
+    manifest = check_dist(dist_dir)["manifest"]
     out = Path(out_tar_gz)
     if out.resolve().is_relative_to(dist_dir.resolve()):
         raise CoaloraError("write the archive outside the folder being packaged")

@@ -18,7 +18,6 @@ two agree within 0.03% for Q4_0 / K-quant mixes, but Q8_0-heavy files show up to
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,47 +28,16 @@ from toolkit import memory_model as mm
 from converters.errors import CoaloraError
 from toolkit.evaluation import StreamComparison, masked_perplexity, nll_from_logits, perplexity
 from converters.fileio import sha256_file
+from toolkit.manifest import check_against_files, check_folder, check_source_model, read_manifest
 
 PPL_TOLERANCE = 0.01  # measured residual up to 0.63% (Q8_0-heavy SmolLM2 mix, see the module docstring)
 MEASURE_GEN_TOKENS = 32
 
 
-def read_manifest(dist_dir) -> dict:
-    from toolkit.emit import FORMAT, MANIFEST
-
-    dist_dir = Path(dist_dir)
-    p = dist_dir / MANIFEST
-    if not p.is_file():
-        raise CoaloraError(f"{dist_dir} is not an emitted pair (no {MANIFEST}); create it with `coalora emit`")
-    try:
-        m = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CoaloraError(f"{p} is unreadable: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
-        raise CoaloraError(f"{p} is not a {FORMAT} manifest")
-    return m
-
-
-def check_checksums(dist_dir, manifest: dict) -> dict:
-    """Size and sha256 of every file the manifest lists; CoaloraError on the first that differs."""
-    out = {}
-    for name, rec in manifest["files"].items():
-        p = Path(dist_dir) / name
-        if not p.is_file():
-            raise CoaloraError(f"{p} is missing")
-        size = p.stat().st_size
-        if size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
-            raise CoaloraError(f"{name} does not match its manifest checksum (damaged or swapped file); "
-                               f"re-run `coalora emit`")
-        out[name] = rec["sha256"]
-    return out
-
-
 def profile_of(manifest: dict):
     from toolkit.profiles import _parse
 
-    d = dict(manifest["profile"])
-    d = {k: v for k, v in d.items() if k not in ("source", "process_budget_bytes")}
+    d = {k: v for k, v in manifest["profile"].items() if k not in ("source", "process_budget_bytes")}
     if d.get("model_budget_bytes") is None:
         d.pop("model_budget_bytes", None)
     return _parse(d, f"manifest profile {d.get('name')}")
@@ -80,12 +48,11 @@ def reference_gguf(manifest: dict, log=lambda m: None) -> Path | None:
     from toolkit import assets
     from converters.fileio import atomic_path
 
-    src = manifest.get("source_model") or {}
-    path, sha = src.get("path"), src.get("sha256")
-    if not path or not Path(path).exists():
+    src = manifest["source_model"]
+    if not check_source_model(manifest):  # the source is gone; a present one has the manifest's sha256 (hex)
         return None
-    key = (sha or (sha256_file(path) if Path(path).is_file() else Path(path).name))[:16]
-    ref = assets.home() / "reference" / f"{key}-F16.gguf"
+    path = src["path"]
+    ref = assets.home() / "reference" / f"{src['sha256'][:16]}-F16.gguf"
     if not ref.exists():
         from converters.gguf_model_writer import write_gguf
         from converters.gguf_source import open_source
@@ -95,6 +62,13 @@ def reference_gguf(manifest: dict, log=lambda m: None) -> Path | None:
         with atomic_path(ref) as tmp:
             write_gguf(src, tmp, src.layout().uniform("F16"), progress=False)
     return ref
+
+
+def _check_reference(ref, model) -> None:
+    """A --reference GGUF must be the same network as the model: architecture, blocks, shapes and vocabulary."""
+    if (ref.arch.name, ref.n_blocks, ref.hparams()) != (model.arch.name, model.n_blocks, model.hparams()):
+        raise CoaloraError(f"the reference {ref.path.name} is not the same model as {model.path.name} "
+                           f"(architecture, blocks or shapes differ)")
 
 
 # ---- measurement in a child process -----------------------------------------------------------
@@ -115,9 +89,7 @@ def _measure_child(args: dict) -> dict:
     """Runs in the child: load with the profile's settings, time a prompt and a generation, report peak RSS."""
     import llama_cpp
 
-    from toolkit.llama_runtime import _quiet_llama_logs, set_adapter
-
-    from toolkit.llama_runtime import AdapterHandle, AdapterInfo, _model_ptr
+    from toolkit.llama_runtime import _quiet_llama_logs, load_checked_adapter, set_adapter
 
     _quiet_llama_logs()
     t = time.perf_counter()
@@ -125,11 +97,7 @@ def _measure_child(args: dict) -> dict:
     llm = llama_cpp.Llama(model_path=args["model"], n_ctx=args["n_ctx"], n_batch=args["ubatch"],
                           n_ubatch=args["ubatch"], n_threads=args["threads"], n_threads_batch=args["threads"],
                           n_gpu_layers=0, flash_attn=args["flash_attn"], type_k=kv, type_v=kv, verbose=False)
-    # the parent validated this adapter against this model (validate_adapter_file) before starting us
-    ptr = llama_cpp.llama_adapter_lora_init(_model_ptr(llm), args["adapter"].encode("utf-8"))
-    if not ptr:
-        raise RuntimeError(f"llama.cpp refused the adapter {args['adapter']}")
-    h = AdapterHandle(llm, ptr, AdapterInfo(Path(args["adapter"]), "", None, 0, {}))
+    h = load_checked_adapter(llm, args["adapter"])  # the parent validated it against this model
     set_adapter(llm, h)
     load_s = time.perf_counter() - t
     prompt = args["prompt"]
@@ -154,47 +122,77 @@ def measure(model, adapter, profile, prompt: list[int], n_gen: int = MEASURE_GEN
             threads: int | None = None) -> dict:
     """Load, prompt and generate with the profile's settings in a child process (``threads`` overrides the
     profile's thread count). ``model`` and ``adapter`` must have been checked with validate_adapter_file."""
+    from toolkit.llama_runtime import check_threads, run_child
+
     args = {"model": str(model), "adapter": str(adapter), "n_ctx": profile.context_length, "ubatch": profile.ubatch,
             "threads": threads or profile.threads, "kv_type": profile.kv_cache_type, "flash_attn": profile.flash_attn,
             "prompt": [int(t) for t in prompt], "n_gen": n_gen}
-    try:
-        res = subprocess.run([sys.executable, "-m", "toolkit.validate", "--measure-child"], input=json.dumps(args),
-                             capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise CoaloraError(f"the measurement process ran past {timeout:.0f} s") from None
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
-        raise CoaloraError(f"the measurement process failed: {last}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    check_threads(args["threads"])
+    out = run_child("toolkit.validate", "--measure-child", args, f"{Path(model).name} with {Path(adapter).name}",
+                    timeout)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # ---- validation -------------------------------------------------------------------------------
+def check_dist(dist_dir) -> dict:
+    """The checks of DIST/NAME that need no llama.cpp, in the order that keeps damaged bytes away from the
+    parsers: the manifest's schema, the folder's files and checksums, the model GGUF against its
+    architecture, the adapter against the model, the manifest's recomputable values, the source model."""
+    from converters.gguf_source import GGUFSource
+    from toolkit.emit import ADAPTER_FILE, MODEL_FILE
+    from toolkit.llama_runtime import validate_adapter_file
+
+    dist_dir = Path(dist_dir)
+    manifest = read_manifest(dist_dir)
+    sums = check_folder(dist_dir, manifest)
+    model, adapter = dist_dir / MODEL_FILE, dist_dir / ADAPTER_FILE
+    src = GGUFSource(model)
+    info = validate_adapter_file(adapter, model)
+    profile = profile_of(manifest)
+    recomputed = check_against_files(manifest, src, adapter.stat().st_size, profile)
+    return {"manifest": manifest, "checksums": sums, "model": src, "adapter": info, "profile": profile,
+            "recomputed": recomputed, "source_verified": check_source_model(manifest)}
+
+
 def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, measure_memory: bool = True,
              threads: int | None = None, measure_tokens: int | None = None, log=lambda m: None) -> dict:
     """``measure_tokens``: prompt length of the memory / speed measurement (default: fill the profile's
     context, what the memory model predicts); ``threads`` overrides the profile's for all llama.cpp work."""
+    from converters.gguf_source import GGUFSource
     from toolkit.emit import ADAPTER_FILE, MODEL_FILE, eval_set, eval_text
-    from toolkit.llama_runtime import load_adapter, open_model, set_adapter, validate_adapter_file, window_logits
+    from toolkit.llama_runtime import check_threads, load_adapter, open_model, probe, set_adapter, window_logits
 
     t0 = time.perf_counter()
     dist_dir = Path(dist_dir)
-    manifest = read_manifest(dist_dir)
-    sums = check_checksums(dist_dir, manifest)          # before llama.cpp sees anything
+    check_threads(threads)
+    c = check_dist(dist_dir)                            # everything that can be checked without llama.cpp
+    manifest, sums, src, info, profile, recomputed = (c["manifest"], c["checksums"], c["model"], c["adapter"],
+                                                      c["profile"], c["recomputed"])
+    check_threads(threads or profile.threads)
     model, adapter = dist_dir / MODEL_FILE, dist_dir / ADAPTER_FILE
-    info = validate_adapter_file(adapter, model)
-    profile = profile_of(manifest)
 
     ev = manifest["evaluation"]
     n_windows = n_windows or ev["n_windows"]
     n_ctx = ev["n_ctx"]
-    if data is None and ev.get("text_path") and Path(ev["text_path"]).is_file():
+    probe(model, adapter, n_ctx=n_ctx, threads=threads)  # whatever the checks missed crashes a child, not us
+    ref_path = None
+    if reference:
+        ref_path = Path(reference)
+        _check_reference(GGUFSource(ref_path), src)
+    else:
+        ref_path = reference_gguf(manifest, log)
+    if ref_path is not None:
+        probe(ref_path, n_ctx=n_ctx, threads=threads)
+    if data is None and Path(ev["text_path"]).is_file() and sha256_file(ev["text_path"]) == ev["text_sha256"]:
         data = ev["text_path"]
     text_file = eval_text(data)
-    windows, masks, _, data_format, digest = eval_set(model, text_file, n_windows, n_ctx)
+    try:
+        windows, masks, bos, data_format, digest = eval_set(model, text_file, n_windows, n_ctx)
+    except (UnicodeDecodeError, OSError) as e:
+        raise CoaloraError(f"cannot read the evaluation data {text_file}: {str(e)[:200]}") from None
     same_protocol = (sha256_file(text_file) == ev["text_sha256"] and n_windows == ev["n_windows"]
-                     and digest == ev["windows_sha256"])
+                     and digest == ev["windows_sha256"] and bos == ev["bos"])
 
-    ref_path = Path(reference) if reference else reference_gguf(manifest, log)
     llm = open_model(model, n_ctx=n_ctx, n_threads=threads)
     ref = open_model(ref_path, n_ctx=n_ctx, n_threads=threads) if ref_path else None
     try:
@@ -237,16 +235,16 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
         prompt = (pool * (n_prompt // len(pool) + 1))[:n_prompt]  # the text's tokens, repeated as needed
         measured = measure(model, adapter, profile, prompt, threads=threads)
 
-    mem = manifest["memory"]
+    mem = manifest["memory"]  # equal to what the files and the profile give (check_against_files)
     allowed = profile.process_budget_bytes
     verdicts = {
         "checksums": True,
-        "fits_memory_model": mem["total_bytes"] <= allowed and bool(manifest["fits"]["model_budget"]),
+        "fits_memory_model": recomputed["fits"]["memory_model"] and recomputed["fits"]["model_budget"],
         "fits_measured": None if measured is None else measured["peak_rss_bytes"] <= allowed,
         "perplexity_matches_prediction": (abs(rel) <= PPL_TOLERANCE) if same_protocol else None,
     }
     report = {
-        "dist": str(dist_dir), "profile": profile.name, "checksums": sums,
+        "dist": str(dist_dir), "profile": profile.name, "checksums": sums, "source_model_verified": c["source_verified"],
         "adapter": {"rank": info.rank, "alpha": info.alpha, "tensors": len(info.targets)},
         "evaluation": {"n_windows": len(windows), "n_ctx": n_ctx, "data_format": data_format,
                        "same_windows_as_manifest": same_protocol,
@@ -269,11 +267,6 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--measure-child"]:
-    import os
+    from toolkit.llama_runtime import child_main
 
-    try:
-        print(json.dumps(_measure_child(json.loads(sys.stdin.read()))), flush=True)
-    except BaseException as e:  # report it; the interpreter teardown would hide it
-        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        os._exit(1)
-    os._exit(0)  # skip interpreter teardown: llama_cpp's finalizers can fail at shutdown
+    child_main(_measure_child)
