@@ -37,8 +37,8 @@ class ResultError(Exception):
     """A result file that cannot back a README table."""
 
 
-def load_result(name: str, results: Path = RESULTS, legacy: bool = False) -> dict:
-    path = results / f"{name}.json"
+def load_result(name: str, results: Path | None = None, legacy: bool = False) -> dict:
+    path = Path(results or RESULTS) / f"{name}.json"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -55,9 +55,9 @@ def load_result(name: str, results: Path = RESULTS, legacy: bool = False) -> dic
     return data
 
 
-def table_text(name: str, results: Path = RESULTS) -> str:
+def table_text(name: str, results: Path | None = None) -> str:
     """The script's own rendering (NAME.md), headings dropped (the README has its own)."""
-    path = results / f"{name}.md"
+    path = Path(results or RESULTS) / f"{name}.md"
     try:
         md = path.read_text()
     except FileNotFoundError:
@@ -65,7 +65,7 @@ def table_text(name: str, results: Path = RESULTS) -> str:
     return "\n".join(l for l in md.strip().splitlines() if not l.startswith("#")).strip()
 
 
-def render(kind: str, name: str, results: Path = RESULTS) -> str:
+def render(kind: str, name: str, results: Path | None = None) -> str:
     data = load_result(name, results, legacy=kind == "legacy")
     if kind == "legacy":
         note = (f"*Legacy result `bench/results/{name}.json`: measured by older code; no provenance (commit, command "
@@ -77,7 +77,7 @@ def render(kind: str, name: str, results: Path = RESULTS) -> str:
     return f"{table_text(name, results)}\n\n{note}\n"
 
 
-def generate(readme: str, results: Path = RESULTS) -> str:
+def generate(readme: str, results: Path | None = None) -> str:
     def block(m):
         kind, name = m.group(1), m.group(2)
         return f"<!-- {kind}:{name} -->\n{render(kind, name, results)}<!-- /table -->"
