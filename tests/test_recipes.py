@@ -64,6 +64,9 @@ def test_train_defaults_to_the_recipe_and_switches_override_it(captured, tmp_pat
     captured.clear()
     assert main(["train", "smollm2", "-o", str(tmp_path / "d"), "--mode", "shared"]) == 0  # CoA-only parts dropped
     assert captured["mode"] == "shared" and "anchor" not in captured and captured["type_deltas"] == ()
+    captured.clear()
+    assert main(["train", "smollm2", "-o", str(tmp_path / "e"), "--mode", "shared", "--anchor", "F32"]) == 0
+    assert captured["anchor"] == "F32"  # an explicit switch is never dropped
 
 
 def test_resume_keeps_the_runs_own_options(captured, tmp_path):

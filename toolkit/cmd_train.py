@@ -65,9 +65,12 @@ def _experiment_options(f):
     return f
 
 
-def _recipe_options(recipe, out, resume: bool, given: dict) -> dict:
+COA_ONLY = ("anchor", "anchor_lora_weight", "type_deltas")  # the default recipe's parts that need --mode coa
+
+
+def _recipe_options(recipe, out, resume: bool, mode: str, given: dict) -> dict:
     """The experiment options of a run: the recipe's (on --resume without --recipe: the run's own), overridden
-    by the switches given on the command line."""
+    by the switches given on the command line. Another --mode leaves out the default recipe's CoA-only parts."""
     from toolkit.recipes import DEFAULT, load_recipe
 
     if recipe is None and resume and (Path(out) / "run.json").exists():
@@ -79,6 +82,8 @@ def _recipe_options(recipe, out, resume: bool, given: dict) -> dict:
             base["type_deltas"] = ",".join(base["type_deltas"])
     else:
         base = load_recipe(recipe or DEFAULT)
+        if recipe is None and mode != "coa":
+            base = {k: v for k, v in base.items() if k not in COA_ONLY}
     return {**base, **{k: v for k, v in given.items() if v is not None}}
 
 
@@ -153,9 +158,7 @@ def register(cli: click.Group) -> None:
         Example: coalora train smollm2 --data austen -o runs/smol --steps 200
         """
         menu_t = _quant_types(menu)
-        exp = _recipe_options(recipe, out, kw["resume"], {k: kw.pop(k) for k in EXPERIMENT_KEYS})
-        if mode != "coa" and recipe is None and not kw["resume"]:  # the default recipe is CoA-LoRA's
-            exp = {k: v for k, v in exp.items() if k not in ("anchor", "anchor_lora_weight", "type_deltas")}
+        exp = _recipe_options(recipe, out, kw["resume"], mode, {k: kw.pop(k) for k in EXPERIMENT_KEYS})
         deltas = type_deltas(str(exp.pop("type_deltas", "")), menu_t)
         if deltas and mode != "coa":
             raise CoaloraError("--type-deltas needs --mode coa (the configuration picks the corrections)")
