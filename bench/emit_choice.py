@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--windows", type=int, default=8, help="Pride and Prejudice windows of 512 tokens (validate).")
     ap.add_argument("--recipe", default="anchored")
+    ap.add_argument("--no-validate", action="store_true", help="Skip llama.cpp's perplexity of each pick.")
     ap.add_argument("--shared-machine", action="store_true", help="Record that other work shared the machine.")
     args = ap.parse_args()
     run = args.work / "run"
@@ -35,7 +36,7 @@ def main() -> None:
         for label, confirm in (("confirmed (default)", ()), ("unconfirmed (--confirm 0)", ("--confirm", 0))):
             dist = args.work / ("dist" if not confirm else "dist0")
             m, emit_s = cli("emit", run, "--profile", profile, "-o", dist, "--windows", args.windows, *confirm, "--json")
-            v, _ = cli("validate", dist / profile, "--no-measure", "--json", check=False)
+            v = None if args.no_validate else cli("validate", dist / profile, "--no-measure", "--json", check=False)[0]
             conf = m["search"]["confirmation"] or {}
             uniform = next((c for c in conf.get("candidates", []) if c["uniform"]), None)
             rows.append({"profile": profile, "emit": label, "budget_bytes": m["search"]["budget_bytes"],
