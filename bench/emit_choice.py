@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="Pride and Prejudice windows of 512 tokens (validate).")
     ap.add_argument("--recipe", default="anchored")
     ap.add_argument("--no-validate", action="store_true", help="Skip llama.cpp's perplexity of each pick.")
+    ap.add_argument("--no-unconfirmed", action="store_true", help="Skip the --confirm 0 emits (the confirmation "
+                    "table still shows the surrogate's first choice and its measured loss).")
     ap.add_argument("--shared-machine", action="store_true", help="Record that other work shared the machine.")
     args = ap.parse_args()
     run = args.work / "run"
@@ -33,7 +35,9 @@ def main() -> None:
             "--rounds", 2, "--search-candidates", 4, "--checkpoint-every", args.steps, "--recipe", args.recipe, "--json")
     rows = []
     for profile in args.profiles.split(","):
-        for label, confirm in (("confirmed (default)", ()), ("unconfirmed (--confirm 0)", ("--confirm", 0))):
+        modes = [("confirmed (default)", ())] + ([] if args.no_unconfirmed else [("unconfirmed (--confirm 0)",
+                                                                                 ("--confirm", 0))])
+        for label, confirm in modes:
             dist = args.work / ("dist" if not confirm else "dist0")
             m, emit_s = cli("emit", run, "--profile", profile, "-o", dist, "--windows", args.windows, *confirm, "--json")
             v = None if args.no_validate else cli("validate", dist / profile, "--no-measure", "--json", check=False)[0]
