@@ -61,6 +61,13 @@ def main() -> None:
               ("held_out_loss", "held-out loss of the pick"), ("uniform", "largest uniform that fits"),
               ("uniform_loss", "its held-out loss"), ("ppl_predicted", "predicted ppl"),
               ("ppl_llama_cpp", "llama.cpp ppl"), ("emit_s", "emit s")]))
+    cands = [{"profile": r["profile"], **c, "vs": None if c.get("vs_uniform") is None else
+              f"{c['vs_uniform']:+.4f} ± {c['vs_uniform_se']:.4f}", "picked": "yes" if c["picked"] else ""}
+             for r in rows if r["candidates"] for c in r["candidates"]]
+    md += ("\n\nWhat each confirmation compared (held-out loss in nats per token; the paired difference to the largest "
+           "uniform file that fits, with its standard error):\n\n" + markdown_table(cands, [
+               ("profile", "profile"), ("source", "candidate"), ("file_bytes", "file bytes"), ("bpw", "bpw"),
+               ("measured_loss", "held-out loss"), ("vs", "vs uniform"), ("picked", "picked")]))
     write_results("emit_choice", {"machine_shared": args.shared_machine, "steps": args.steps, "recipe": args.recipe,
                                   "windows": args.windows, "rows": rows}, md)
 
