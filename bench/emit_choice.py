@@ -53,7 +53,8 @@ def main() -> None:
                          "emit_s": round(emit_s, 1)})
     md = (f"SmolLM2-135M, {args.steps}-step `--recipe {args.recipe}` run on Austen (4 x 128 tokens per step, 2 search "
           f"rounds); confirmation on 16 held-out windows of 128 training-text tokens; perplexity of the pick + its "
-          f"adapter by llama.cpp on {args.windows} x 512 tokens of Pride and Prejudice."
+          f"adapter on {args.windows} x 512 tokens of Pride and Prejudice, predicted by torch"
+          + (" (llama.cpp not run)." if args.no_validate else " and measured by llama.cpp.")
           + (" Other work shared the 2-core machine: emit seconds are indicative only." if args.shared_machine else "")
           + "\n\n" + markdown_table(rows, [
               ("profile", "profile"), ("emit", "emit"), ("budget_bytes", "budget bytes"),
