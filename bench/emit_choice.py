@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--no-unconfirmed", action="store_true", help="Skip the --confirm 0 emits (the confirmation "
                     "table still shows the surrogate's first choice and its measured loss).")
     ap.add_argument("--shared-machine", action="store_true", help="Record that other work shared the machine.")
+    ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
     args = ap.parse_args()
     run = args.work / "run"
     if not (run / "run.json").exists():
@@ -56,6 +57,7 @@ def main() -> None:
           f"adapter on {args.windows} x 512 tokens of Pride and Prejudice, predicted by torch"
           + (" (llama.cpp not run)." if args.no_validate else " and measured by llama.cpp.")
           + (" Other work shared the 2-core machine: emit seconds are indicative only." if args.shared_machine else "")
+          + (f" {args.note}" if args.note else "")
           + "\n\n" + markdown_table(rows, [
               ("profile", "profile"), ("emit", "emit"), ("budget_bytes", "budget bytes"),
               ("file_bytes", "file bytes"), ("bpw", "bpw"), ("source", "picked"),
@@ -69,7 +71,8 @@ def main() -> None:
            "uniform file that fits, with its standard error):\n\n" + markdown_table(cands, [
                ("profile", "profile"), ("source", "candidate"), ("file_bytes", "file bytes"), ("bpw", "bpw"),
                ("measured_loss", "held-out loss"), ("vs", "vs uniform"), ("picked", "picked")]))
-    write_results("emit_choice", {"machine_shared": args.shared_machine, "steps": args.steps, "recipe": args.recipe,
+    write_results("emit_choice", {"machine_shared": args.shared_machine, "note": args.note, "steps": args.steps,
+                                  "recipe": args.recipe,
                                   "windows": args.windows, "rows": rows}, md)
 
 
