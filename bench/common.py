@@ -68,8 +68,11 @@ def _fmt(v) -> str:
 
 
 def write_results(name: str, payload: dict, markdown: str, results_dir: Path | None = None) -> None:
+    """NAME.json (with provenance(), unless the payload brings its own) and NAME.md; the README's tables are made
+    from these by bench/readme_tables.py."""
     from converters.fileio import write_json, write_text
 
+    payload = {"provenance": provenance(), **payload}
     out = Path(results_dir or RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", payload)

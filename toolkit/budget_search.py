@@ -31,6 +31,7 @@ class SearchResult:
     measured_loss: float | None = None
     budget_bytes: int = 0
     source: str = ""                  # archive | greedy | uniform:<T> | cheapest, plus "+local"
+    confirmation: dict | None = None  # what the confirmation measured (see best_configuration)
 
     @property
     def predicted_ppl(self) -> float | None:
@@ -39,7 +40,7 @@ class SearchResult:
     def extra(self) -> dict:
         return {"file_bytes": self.file_bytes, "bpw": self.bpw, "budget_bytes": self.budget_bytes,
                 "predicted_loss": self.predicted_loss, "predicted_ppl": self.predicted_ppl,
-                "measured_loss": self.measured_loss, "source": self.source}
+                "measured_loss": self.measured_loss, "source": self.source, "confirmation": self.confirmation}
 
 
 def _local_search(layout: ModelLayout, sur: Surrogate, cfg: Configuration, budget: int,
@@ -130,12 +131,12 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
             cands.setdefault(r.config(), "archive")
     if errors is not None:
         cands.setdefault(allocate(layout, errors, budget_bytes), "greedy")
-    uniforms = set()  # the uniform files that fit: the largest always reaches confirmation
+    uniforms = {}  # the uniform files that fit, and their type: the largest always reaches confirmation
     for t in layout.menu_names:
         c = layout.uniform(t)
         if on_menu(c) and layout.file_bytes(c) <= budget_bytes:
             cands.setdefault(c, f"uniform:{t}")
-            uniforms.add(c)
+            uniforms.setdefault(c, t)
     cheapest = Configuration({n: min(layout.menu(n), key=lambda q: layout[n].bytes(q)) for n in layout.names()})
     cands.setdefault(cheapest, "cheapest")
 
@@ -154,7 +155,7 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         scores = rank = np.array([total_error(layout, errors, c) for c in pool])
     ranked = [(pool[i], cands[pool[i]], float(scores[i])) for i in np.argsort(rank, kind="stable")]
 
-    measured = None
+    measured = confirmation = None
     best_cfg, best_src, best_score = ranked[0]
     if evaluate is not None and n_confirm > 0:
         top = ranked[:n_confirm]
@@ -167,16 +168,43 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
                 top.append(x)
         real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate([c for c, _, _ in top])]
         k = int(np.argmin([r.mean() for r in real]))
-        if uni and top[k][0] != uni[0][0]:
+        u = [c for c, _, _ in top].index(uni[0][0]) if uni else None
+        rows = [{"source": src, "file_bytes": layout.file_bytes(c), "bpw": round(layout.bits_per_weight(c), 4),
+                 "measured_loss": float(r.mean()), "uniform": i == u}
+                for i, ((c, src, _), r) in enumerate(zip(top, real))]
+        if u is not None:
+            for row, r in zip(rows, real):
+                d = r - real[u]
+                row["vs_uniform"] = float(d.mean())
+                row["vs_uniform_se"] = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+        if u is not None and k != u:
             # Per-window losses: leave the uniform file only for a mix that is better by CONFIRM_Z standard
             # errors of the paired difference (smaller differences did not carry over to other text).
-            u = [c for c, _, _ in top].index(uni[0][0])
-            d = real[k] - real[u]
-            if len(d) > 1 and d.mean() > -CONFIRM_Z * d.std(ddof=1) / math.sqrt(len(d)):
+            se = rows[k]["vs_uniform_se"]
+            if se is not None and rows[k]["vs_uniform"] > -CONFIRM_Z * se:
                 k = u
+        for i, row in enumerate(rows):
+            row["picked"] = i == k
         best_cfg, best_src, best_score = top[k]
         measured = float(real[k].mean())
+        confirmation = {"windows": int(len(real[0])), "z": CONFIRM_Z, "candidates": rows,
+                        "uniform": uniforms[uni[0][0]] if uni else None}
     size = layout.file_bytes(best_cfg)
     assert size <= budget_bytes, "internal error: the search left the byte budget"
     return SearchResult(best_cfg, size, layout.bits_per_weight(best_cfg),
-                        best_score if predict is not None else None, measured, budget_bytes, best_src)
+                        best_score if predict is not None else None, measured, budget_bytes, best_src, confirmation)
+
+
+def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, confirm_windows: int = 16) -> SearchResult:
+    """:func:`best_configuration` for a trained run (its archive and sensitivity table); ``confirm`` > 0 measures
+    that many of the best candidates, the best archived one and the largest uniform file that fits on
+    ``confirm_windows`` held-out windows of the training data (``run.calibration_loss``). ``coalora search``
+    and ``coalora emit`` both choose through this."""
+    from pathlib import Path
+
+    from toolkit.sensitivity import load_error_table
+
+    archive = Archive.load(run.archive_path) if Path(run.archive_path).exists() else Archive()
+    errors = load_error_table(Path(run.path) / "sensitivity.json")
+    measure = (lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)) if confirm > 0 else None
+    return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm)

@@ -56,8 +56,14 @@ def register(cli):
     @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="DIST folder.")
     @click.option("--windows", "n_windows", type=ranges.WINDOWS, default=32, show_default=True, help="Evaluation windows (512 tokens).")
     @click.option("--data", type=click.Path(path_type=Path), help="Held-out text (default: Pride and Prejudice).")
+    @click.option("--confirm", default=2, show_default=True,
+                  help="As `coalora search --confirm`: measure the best N candidates, the best archived one and "
+                       "the largest uniform file that fits; a mix replaces that file only when better by two "
+                       "standard errors (0: the surrogate's pick, unmeasured).")
+    @click.option("--confirm-windows", default=16, show_default=True,
+                  help="Held-out windows of the training data each confirmation candidate is measured on.")
     @click.option("--json", "as_json", is_flag=True)
-    def emit_cmd(run_dir, profile, out, n_windows, data, as_json):
+    def emit_cmd(run_dir, profile, out, n_windows, data, confirm, confirm_windows, as_json):
         """Emit the best model + adapter pair within each profile's budget into DIST/NAME/."""
         from rich.table import Table
 
@@ -65,28 +71,38 @@ def register(cli):
         from toolkit.profiles import list_profiles, load_profile
         from toolkit.run import Run
 
-        if n_windows < 1:
-            raise CoaloraError("--windows must be at least 1")
+        if n_windows < 1 or confirm_windows < 1:
+            raise CoaloraError("--windows and --confirm-windows must be at least 1")
+        if confirm < 0:
+            raise CoaloraError("--confirm must not be negative")
         run = Run.open(run_dir)
         profs = list_profiles() if profile == "all" else [load_profile(profile)]
         manifests = []
         status, log = _status(console(stderr=True))
         with status:
             for p in profs:
-                manifests.append(emit(run, p, out, n_windows=n_windows, text_path=data, log=log))
+                manifests.append(emit(run, p, out, n_windows=n_windows, text_path=data, log=log, confirm=confirm,
+                                      confirm_windows=confirm_windows))
         if as_json:
             click.echo(json.dumps(manifests if profile == "all" else manifests[0], indent=2))
             return
         t = Table(title=f"emitted into {out}")
-        for col in ("profile", "budget", "model", "adapter", "bpw", "pred. ppl", "pred. memory", "fits"):
+        for col in ("profile", "budget", "model", "adapter", "bpw", "chosen", "pred. ppl", "pred. memory", "fits"):
             t.add_column(col)
         for m in manifests:
             ok = all(m["fits"].values())
             t.add_row(m["profile"]["name"], _mb(m["search"]["budget_bytes"]), _mb(m["files"]["model.gguf"]["bytes"]),
                       _mb(m["files"]["adapter.gguf"]["bytes"]), f"{m['search']['bits_per_weight']:.2f}",
-                      f"{m['evaluation']['predicted_perplexity']:.3f}", _mib(m["memory"]["total_bytes"]),
-                      "yes" if ok else "[red]no[/red]")
+                      m["search"]["source"], f"{m['evaluation']['predicted_perplexity']:.3f}",
+                      _mib(m["memory"]["total_bytes"]), "yes" if ok else "[red]no[/red]")
         console().print(t)
+        from toolkit.cmd_search import confirmation_table
+
+        for m in manifests:
+            if m["search"].get("confirmation"):
+                tab = confirmation_table(m["search"]["confirmation"])
+                tab.title = f"{m['profile']['name']}: {tab.title}"
+                console().print(tab)
 
     @cli.command("validate")
     @click.argument("dist", type=click.Path(path_type=Path))

@@ -24,15 +24,11 @@ def _budget(run, budget_bytes, bpw, profile):
         if not 0 < bpw <= 32:
             raise CoaloraError("--bpw must be in (0, 32]")
         return bytes_for_bpw(run.layout, bpw), f"{bpw:g} bits per weight", run.layout
-    try:
-        from toolkit.profiles import load_profile
-    except ImportError:
-        raise CoaloraError("device profiles are not available in this installation; use --budget-bytes or --bpw") from None
-    from toolkit.emit import search_layout
+    from toolkit.profiles import load_profile, plan_run_budget
 
     p = load_profile(profile)
-    layout = search_layout(run.layout, p)
-    return int(p.model_budget_bytes(run.layout)), f"profile {p.name}", layout
+    plan = plan_run_budget(p, run.meta, run.layout)
+    return plan.budget_bytes, f"profile {p.name}", plan.layout
 
 
 def register(cli):
@@ -52,9 +48,7 @@ def register(cli):
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
     def search_cmd(run_dir, budget_bytes, bpw, profile, output, confirm, confirm_windows, as_json):
         """Best quantization configuration of RUN within a budget (exact file bytes, never over)."""
-        from toolkit.budget_search import best_configuration
-        from toolkit.pareto_search import Archive
-        from toolkit.sensitivity import load_error_table
+        from toolkit.budget_search import search_run
 
         if sum(x is not None for x in (budget_bytes, bpw, profile)) != 1:
             raise CoaloraError("give exactly one of --budget-bytes, --bpw, --profile")
@@ -66,10 +60,7 @@ def register(cli):
             raise CoaloraError("training runs are not available in this installation") from None
         run = Run.open(run_dir)
         budget, what, layout = _budget(run, budget_bytes, bpw, profile)
-        archive = Archive.load(run.archive_path, run.layout) if run.archive_path.exists() else Archive()
-        errors = load_error_table(run.path / "sensitivity.json")
-        measure = (lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)) if confirm else None
-        res = best_configuration(layout, archive, budget, errors=errors, evaluate=measure, n_confirm=confirm)
+        res = search_run(run, layout, budget, confirm, confirm_windows)
         if output:
             res.cfg.save(output, extra=res.extra())
         out = {"run": str(run.path), "budget": what, **res.extra(), "types": res.cfg.histogram(),
@@ -91,3 +82,23 @@ def register(cli):
         if output:
             t.add_row("written", output)
         console().print(t)
+        if res.confirmation:
+            console().print(confirmation_table(res.confirmation))
+
+
+def confirmation_table(conf: dict):
+    """What a confirmation measured: each candidate's held-out loss and its paired difference to the largest
+    uniform file that fits (shared by search and emit)."""
+    from rich.table import Table
+
+    uniform = f"uniform {conf['uniform']}" if conf["uniform"] else "the largest uniform file (none fits)"
+    t = Table(title=f"confirmation on {conf['windows']} held-out windows: a mix replaces {uniform} only when "
+                    f"better by {conf['z']:g} standard errors")
+    for col in ("candidate", "file bytes", "bpw", "held-out loss", "vs uniform", "picked"):
+        t.add_column(col)
+    for r in conf["candidates"]:
+        d, se = r.get("vs_uniform"), r.get("vs_uniform_se")
+        t.add_row(r["source"], f"{r['file_bytes']:,}", f"{r['bpw']:.3f}", f"{r['measured_loss']:.4f}",
+                  "-" if d is None else f"{d:+.4f}" + ("" if se is None else f" ± {se:.4f}"),
+                  "yes" if r["picked"] else "")
+    return t

@@ -11,6 +11,7 @@ from toolkit import assets, distributed
 from toolkit import cmd_options as ranges
 from converters.configuration import DEFAULT_MENU, Configuration
 from converters.errors import CoaloraError
+from toolkit.recipes import KEYS, type_deltas
 
 
 def _train_options(f):
@@ -48,6 +49,51 @@ def _train_options(f):
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+# Experiment switches: hidden from `coalora train --help` (README: Training recipes); default None, i.e.
+# the recipe's value (or TrainOptions' default when the recipe leaves it out).
+EXPERIMENT_OPTIONS = [
+    click.option("--cam-lr", type=ranges.train("cam_lr"), default=None, hidden=True),
+    click.option("--configs-per-step", type=ranges.train("configs_per_step"), default=None, hidden=True),
+    click.option("--config-batch", type=click.Choice(["split", "full"]), default=None, hidden=True),
+    click.option("--top-share", type=ranges.train("top_share"), default=None, hidden=True),
+    click.option("--anchor", default=None, metavar="TYPE", hidden=True),
+    click.option("--anchor-loss", type=click.Choice(["kl", "ce"]), default=None, hidden=True),
+    click.option("--anchor-lora-weight", type=ranges.train("anchor_lora_weight"), default=None, hidden=True),
+    click.option("--type-deltas", default=None, metavar="TYPES", hidden=True),
+    click.option("--delta-lr", type=ranges.train("delta_lr"), default=None, hidden=True),
+    click.option("--delta-error-power", type=ranges.train("delta_error_power"), default=None, hidden=True),
+]
+EXPERIMENT_KEYS = tuple(KEYS)
+
+
+def _experiment_options(f):
+    for o in reversed(EXPERIMENT_OPTIONS):
+        f = o(f)
+    return f
+
+
+COA_ONLY = ("anchor", "anchor_lora_weight", "type_deltas")  # the default recipe's parts that need --mode coa
+
+
+def _recipe_options(recipe, out, resume: bool, mode: str, given: dict) -> dict:
+    """The experiment options of a run: the recipe's (on --resume without --recipe: the run's own), overridden
+    by the switches given on the command line. Another --mode leaves out the default recipe's CoA-only parts."""
+    from toolkit.recipes import DEFAULT, load_recipe
+
+    if recipe is None and resume and (Path(out) / "run.json").exists():
+        from toolkit.run import Run
+
+        o = Run.open(out, require_trained=False).meta.get("options", {})
+        base = {k: o[k] for k in KEYS if k in o}
+        if "type_deltas" in base:
+            base["type_deltas"] = ",".join(base["type_deltas"])
+    else:
+        base = load_recipe(recipe or DEFAULT)
+        if recipe is None and mode != "coa":
+            base = {k: v for k, v in base.items() if k not in COA_ONLY}
+    return {**base, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _targets(s: str) -> tuple:
@@ -128,52 +174,27 @@ def register(cli: click.Group) -> None:
     @click.option("--search-candidates", type=ranges.train("search_candidates"), default=12, show_default=True,
                   help="Configurations the search evaluates for real per round.")
     @click.option("--menu", default=",".join(DEFAULT_MENU), show_default=True, help="Quant types to choose from.")
-    @click.option("--cam-lr", type=ranges.train("cam_lr"), default=1e-3, show_default=True, help="Learning rate of the configuration-aware model.")
-    @click.option("--configs-per-step", default=1, show_default=True, type=ranges.train("configs_per_step"),
-                  help="Configurations of the training set drawn per optimizer step.")
-    @click.option("--config-batch", type=click.Choice(["split", "full"]), default="split", show_default=True,
-                  help="split: the step's configurations share the batch; full: each sees the whole batch "
-                       "(more compute per step).")
+    @click.option("--recipe", default=None, metavar="NAME|FILE.toml",
+                  help="Training recipe: anchored (default; the benchmarked one), plain (the paper's CoA-LoRA), or a "
+                       "TOML file of experiment options (README: Training recipes); options given here override it.")
     @click.option("--init-lora", default="", type=click.Path(file_okay=False),
                   help="Start from the LoRA of a trained run (e.g. a `coalora finetune --config F32` run).")
-    @click.option("--top-share", default=0.0, show_default=True, type=ranges.train("top_share"),
-                  help="Share of steps trained on the training set's highest-precision configuration.")
-    @click.option("--anchor", default="", metavar="TYPE",
-                  help="Also train every step on the uniform TYPE model (e.g. F32), whose output the sampled "
-                       "configurations learn to match (a second forward and backward pass per step).")
-    @click.option("--anchor-loss", type=click.Choice(["kl", "ce"]), default="kl", show_default=True,
-                  help="With --anchor: the sampled configurations' loss, KL to the anchor's output or "
-                       "cross-entropy on the text.")
-    @click.option("--anchor-lora-weight", default=1.0, show_default=True, type=ranges.train("anchor_lora_weight"),
-                  help="With --anchor: weight of the sampled configurations' gradient on the LoRA (0: only the "
-                       "configuration-aware model learns from them).")
-    @click.option("--type-deltas", default="", metavar="TYPES",
-                  help="CoA-LoRA: for these quant types ('all': the menu), also train per tensor a correction of its "
-                       "LoRA A and B that the tensor's type in a configuration picks (the adapter's rank stays --rank).")
-    @click.option("--delta-lr", default=0.0, show_default=True, type=ranges.train("delta_lr"),
-                  help="Learning rate of the --type-deltas corrections (0: --lr).")
-    @click.option("--delta-error-power", default=0.5, show_default=True, type=ranges.train("delta_error_power"),
-                  help="Scale each correction by (its type's ggml quantization error / Q4_0's) ** P (0: unscaled).")
+    @_experiment_options
     @_train_options
-    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, cam_lr, configs_per_step, config_batch,
-                  top_share, init_lora, anchor, anchor_loss, anchor_lora_weight, type_deltas, delta_lr,
-                  delta_error_power, **kw):
+    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, recipe, init_lora, **kw):
         """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
 
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
         Example: coalora train smollm2 --data austen -o runs/smol --steps 200
         """
         menu_t = _quant_types(menu)
-        deltas = menu_t if type_deltas.strip() == "all" else _quant_types(type_deltas)
+        exp = _recipe_options(recipe, out, kw["resume"], mode, {k: kw.pop(k) for k in EXPERIMENT_KEYS})
+        deltas = type_deltas(str(exp.pop("type_deltas", "")), menu_t)
         if deltas and mode != "coa":
             raise CoaloraError("--type-deltas needs --mode coa (the configuration picks the corrections)")
-        if set(deltas) - set(menu_t):
-            raise CoaloraError(f"--type-deltas {','.join(sorted(set(deltas) - set(menu_t)))}: not in --menu")
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
-                      menu=menu_t, cam_lr=cam_lr, configs_per_step=configs_per_step, config_batch=config_batch,
-                      top_share=top_share, init_lora=str(Path(init_lora).resolve()) if init_lora else "",
-                      anchor=anchor, anchor_loss=anchor_loss, anchor_lora_weight=anchor_lora_weight,
-                      type_deltas=deltas, delta_lr=delta_lr, delta_error_power=delta_error_power, **kw)
+                      menu=menu_t, init_lora=str(Path(init_lora).resolve()) if init_lora else "",
+                      type_deltas=deltas, **exp, **kw)
 
     train_cmd.name = "train"
 

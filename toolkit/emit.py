@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from toolkit import memory_model as mm
-from converters.configuration import Configuration, ModelLayout
+from converters.configuration import ModelLayout
 from converters.errors import CoaloraError
 from toolkit.evaluation import (N_CTX, N_WINDOWS, eval_windows, masked_perplexity, model_bos, perplexity,
                                 records_digest, torch_window_nll, windows_digest)
 from converters.fileio import sha256_file, write_json
-from toolkit.profiles import Profile
+from toolkit.profiles import Profile, plan_run_budget
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.gguf"
@@ -36,17 +36,6 @@ def commands(profile: Profile, model: str = MODEL_FILE, adapter: str = ADAPTER_F
             "llama-server": f"llama-server -m {model} --lora {adapter} {args} --host 127.0.0.1 --port 8080"}
 
 
-def search_layout(layout: ModelLayout, profile: Profile) -> ModelLayout:
-    """The run's layout with the profile's avoided quant types taken off the menu."""
-    if not profile.avoid:
-        return layout
-    menu = tuple(m for m in layout.menu_names if m not in profile.avoid)
-    if not menu:
-        raise CoaloraError(f"profile {profile.name} avoids every quant type of the run's menu "
-                           f"({', '.join(layout.menu_names)})")
-    return layout.with_menu(menu)
-
-
 def profile_dest(out_dir: Path, name: str) -> Path:
     """DIST/NAME, refused unless NAME is a plain folder name inside DIST (never DIST itself, a parent or a path)."""
     from toolkit.profiles import NAME
@@ -56,18 +45,15 @@ def profile_dest(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / name
 
 
-def largest(layout: ModelLayout) -> Configuration:
-    return Configuration({n: max(layout.menu(n), key=lambda q: layout[n].bytes(q)) for n in layout.names()})
+CONFIRM = 2            # emit's default confirmation: the 2 best candidates (+ the best archived one and the
+CONFIRM_WINDOWS = 16   # largest uniform file that fits) measured on 16 held-out windows of the training data
 
 
-def _best(run, layout: ModelLayout, budget: int):
-    """The search's pick within ``budget``: archive surrogate, and the run's sensitivity table when it has one."""
-    from toolkit import budget_search, pareto_search
-    from toolkit.sensitivity import load_error_table
+def _best(run, layout: ModelLayout, budget: int, confirm: int = CONFIRM, confirm_windows: int = CONFIRM_WINDOWS):
+    """The search's pick within ``budget``, as ``coalora search --confirm`` makes it."""
+    from toolkit.budget_search import search_run
 
-    archive = pareto_search.Archive.load(run.archive_path, run.layout) if Path(run.archive_path).exists() else None
-    errors = load_error_table(Path(run.path) / "sensitivity.json")
-    return budget_search.best_configuration(layout, archive, budget, errors=errors)
+    return search_run(run, layout, budget, confirm, confirm_windows)
 
 
 def eval_text(text_path=None) -> Path:
@@ -146,22 +132,20 @@ def _install(tmp: Path, dest: Path) -> None:
 
 
 def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int = N_CTX, text_path=None,
-         log=lambda msg: None) -> dict:
-    """Write DIST/<profile.name>/ for ``run`` and return its manifest."""
+         log=lambda msg: None, confirm: int = CONFIRM, confirm_windows: int = CONFIRM_WINDOWS) -> dict:
+    """Write DIST/<profile.name>/ for ``run`` and return its manifest. ``confirm`` (0: off) and
+    ``confirm_windows``: the search's confirmation, as ``coalora search --confirm``."""
     t0 = time.perf_counter()
     from converters.gguf_model_writer import write_gguf
 
     loaded = run.loaded()
     layout = run.layout
-    arch = mm.ArchInfo.from_layout(layout)
-    o = run.meta.get("options", {})
-    adapter_guess = mm.adapter_bytes_estimate(layout, int(o.get("rank", 16)), o.get("targets"))
-    budget = profile.model_budget_bytes(layout, arch, adapter_guess)
-    slayout = search_layout(layout, profile)
-    budget = min(budget, slayout.file_bytes(largest(slayout)))  # room beyond the largest configuration is unused
-    log(f"{profile.name}: model budget {budget / 1e6:.1f} MB")
+    plan = plan_run_budget(profile, run.meta, layout)
+    arch, budget = plan.arch, plan.budget_bytes
+    log(f"{profile.name}: model budget {budget / 1e6:.1f} MB" + (
+        f"; measuring the best candidates on {confirm_windows} held-out windows" if confirm else ""))
     try:
-        res = _best(run, slayout, budget)
+        res = _best(run, plan.layout, budget, confirm, confirm_windows)
     except CoaloraError as e:
         raise CoaloraError(f"profile {profile.name}: {e}") from None
     cfg = res.cfg
@@ -204,6 +188,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
             "search": {"budget_bytes": budget, "file_bytes": int(res.file_bytes), "bits_per_weight": float(res.bpw),
                        "predicted_loss": _num(res.predicted_loss), "predicted_ppl": _num(res.predicted_ppl),
                        "source": getattr(res, "source", ""),
+                       "measured_loss": _num(res.measured_loss), "confirmation": res.confirmation,
                        "avoided_types_used": avoided},
             "files": {MODEL_FILE: {"bytes": model_bytes, "sha256": sha256_file(model_path)},
                       ADAPTER_FILE: {"bytes": adapter_bytes, "sha256": sha256_file(adapter_path)}},

@@ -4,7 +4,8 @@ A profile says how much memory a device has, what share of it the llama.cpp proc
 runs llama.cpp (context, threads, ubatch, KV cache type, flash attention) and which quant types suit
 its CPU. ``Profile.model_budget_bytes(layout)`` is what is left for the model file once the adapter,
 the KV cache, the compute buffers and the runtime are paid for (see :mod:`toolkit.memory_model`),
-capped by the profile's optional explicit ``model_budget_bytes``.
+capped by the profile's optional explicit ``model_budget_bytes``. :func:`plan_budget` is the one place
+that plans a trained run's budget on a device (``coalora search --profile`` and ``coalora emit``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from converters.configuration import Configuration
 from converters.quant_types import CATALOGUE_NAMES
 from toolkit import limits
 from toolkit import memory_model as mm
@@ -78,6 +80,42 @@ class Profile:
         d["prefer"], d["avoid"] = list(self.prefer), list(self.avoid)
         d["process_budget_bytes"] = self.process_budget_bytes
         return d
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """A run's model budget on a device: what ``search --profile`` and ``emit`` both search within."""
+    budget_bytes: int       # model file bytes, never above the largest configuration of ``layout``
+    layout: object          # the run's ModelLayout with the profile's avoided quant types off the menu
+    arch: mm.ArchInfo
+    adapter_bytes: int      # the F32 LoRA GGUF of the run's rank and targets that the budget leaves room for
+
+
+def plan_budget(profile: Profile, layout, rank: int, targets) -> BudgetPlan:
+    """The model budget of a run (its ``layout``, LoRA ``rank`` and ``targets`` kinds) on ``profile``'s device;
+    room beyond the largest configuration of the profile's menu is left unused."""
+    arch = mm.ArchInfo.from_layout(layout)
+    adapter = mm.adapter_bytes_estimate(layout, int(rank), targets)
+    budget = profile.model_budget_bytes(layout, arch, adapter)
+    slayout = layout
+    if profile.avoid:
+        menu = tuple(m for m in layout.menu_names if m not in profile.avoid)
+        if not menu:
+            raise CoaloraError(f"profile {profile.name} avoids every quant type of the run's menu "
+                               f"({', '.join(layout.menu_names)})")
+        slayout = layout.with_menu(menu)
+    largest = {n: max(slayout.menu(n), key=lambda q: slayout[n].bytes(q)) for n in slayout.names()}
+    budget = min(budget, slayout.file_bytes(Configuration(largest)))
+    return BudgetPlan(int(budget), slayout, arch, adapter)
+
+
+def plan_run_budget(profile: Profile, run_meta: dict, layout) -> BudgetPlan:
+    """:func:`plan_budget` from a run's run.json (its rank and targets as trained)."""
+    o = run_meta.get("options") or {}
+    if "rank" not in o:
+        raise CoaloraError("the run records no LoRA rank (an incomplete run.json); cannot size its adapter for a "
+                           "profile's budget: use --budget-bytes or --bpw")
+    return plan_budget(profile, layout, o["rank"], o.get("targets") or None)
 
 
 # Profile names become folder names (DIST/NAME): a plain name, never a path.
