@@ -47,8 +47,14 @@ def vec_dot_kind(weight_type: str) -> str | None:
 
 def _div(num: float, t: torch.Tensor) -> torch.Tensor:
     """``num / t`` rounded once, as C's float division. Torch's ``num / t`` is ``t.reciprocal() * num``,
-    rounded twice: one ulp off in about a quarter of cases, enough to move ``x * id`` across a .5 tie."""
-    return torch.div(torch.full_like(t, num), t)
+    rounded twice: one ulp off in about a quarter of cases, enough to move ``x * id`` across a .5 tie.
+    Computed in double and rounded to float: exactly the float quotient (53 >= 2 * 24 + 2 bits)."""
+    return (num / t.to(torch.float64)).to(t.dtype)
+
+
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """``sqrtf``, correctly rounded (torch's float32 sqrt is not always: SLEEF), through double as :func:`_div`."""
+    return torch.sqrt(t.to(torch.float64)).to(t.dtype)
 
 
 def _q8_0_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,13 +196,34 @@ class GGMLGeluTanh(torch.nn.Module):
         return exact + (y - exact).detach()
 
 
+class GGMLRMSNorm(torch.nn.Module):
+    """RMS norm as ggml's CPU backend computes it: the squares (float) summed in double, their mean rounded to
+    float, ``scale = 1.0f / sqrtf(mean + eps)``, then ``x * scale * w``. Torch's float32 mean differs in the
+    last bit now and then, which moves the Q8_0 roundings that follow across ties (SmolLM2's first block
+    reads normed Q8_0 embeddings, full of exact ties)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        mean = ((x * x).to(torch.float64).sum(-1, keepdim=True) / x.shape[-1]).to(torch.float32)
+        scale = _div(1.0, _sqrt(mean + self.eps))
+        return (x * scale * self.weight.to(torch.float32)).to(dtype)
+
+
 def emulate_ggml_ops(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap, in place, the activations whose ggml CPU kernel rounds differently from torch (tanh GELU:
-    Gemma's MLP) for their ggml emulation; returns ``model``."""
+    """Swap, in place, the modules whose ggml CPU kernel rounds differently from torch for their ggml emulation:
+    tanh GELU (Gemma's MLP) and the ``x * rsqrt(mean(x^2) + eps) * w`` RMS norms (Llama, Qwen, Phi-3; Gemma's
+    ``1 + w`` form is left as transformers computes it); returns ``model``."""
     from transformers.activations import GELUTanh
 
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, GELUTanh) or (isinstance(child, torch.nn.GELU) and child.approximate == "tanh"):
                 setattr(module, name, GGMLGeluTanh())
+            elif type(child).__name__.endswith("RMSNorm") and hasattr(child, "variance_epsilon"):
+                setattr(module, name, GGMLRMSNorm(child.weight, float(child.variance_epsilon)))
     return model
