@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from converters.quant_types import CATALOGUE_NAMES, get
 from converters.configuration import Configuration, ModelLayout
-from toolkit.ggml_activations import emulate_ggml_ops, quantize_activations, vec_dot_kind
+from toolkit.ggml_activations import block_mins, emulate_ggml_ops, ggml_linear, vec_dot_kind
 
 MODES = ("coa", "shared", "single")
 
@@ -36,12 +36,14 @@ class GGMLLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.act_kind: str | None = None
         self.qtype: str | None = None
+        self.mins: torch.Tensor | None = None  # block minima of a Q4_1 / Q5_1 weight
 
     def set_weight(self, weight: torch.Tensor, qtype: str) -> None:
         self.weight, self.act_kind, self.qtype = weight, vec_dot_kind(qtype), qtype
+        self.mins = block_mins(weight) if self.act_kind == "Q8_1" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(quantize_activations(x, self.act_kind), self.weight, self.bias)
+        return ggml_linear(x, self.weight, self.act_kind, self.bias, self.mins)
 
 
 class QuantLoRALinear(GGMLLinear):
