@@ -36,7 +36,7 @@ def test_dequantization_equals_ggml_to_float(name):
 def test_row_rule_and_fallbacks():
     assert [q.name for q in menu(576) if q.block_size == 256] == []
     assert resolve("Q4_K", 576)[0].name == "Q5_0" and resolve("Q6_K", 576)[0].name == "Q8_0"
-    assert resolve("Q2_K", 576)[0].name == "IQ4_NL" and resolve("Q4_0", 100)[0].name == "F16"
+    assert resolve("Q2_K", 576)[0].name == "Q4_0" and resolve("Q4_0", 100)[0].name == "F16"  # as llama-quant.cpp
     assert resolve("Q4_K", 1536) == (get("Q4_K"), None)
 
 
