@@ -86,7 +86,7 @@ class Imatrix:
             w = gguf.GGUFWriter(tmp, arch="")  # the architecture key is dropped below: imatrix files have none
             w.kv_data[0].pop("general.architecture", None)
             w.add_string(KEY_TYPE, "imatrix")
-            w.add_array(KEY_DATASETS, list(self.datasets))
+            w.add_array(KEY_DATASETS, [str(d) for d in self.datasets] or [""])  # gguf-py writes no empty array
             w.add_uint32(KEY_CHUNK_COUNT, int(self.chunk_count))
             w.add_uint32(KEY_CHUNK_SIZE, int(self.chunk_size))
             for name in self.names():
@@ -159,7 +159,7 @@ def _load_gguf(path: Path) -> Imatrix:
         if len(counts[name]) != len(sums[name]):
             raise CoaloraError(f"imatrix {path}: {name} has {len(counts[name])} counts for {len(sums[name])} matrices")
     ds = value(KEY_DATASETS) or []
-    return Imatrix(sums, counts, [str(d) for d in (ds if isinstance(ds, list) else [ds])],
+    return Imatrix(sums, counts, [str(d) for d in (ds if isinstance(ds, list) else [ds]) if d],
                    int(value(KEY_CHUNK_COUNT, 0)), int(value(KEY_CHUNK_SIZE, 0)))
 
 
@@ -182,7 +182,7 @@ def _load_dat(path: Path) -> Imatrix:
     data = path.read_bytes()
     cur = _Cursor(data, path)
     n = cur.i32("the entry count")
-    if n < 1 or n > len(data) // 16:
+    if not 0 < n <= 1 << 20:  # no model has a million weight matrices
         raise CoaloraError(f"imatrix {path} is neither a GGUF nor a legacy .dat imatrix (entry count {n})")
     sums, counts = {}, {}
     for i in range(n):

@@ -2,7 +2,7 @@
 
 ggml converts the activations to the weight type's ``vec_dot_type`` before the dot products:
 Q8_0 blocks of 32 for the 32-block quants (Q8_1 for Q4_1/Q5_1, the same values), Q8_K blocks of 256
-for the K-quants and IQ4_XS, F16 for F16 weights. Emulating that rounding in torch makes the
+for the K-quants and the IQ types but IQ4_NL, F16 for F16 weights. Emulating that rounding in torch makes the
 perplexity torch predicts the one llama.cpp measures. Gradients pass straight through.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 from torch.nn import functional as F
 
 _Q8_0 = {"Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "IQ4_NL"}
-_Q8_K = {"Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS"}
+_Q8_K = {"Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS",
+         "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"}
 
 
 def vec_dot_kind(weight_type: str) -> str | None:

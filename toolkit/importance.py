@@ -53,10 +53,10 @@ def data_windows(loaded, paths, seq_len: int, chunks: int | None = None,
         return text_chunks(loaded, tokenize_files(loaded.tokenizer, paths), seq_len, chunks), None
     w = build_windows(loaded.tokenizer, loaded.gguf.chat_template(), paths, seq_len, data_format)
     ids = w.ids[:chunks] if chunks else w.ids
-    return ids, _unpadded(ids, loaded.tokenizer)
+    return ids, unpadded(ids, loaded.tokenizer)
 
 
-def _unpadded(ids: np.ndarray, tokenizer) -> np.ndarray:
+def unpadded(ids: np.ndarray, tokenizer) -> np.ndarray:
     """True up to the last token that is not padding (records are padded at the end)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     real = ids != pad

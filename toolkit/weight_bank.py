@@ -4,7 +4,9 @@ The bytes come from llama.cpp's ggml quantizer and are the very bytes the GGUF w
 torch trains against their dequantization. Bytes are cached on disk (``cache_dir``), dequantized
 float32 tensors in memory (RAM, or the GPU after ``to()``) under a byte limit (least recently used first out).
 Full-precision originals are read from the memory-mapped source GGUF when needed, one tensor kept at a time,
-so no whole float32 copy of the model is held besides torch's own.
+so no whole float32 copy of the model is held besides torch's own. With an importance matrix, ggml gets its
+weights for every type that takes them (as llama-quantize --imatrix), and those bytes are cached apart, under
+the imatrix file's hash.
 """
 from __future__ import annotations
 
@@ -16,14 +18,18 @@ import torch
 
 from converters import ggml_quant
 from converters.quant_types import QuantType, get
+from converters.errors import CoaloraError
 from converters.fileio import atomic_path
 
 UNQUANTIZED = ("F32",)
 
 
 class WeightBank:
-    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30):
+    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30, imatrix=None):
         self.loaded = loaded
+        if imatrix is not None and not imatrix.sha256:
+            raise ValueError("the weight bank caches by the imatrix file's sha256: save or load the imatrix first")
+        self.imatrix = imatrix  # converters.imatrix.Imatrix or None
         self.device = torch.device("cpu")  # where the dequantized weights are kept; see to()
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.ram_limit = ram_limit_bytes
@@ -45,12 +51,25 @@ class WeightBank:
             self._last = (name, self.loaded.gguf_weight(name))
         return self._last[1]
 
+    def importance(self, name: str, qtype: str | QuantType) -> np.ndarray | None:
+        """The importance weights ggml gets for ``name`` in ``qtype`` (None: quantized without)."""
+        q = get(qtype)
+        if self.imatrix is None or not q.takes_imatrix:
+            return None
+        return self.imatrix.weights(name)
+
     def quantized_bytes(self, name: str, qtype: str | QuantType) -> np.ndarray:
         q = get(qtype)
-        path = self.cache_dir / f"{name}.{q.name}.bin" if self.cache_dir else None
+        imp = self.importance(name, q)
+        folder = self.cache_dir / f"imatrix-{self.imatrix.sha256[:16]}" if imp is not None and self.cache_dir else \
+            self.cache_dir
+        path = folder / f"{name}.{q.name}.bin" if folder else None
         if path is not None and path.exists():
             return np.fromfile(path, dtype=np.uint8)
-        data = ggml_quant.quantize(self.original(name), q)
+        try:
+            data = ggml_quant.quantize(self.original(name), q, imp)
+        except ggml_quant.GGMLError as e:
+            raise CoaloraError(f"{name}: {e}") from None
         if path is not None:
             with atomic_path(path) as tmp:
                 data.tofile(tmp)
