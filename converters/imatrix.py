@@ -229,10 +229,12 @@ def model_shapes(src) -> dict[str, tuple[int, ...]]:
     return {n: src.shape(n) for n in src.names() if len(src.shape(n)) >= 2}
 
 
-def check_configuration(cfg, imatrix: Imatrix | None) -> None:
-    """Types that need an importance matrix only on tensors the matrix has an entry for."""
+def check_configuration(cfg, entries) -> None:
+    """Types that need an importance matrix only on tensors it has an entry for (``entries``: an
+    :class:`Imatrix`, the names it has or will have, or None for no imatrix)."""
+    names = entries.sums if isinstance(entries, Imatrix) else entries
     for name, q in cfg.types.items():
-        if q.needs_imatrix and (imatrix is None or name not in imatrix.sums):
+        if q.needs_imatrix and (names is None or name not in names):
             raise CoaloraError(f"{name}: {q.name} needs an importance matrix"
                                + (" (make one with `coalora imatrix MODEL --data TEXT -o imatrix.gguf`, pass it "
-                                  "with --imatrix)" if imatrix is None else f", and the imatrix has no entry for it"))
+                                  "with --imatrix)" if names is None else f", and the imatrix has no entry for it"))

@@ -228,48 +228,53 @@ def test_bad_imatrix_files_are_one_line_errors(tiny, tiny_f32, tiny_imatrix, tmp
     assert ".gguf" in err
 
 
-@pytest.fixture(scope="module")
-def im_run(tiny_model_dir, tmp_path_factory):
-    text = tmp_path_factory.mktemp("im-run") / "train.txt"
+def _iq_mix(layout, im) -> Configuration:
+    """Every IQ1-IQ3 type on the matrices the imatrix has entries for, Q8_0 on the others."""
+    return Configuration({n: (IMATRIX_NAMES[i % len(IMATRIX_NAMES)] if n in im.sums else "Q8_0")
+                          for i, n in enumerate(layout.names())})
+
+
+def test_training_computes_and_uses_an_imatrix(tiny, tiny_model_dir, tiny_imatrix, tmp_path):
+    """A fine-tune (one configuration: every IQ1-IQ3 type) computes its imatrix from the training windows; the
+    bank's bytes are ggml's with it, and torch predicts llama.cpp's perplexity of the file and adapter."""
+    text = tmp_path / "train.txt"
     text.write_text(tiny_corpus(6000, seed=1))
-    return train(tmp_path_factory.mktemp("runs") / "im", tiny_model_dir, [text], TrainOptions(**FAST),
-                 progress=False, log=lambda s: None)
-
-
-def test_training_computes_and_uses_an_imatrix(im_run, tmp_path):
-    run = Run.open(im_run.path)
+    cfg = _iq_mix(tiny.layout(), tiny_imatrix[1])
+    opts = TrainOptions(**{**FAST, "mode": "single", "steps": 4, "rounds": 1})
+    run = train(tmp_path / "run", tiny_model_dir, [text], opts, fixed_config=cfg, progress=False, log=lambda s: None)
+    run = Run.open(run.path)
     im = run.imatrix()
     assert im is not None and im.sha256 == run.meta["imatrix_sha256"] == imx.load(run.imatrix_path).sha256
+    assert im.chunk_size == FAST["seq_len"] and im.names() == tiny_imatrix[1].names()
     assert set(IMATRIX_NAMES) <= set(run.layout.menu_names)
+    assert {q.name for q in run.layout.menu("blk.1.ffn_down.weight")} >= set(IMATRIX_NAMES)
     name = "blk.1.ffn_down.weight"
-    assert np.array_equal(run.quantized_bytes(name, "IQ2_XS"),
-                          ggml_quant.quantize(run.bank().original(name), "IQ2_XS", im.weights(name)))
-    assert np.array_equal(run.quantized_bytes(name, "Q4_K"),
-                          ggml_quant.quantize(run.bank().original(name), "Q4_K", im.weights(name)))
-    # every new type, with the imatrix: torch predicts llama.cpp's perplexity
-    names = [n for n in run.layout.names() if n in im.sums]
-    cfg = Configuration({n: (IMATRIX_NAMES[i % len(IMATRIX_NAMES)] if n in im.sums else "Q8_0")
-                         for i, n in enumerate(run.layout.names())})
-    assert len({cfg.types[n].name for n in names}) == len(IMATRIX_NAMES)
+    for q in ("IQ2_XS", "Q4_K", "Q8_0"):
+        assert np.array_equal(run.quantized_bytes(name, q),
+                              ggml_quant.quantize(run.bank().original(name), q, im.weights(name))), q
     _, _, llama_nll, torch_nll, _ = _llama_vs_torch(run, cfg, tmp_path)
     p_llama, p_torch = evaluation.perplexity(llama_nll), evaluation.perplexity(torch_nll)
     assert abs(p_llama / p_torch - 1) <= 0.005, (p_llama, p_torch)
 
 
-def test_no_imatrix_and_imatrix_file_options(tiny_model_dir, tiny_imatrix, tmp_path, capsys):
+def test_no_imatrix_and_imatrix_file_options(tiny, tiny_model_dir, tiny_imatrix, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(tiny_corpus(6000, seed=1))
     small = ["--steps", "2", "--seq-len", "32", "--batch", "2", "--json"]
-    assert main(["train", str(tiny_model_dir), "--data", str(text), "-o", str(tmp_path / "plain"), "--no-imatrix",
-                 "--rounds", "1", *small]) == 0
+    assert main(["finetune", str(tiny_model_dir), "--config", "Q4_K", "--data", str(text), "-o",
+                 str(tmp_path / "plain"), "--no-imatrix", *small]) == 0
     plain = Run.open(tmp_path / "plain")
     assert plain.imatrix() is None and not plain.imatrix_path.exists()
     assert not any(q.needs_imatrix for n in plain.layout.names() for q in plain.layout.menu(n))
     path, im = tiny_imatrix
     assert main(["finetune", str(tiny_model_dir), "--config", "Q4_K", "--data", str(text), "-o",
                  str(tmp_path / "given"), "--imatrix", str(path), *small]) == 0
-    assert Run.open(tmp_path / "given").meta["imatrix_sha256"] == im.sha256
-    err = _error(capsys, ["train", str(tiny_model_dir), "--data", str(text), "-o", str(tmp_path / "bad"),
-                          "--no-imatrix", "--menu", "Q8_0,IQ2_XS", "--rounds", "1", *small])
-    assert "needs an importance matrix" in err
-    assert not (tmp_path / "bad" / "run.json").exists()
+    given = Run.open(tmp_path / "given")
+    assert given.meta["imatrix_sha256"] == im.sha256 and given.imatrix_path.read_bytes() == path.read_bytes()
+    for argv, message in [(["train", "--no-imatrix", "--menu", "Q8_0,IQ2_XS"], "needs an importance matrix"),
+                          (["finetune", "--no-imatrix", "--config", "IQ3_S"], "needs an importance matrix"),
+                          (["train", "--imatrix", str(tmp_path / "missing.gguf")], "not found")]:
+        err = _error(capsys, [argv[0], str(tiny_model_dir), "--data", str(text), "-o", str(tmp_path / "bad"),
+                              *argv[1:], *small])
+        assert message in err, err
+        assert not (tmp_path / "bad").exists()

@@ -25,7 +25,7 @@ def test_dequantization_equals_ggml_to_float(name):
     traits = lib.ggml_get_type_traits(int(q.ggml)).contents
     assert traits.blck_size == q.block_size and traits.type_size == q.type_size
     w = (np.random.default_rng(1).standard_normal((8, 512)) * 0.05).astype(np.float32)
-    data = ggml_quant.quantize(w, q)
+    data = ggml_quant.quantize(w, q, np.ones(512, np.float32) if q.needs_imatrix else None)
     assert data.nbytes == q.tensor_bytes(*w.shape) == 8 * ggml_quant.row_size(q, 512)
     theirs = np.empty(w.size, dtype=np.float32)
     ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)(

@@ -260,6 +260,11 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         layout = loaded.layout(include_embeddings=opts.include_embeddings).with_menu(opts.menu)
         opts = _with_targets(opts, layout)
         given = _given_imatrix(opts, loaded)
+        if fixed_config is not None:  # before any folder exists
+            from converters.imatrix import check_configuration
+            from toolkit.importance import collected_names
+
+            check_configuration(fixed_config, given or (collected_names(loaded) if opts.imatrix else None))
         run = Run(run_dir, loaded=loaded, meta={
             "status": "training", "model": str(model_path.resolve()), "model_sha256": model_fingerprint(model_path),
             "arch": loaded.arch, "options": _jsonable(asdict(opts)), "layout": layout.describe(),
@@ -275,10 +280,7 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
         run.device = device
         _set_imatrix(run, opts, given, progress, log)
         if fixed_config is not None:
-            from converters.imatrix import check_configuration
-
             layout.validate(fixed_config, strict_menu=False)
-            check_configuration(fixed_config, run.imatrix())
             trainset = [fixed_config]
         else:
             trainset = _initial_trainset(run, opts)
