@@ -240,7 +240,7 @@ def test_training_computes_and_uses_an_imatrix(tiny, tiny_model_dir, tiny_imatri
     text = tmp_path / "train.txt"
     text.write_text(tiny_corpus(6000, seed=1))
     cfg = _iq_mix(tiny.layout(), tiny_imatrix[1])
-    opts = TrainOptions(**{**FAST, "mode": "single", "steps": 4, "rounds": 1})
+    opts = TrainOptions(**{**FAST, "mode": "single", "steps": 4, "rounds": 1, "imatrix": "train"})
     run = train(tmp_path / "run", tiny_model_dir, [text], opts, fixed_config=cfg, progress=False, log=lambda s: None)
     run = Run.open(run.path)
     im = run.imatrix()
