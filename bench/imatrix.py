@@ -11,7 +11,8 @@ Protocol:
 - Perplexity by llama.cpp on the first --windows windows of 512 tokens of Pride and Prejudice (held out), without
   adapter and, with --adapter RUN (a trained full-precision LoRA run, e.g. bench/quality.py's runs/fp), with
   that run's F32 adapter.
-Writes bench/results/imatrix.{md,json}.
+Writes bench/results/imatrix.{md,json}; `--ternary-errors` only the weight errors of TQ1_0 / TQ2_0 against the
+low-bit types (bench/results/imatrix_ternary.{md,json}).
 """
 from __future__ import annotations
 
@@ -28,7 +29,38 @@ TYPES = ("Q4_0", "IQ4_NL", "Q3_K", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS"
 TERNARY = {"TQ1_0": 36, "TQ2_0": 37}  # llama_ftype
 
 
+def ternary_errors() -> None:
+    """Relative RMS weight error of TQ1_0 / TQ2_0 against the catalogue's low-bit types on SmolLM2's ffn_down
+    matrices (the only ones their 256-blocks fit): bench/results/imatrix_ternary.{md,json}."""
+    import numpy as np
+
+    from converters import ggml_quant
+    from converters.gguf_source import open_source
+    from converters.quant_types import _make
+    from toolkit import assets
+
+    src = open_source(assets.smollm2_path())
+    rows = []
+    for name in ("blk.5.ffn_down.weight", "blk.20.ffn_down.weight"):
+        w = src.weight(name)
+        for q in ("Q4_0", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_S", "TQ2_0", "TQ1_0"):
+            qt = _make(q)
+            ones = np.ones(w.shape[1], np.float32) if qt.needs_imatrix else None  # uniform importance
+            deq = ggml_quant.to_float(ggml_quant.quantize(w, qt, ones), int(qt.ggml), w.shape)
+            rows.append({"tensor": name, "type": q, "bpw": round(qt.bits_per_weight, 3),
+                         "rel_rms_error": round(float(np.sqrt(((w - deq) ** 2).mean() / (w ** 2).mean())), 4)})
+    note = ("Relative RMS error ||W - deq(q(W))|| / ||W|| of ggml's quantizers on two SmolLM2 ffn_down matrices "
+            "(the IQ types with uniform importance). TQ1_0 / TQ2_0 keep a ternary {-1, 0, 1} x scale per 256 "
+            "weights: meant for models trained ternary, not for SmolLM2.")
+    write_results("imatrix_ternary", {"provenance": provenance(), "machine_shared": True, "protocol": note,
+                                      "rows": rows},
+                  f"{note}\n\n" + markdown_table(rows, [("tensor", "tensor"), ("type", "type"), ("bpw", "bpw"),
+                                                          ("rel_rms_error", "relative RMS error")]))
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--ternary-errors"]:
+        return ternary_errors()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=32, help="imatrix chunks of 512 tokens of the training novels")

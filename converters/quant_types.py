@@ -15,7 +15,8 @@ CATALOGUE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0",
 # The low-bit i-quants, offered only with an importance matrix (llama.cpp refuses most of them without one
 # and makes garbage of the rest), most bits first. TQ1_0 / TQ2_0 are left out: they store ternary weights
 # ({-1, 0, 1} times one scale per 256), meant for models trained ternary; on SmolLM2 they are far worse than
-# every type here (bench/results/imatrix.md).
+# every type here (relative RMS weight error 0.81 against 0.35 for IQ2_XXS at the same 2.06 bpw on SmolLM2:
+# bench/results/imatrix_ternary.md).
 IMATRIX_NAMES = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 # Types whose ggml quantizer ignores importance weights (the others take them).
 _NO_IMPORTANCE = ("F32", "F16", "BF16", "Q8_0")

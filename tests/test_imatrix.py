@@ -278,3 +278,28 @@ def test_no_imatrix_and_imatrix_file_options(tiny, tiny_model_dir, tiny_imatrix,
                               *argv[1:], *small])
         assert message in err, err
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.integration
+def test_smollm2_iq_types_torch_matches_llama_cpp(smollm2_run, tmp_path):
+    """The shared SmolLM2 run quantizes with the imatrix computed from its training text; a file with the IQ1-IQ3
+    types on ffn_down (the only matrices their 256-blocks fit) and its adapter: torch predicts llama.cpp."""
+    from test_integration_training import _pair
+    from toolkit import assets, llama_runtime
+
+    run = smollm2_run
+    im = run.imatrix()
+    assert im is not None and "token_embd.weight" not in im.sums
+    downs = [n for n in run.layout.names() if run.layout[n].kind == "ffn_down"]
+    assert all({q.name for q in run.layout.menu(n)} >= set(IMATRIX_NAMES) for n in downs)
+    types = {n: "Q4_0" for n in run.layout.names()}
+    types.update({n: IMATRIX_NAMES[i % len(IMATRIX_NAMES)] for i, n in enumerate(downs)})
+    cfg = Configuration(types)
+    model, adapter = _pair(run, cfg, tmp_path)
+    llm = llama_runtime.open_model(model, n_ctx=512)
+    windows = evaluation.eval_windows(llm, assets.novel_path(assets.EVAL_NOVEL).read_text(), n_windows=4, n_ctx=512)
+    llama_runtime.set_adapter(llm, llama_runtime.load_adapter(llm, adapter, model))
+    p_llama = evaluation.perplexity(llama_runtime.llama_window_nll(llm, windows))
+    llm.close()
+    p_torch = evaluation.perplexity(evaluation.torch_window_nll(run.torch_logits_fn(cfg), windows))
+    assert abs(p_llama / p_torch - 1) <= 0.005, (p_llama, p_torch)
