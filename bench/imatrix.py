@@ -101,7 +101,23 @@ def main() -> None:
                      "bpw": round(info["bits_per_weight_quantized"], 3),
                      "types": ", ".join(f"{k} x{v}" for k, v in info["types"].items() if k != "F32"),
                      "ppl": round(ppl[0], 3), "ppl_adapter": round(ppl[1], 3) if len(ppl) > 1 else None})
-        print(rows[-1], flush=True)
+        save()  # after every row: a partial table survives an interrupted run
+
+    def save():
+        cols = [("type", "type"), ("imatrix", "imatrix"), ("file_bytes", "file bytes"), ("bpw", "bpw"),
+                ("types", "tensor types"), ("ppl", "perplexity, no adapter")]
+        if args.adapter:
+            cols.append(("ppl_adapter", "perplexity + full-precision LoRA"))
+        base = {r["type"]: r for r in rows if r["imatrix"] == "no"}
+        better = [q for q in base if any(r["type"] == q and r["imatrix"] == "yes" and r["ppl"] < base[q]["ppl"]
+                                         for r in rows)]
+        note = (f"SmolLM2-135M-Instruct; imatrix from {args.chunks} x 512 tokens of the five training novels "
+                f"(`coalora imatrix`); perplexity by llama.cpp on {args.windows} x 512 tokens of Pride and Prejudice. "
+                f"The machine was shared with other jobs (no timings here). With the imatrix, perplexity is lower "
+                f"for: {', '.join(better) or 'none'}.")
+        write_results("imatrix", {"provenance": provenance(), "machine_shared": True, "protocol": note,
+                                  "windows": args.windows, "chunks": args.chunks, "rows": rows},
+                      f"{note}\n\n{markdown_table(rows, cols)}\n")
 
     for qname in args.types.split(","):
         for with_im in (False, True):
@@ -119,20 +135,6 @@ def main() -> None:
             if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(p)) != 0:
                 sys.exit(f"llama_model_quantize {qname} failed")
         measure(qname, False, out)
-
-    cols = [("type", "type"), ("imatrix", "imatrix"), ("file_bytes", "file bytes"), ("bpw", "bpw"),
-            ("types", "tensor types"), ("ppl", "perplexity, no adapter")]
-    if args.adapter:
-        cols.append(("ppl_adapter", "perplexity + full-precision LoRA"))
-    base = {r["type"]: r for r in rows if r["imatrix"] == "no"}
-    better = [q for q in base if any(r["type"] == q and r["imatrix"] == "yes" and r["ppl"] < base[q]["ppl"] for r in rows)]
-    note = (f"SmolLM2-135M-Instruct; imatrix from {args.chunks} x 512 tokens of the five training novels "
-            f"(`coalora imatrix`); perplexity by llama.cpp on {args.windows} x 512 tokens of Pride and Prejudice. "
-            f"The machine was shared with other jobs (no timings here). With the imatrix, perplexity is lower "
-            f"for: {', '.join(better) or 'none'}.")
-    md = f"{note}\n\n{markdown_table(rows, cols)}\n"
-    write_results("imatrix", {"provenance": provenance(), "machine_shared": True, "protocol": note,
-                              "windows": args.windows, "chunks": args.chunks, "rows": rows}, md)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 # Offered types, from most to fewest bits per weight.
 CATALOGUE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1",
                    "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
-# The low-bit i-quants, offered only with an importance matrix (llama.cpp refuses most of them without one
-# and makes garbage of the rest), most bits first. TQ1_0 / TQ2_0 are left out: they store ternary weights
+# The low-bit i-quants, offered only with an importance matrix (llama.cpp refuses all but IQ3_S without one,
+# and they are meant for it), most bits first. TQ1_0 / TQ2_0 are left out: they store ternary weights
 # ({-1, 0, 1} times one scale per 256), meant for models trained ternary; on SmolLM2 they are far worse than
 # every type here (relative RMS weight error 0.81 against 0.35 for IQ2_XXS at the same 2.06 bpw on SmolLM2:
 # bench/results/imatrix_ternary.md).
