@@ -56,6 +56,7 @@ class ModelLayout:
     n_blocks: int
     menu_names: tuple[str, ...] = DEFAULT_MENU
     hparams: dict = field(default_factory=dict)  # n_embd, n_head, n_head_kv, n_embd_k, n_embd_v, n_ff, n_vocab
+    imatrix_tensors: tuple = ()  # tensors with importance data: only they may take the types that need it
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -68,17 +69,24 @@ class ModelLayout:
         return [t.name for t in self.tensors]
 
     def menu(self, name: str) -> list[QuantType]:
-        return menu(self._index[name].n_per_row, self.menu_names)
+        m = menu(self._index[name].n_per_row, self.menu_names)
+        return m if name in self.imatrix_tensors else [q for q in m if not q.needs_imatrix]
 
     def n_weights(self) -> int:
         return sum(t.n_weights for t in self.tensors)
 
     def with_menu(self, menu_names) -> "ModelLayout":
         """The same tensors with another type menu (every tensor must keep a type to choose)."""
-        layout = ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, tuple(menu_names), dict(self.hparams))
+        layout = ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, tuple(menu_names), dict(self.hparams),
+                             self.imatrix_tensors)
         if not layout.menu_names or any(not layout.menu(t.name) for t in self.tensors):
             raise CoaloraError(f"no quant type of the menu ({', '.join(layout.menu_names) or 'empty'}) fits every tensor")
         return layout
+
+    def with_imatrix(self, names) -> "ModelLayout":
+        """The same layout where ``names`` have importance data (and so may take the types that need it)."""
+        return ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, self.menu_names, dict(self.hparams),
+                           tuple(n for n in self.names() if n in set(names)))
 
     def projection_kinds(self) -> tuple[str, ...]:
         """The kinds of the block tensors (attn_q ... ffn_down for llama; attn_qkv, ffn_up ... for phi3)."""
@@ -118,12 +126,13 @@ class ModelLayout:
     def describe(self) -> dict:
         return {"n_blocks": self.n_blocks, "fixed_bytes": self.fixed_bytes,
                 "tensors": [[t.name, t.n_rows, t.n_per_row, t.kind, t.block] for t in self.tensors],
-                "menu": list(self.menu_names), "hparams": dict(self.hparams)}
+                "menu": list(self.menu_names), "hparams": dict(self.hparams),
+                **({"imatrix_tensors": list(self.imatrix_tensors)} if self.imatrix_tensors else {})}
 
     @classmethod
     def from_description(cls, d: dict) -> "ModelLayout":
         return cls([TensorSpec(*row) for row in d["tensors"]], d["fixed_bytes"], d["n_blocks"], tuple(d["menu"]),
-                   dict(d.get("hparams") or {}))
+                   dict(d.get("hparams") or {}), tuple(d.get("imatrix_tensors") or ()))
 
 
 @dataclass

@@ -113,6 +113,8 @@ def row_size(qtype: str | QuantType, n_per_row: int) -> int:
 def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | None = None,
              threads: int = 1) -> np.ndarray:
     """Quantize a 2-D float32 array (rows x n_per_row) to ``qtype``; returns the raw ggml bytes (uint8).
+    ``imatrix``: importance weights of the columns (n_per_row float32, what llama-quantize passes from an
+    imatrix file: :meth:`converters.imatrix.Imatrix.weights`), given to ``ggml_quantize_chunk`` as they are.
     ``threads`` > 1 splits the rows into chunks quantized in parallel (ctypes releases the GIL), as
     llama-quantize splits a tensor over its threads: the bytes do not depend on the split."""
     q = get(qtype)
@@ -131,9 +133,12 @@ def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | N
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         if imatrix.shape != (n_per_row,):
             raise GGMLError(f"imatrix must have {n_per_row} entries, got {imatrix.shape}")
+        if not np.isfinite(imatrix).all():
+            raise GGMLError("importance weights contain NaN or Inf")
         imat_ptr = imatrix.ctypes.data
-    elif lib.ggml_quantize_requires_imatrix(int(q.ggml)):
-        raise GGMLError(f"{q.name} requires an importance matrix")
+    elif q.needs_imatrix or lib.ggml_quantize_requires_imatrix(int(q.ggml)):
+        raise GGMLError(f"{q.name} needs an importance matrix (make one with `coalora imatrix`, pass it with "
+                        f"--imatrix)")
     lib.ggml_quantize_init(int(q.ggml))
     out = np.empty(n_rows * row_size(q, n_per_row), dtype=np.uint8)
 
@@ -157,7 +162,8 @@ def dequantize(data: np.ndarray, qtype: str | QuantType, shape: tuple[int, ...])
     return gguf_quants.dequantize(raw, q.ggml).astype(np.float32, copy=False).reshape(shape)
 
 
-def roundtrip(weight: np.ndarray, qtype: str | QuantType) -> tuple[np.ndarray, np.ndarray]:
-    """(ggml bytes, their dequantized float32 values) for ``weight`` in ``qtype``."""
-    data = quantize(weight, qtype)
+def roundtrip(weight: np.ndarray, qtype: str | QuantType,
+              imatrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ggml bytes, their dequantized float32 values) for ``weight`` in ``qtype`` (with importance weights)."""
+    data = quantize(weight, qtype, imatrix)
     return data, dequantize(data, qtype, weight.shape)

@@ -28,7 +28,9 @@ from converters.quant_types import QuantType, get, resolve
 # Catalogue type -> llama_ftype written as general.file_type (the "_S" member for K-quant families,
 # whose default type is the K-quant itself).
 _FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
-          "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
+          "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32,
+          # i-quants: the llama_ftype whose default type it is (IQ2_S is IQ2_M's; IQ2_S's own is IQ2_XS)
+          "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XXS": 23, "IQ1_S": 24, "IQ3_S": 26, "IQ2_S": 29, "IQ1_M": 31}
 QNT_VERSION = 2  # GGML_QNT_VERSION
 # Keys the writer sets itself (the architecture by GGUFWriter, alignment by the layout's padding).
 _SET_HERE = ("general.architecture", "general.alignment", "general.file_type", "general.quantization_version")
@@ -124,8 +126,10 @@ def fixed_bytes(src: GGUFSource, include_embeddings: bool = True) -> int:
 
 
 def write_gguf(src: GGUFSource, path, cfg: Configuration, quantized: Quantized | None = None,
-               progress: bool = True, threads: int | None = None) -> dict:
-    """Write ``src`` to ``path`` with every layout tensor in its ``cfg`` type; returns a report."""
+               progress: bool = True, threads: int | None = None, imatrix=None) -> dict:
+    """Write ``src`` to ``path`` with every layout tensor in its ``cfg`` type; returns a report.
+    ``imatrix`` (a :class:`converters.imatrix.Imatrix`) gives ggml the importance weights of the tensors
+    it has entries for, as llama-quantize --imatrix does."""
     t0 = time.perf_counter()
     plan = _plan(src, cfg)
     path = Path(path)
@@ -145,7 +149,7 @@ def write_gguf(src: GGUFSource, path, cfg: Configuration, quantized: Quantized |
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
                 # the next tensor is prepared while this one is written
-                job = lambda item: _tensor_bytes(src, *item, quantized, threads)  # noqa: E731
+                job = lambda item: _tensor_bytes(src, *item, quantized, threads, imatrix)  # noqa: E731
                 pending = pool.submit(job, plan[0]) if plan else None
                 for i, (name, _, _) in enumerate(plan):
                     data = pending.result()
@@ -170,7 +174,7 @@ def write_gguf(src: GGUFSource, path, cfg: Configuration, quantized: Quantized |
 
 
 def _tensor_bytes(src: GGUFSource, name: str, q: QuantType | None, shape, quantized: Quantized | None,
-                  threads: int) -> np.ndarray:
+                  threads: int, imatrix=None) -> np.ndarray:
     expect = _nbytes(src, name, q, shape)
     if q is None:
         data = src.raw(name)
@@ -178,7 +182,8 @@ def _tensor_bytes(src: GGUFSource, name: str, q: QuantType | None, shape, quanti
         data = np.asarray(quantized(name, q), dtype=np.uint8).reshape(-1)
     else:
         try:
-            data = ggml_quant.quantize(src.weight(name), q, threads=threads)
+            weights = imatrix.weights(name) if imatrix is not None and q.takes_imatrix else None
+            data = ggml_quant.quantize(src.weight(name), q, weights, threads=threads)
         except ggml_quant.GGMLError as e:
             raise CoaloraError(f"{name}: {e}") from None
     if data.nbytes != expect:

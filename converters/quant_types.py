@@ -12,11 +12,20 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 # Offered types, from most to fewest bits per weight.
 CATALOGUE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1",
                    "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+# The low-bit i-quants, offered only with an importance matrix (llama.cpp refuses all but IQ3_S without one,
+# and they are meant for it), most bits first. TQ1_0 / TQ2_0 are left out: they store ternary weights
+# ({-1, 0, 1} times one scale per 256), meant for models trained ternary; on SmolLM2 they are far worse than
+# every type here (relative RMS weight error 0.81 against 0.35 for IQ2_XXS at the same 2.06 bpw on SmolLM2:
+# bench/results/imatrix_ternary.md).
+IMATRIX_NAMES = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+# Types whose ggml quantizer ignores importance weights (the others take them).
+_NO_IMPORTANCE = ("F32", "F16", "BF16", "Q8_0")
 
-# llama.cpp (src/llama-quant.cpp) replaces a type whose block does not divide the row length
+# llama.cpp (src/llama-quant.cpp of the llama.cpp in llama-cpp-python 0.3.36; tests/test_imatrix.py checks it)
+# replaces a type whose block does not divide the row length
 # by this one, and by F16 if that one's block does not divide it either.
-_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL",
-             "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL",
+             "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", **{n: "IQ4_NL" for n in IMATRIX_NAMES}}
 
 
 class UnknownQuantType(ValueError):
@@ -43,6 +52,16 @@ class QuantType:
     def fits_row(self, n_per_row: int) -> bool:
         return n_per_row % self.block_size == 0
 
+    @property
+    def needs_imatrix(self) -> bool:
+        """coalora quantizes this type only with an importance matrix."""
+        return self.name in IMATRIX_NAMES
+
+    @property
+    def takes_imatrix(self) -> bool:
+        """ggml's quantizer for this type uses importance weights when given them."""
+        return self.name not in _NO_IMPORTANCE
+
     def __str__(self) -> str:
         return self.name
 
@@ -53,7 +72,7 @@ def _make(name: str) -> QuantType:
     return QuantType(name, g, block, size)
 
 
-CATALOGUE: dict[str, QuantType] = {n: _make(n) for n in CATALOGUE_NAMES}
+CATALOGUE: dict[str, QuantType] = {n: _make(n) for n in CATALOGUE_NAMES + IMATRIX_NAMES}
 
 
 def get(name: str | QuantType) -> QuantType:
@@ -61,7 +80,7 @@ def get(name: str | QuantType) -> QuantType:
         return name
     key = str(name).upper()
     if key not in CATALOGUE:
-        raise UnknownQuantType(f"unknown quant type {name!r}; known: {', '.join(CATALOGUE_NAMES)}")
+        raise UnknownQuantType(f"unknown quant type {name!r}; known: {', '.join(CATALOGUE_NAMES + IMATRIX_NAMES)}")
     return CATALOGUE[key]
 
 

@@ -25,7 +25,7 @@ def test_dequantization_equals_ggml_to_float(name):
     traits = lib.ggml_get_type_traits(int(q.ggml)).contents
     assert traits.blck_size == q.block_size and traits.type_size == q.type_size
     w = (np.random.default_rng(1).standard_normal((8, 512)) * 0.05).astype(np.float32)
-    data = ggml_quant.quantize(w, q)
+    data = ggml_quant.quantize(w, q, np.ones(512, np.float32) if q.needs_imatrix else None)
     assert data.nbytes == q.tensor_bytes(*w.shape) == 8 * ggml_quant.row_size(q, 512)
     theirs = np.empty(w.size, dtype=np.float32)
     ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)(
@@ -36,7 +36,7 @@ def test_dequantization_equals_ggml_to_float(name):
 def test_row_rule_and_fallbacks():
     assert [q.name for q in menu(576) if q.block_size == 256] == []
     assert resolve("Q4_K", 576)[0].name == "Q5_0" and resolve("Q6_K", 576)[0].name == "Q8_0"
-    assert resolve("Q2_K", 576)[0].name == "IQ4_NL" and resolve("Q4_0", 100)[0].name == "F16"
+    assert resolve("Q2_K", 576)[0].name == "Q4_0" and resolve("Q4_0", 100)[0].name == "F16"  # as llama-quant.cpp
     assert resolve("Q4_K", 1536) == (get("Q4_K"), None)
 
 

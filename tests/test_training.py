@@ -15,7 +15,10 @@ from converters.configuration import Configuration
 from toolkit.run import Run
 from toolkit.training import TrainOptions, train
 
-FAST = dict(steps=8, seq_len=32, batch=2, lr=1e-2, cam_lr=1e-2, rounds=2, checkpoint_every=4, search_candidates=4)
+# imatrix "": these tests' runs quantize without an importance matrix (tests/test_imatrix.py trains with one; its
+# IQ types would widen every search and add minutes to the suite)
+FAST = dict(steps=8, seq_len=32, batch=2, lr=1e-2, cam_lr=1e-2, rounds=2, checkpoint_every=4, search_candidates=4,
+            imatrix="")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from converters.quant_types import UnknownQuantType
 from converters.errors import CoaloraError
 
 # Modules that register commands on the group, in help order.
-COMMAND_MODULES = ("toolkit.cmd_model", "toolkit.cmd_train", "toolkit.cmd_search", "toolkit.cmd_deploy",
+COMMAND_MODULES = ("toolkit.cmd_model", "toolkit.cmd_imatrix", "toolkit.cmd_train", "toolkit.cmd_search", "toolkit.cmd_deploy",
                    "toolkit.cmd_demo")
 
 

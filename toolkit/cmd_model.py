@@ -112,7 +112,10 @@ def register(cli: click.Group) -> None:
     @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
                   help="Override the type of tensors matching REGEX (as llama-quantize --tensor-type); repeatable.")
     @click.option("--recipe", type=click.Path(path_type=Path), help="Configuration JSON giving a type per tensor.")
-    def convert_cmd(model, out, qtype, tensor_types, recipe):
+    @click.option("--imatrix", "imatrix_path", type=click.Path(path_type=Path),
+                  help="Importance matrix (llama.cpp's GGUF or .dat, or `coalora imatrix`'s) for ggml's quantizers, "
+                       "as llama-quantize --imatrix; needed by the IQ1/IQ2/IQ3 types.")
+    def convert_cmd(model, out, qtype, tensor_types, recipe, imatrix_path):
         """Convert a Hugging Face folder, a GGUF file or 'smollm2' to a (mixed-)quantized llama.cpp GGUF.
 
         Example: coalora convert smollm2 -o smol.gguf --type Q8_0 --tensor-type 'ffn_up=Q4_0'
@@ -125,6 +128,8 @@ def register(cli: click.Group) -> None:
         overrides = _parse_overrides(tensor_types)
         if recipe is not None and not Path(recipe).is_file():
             raise CoaloraError(f"configuration file not found: {recipe}")
+        if imatrix_path is not None and not imatrix_path.is_file():
+            raise CoaloraError(f"imatrix file not found: {imatrix_path}")
         from toolkit.assets import resolve_model
         model = resolve_model(str(model))
         _check_writable(out)
@@ -140,8 +145,11 @@ def register(cli: click.Group) -> None:
             include_emb = "token_embd.weight" in Configuration.load(recipe).types
         layout = lm.layout(include_embeddings=include_emb)
         cfg, notes = build_configuration(layout, qtype, overrides, recipe)
+        from converters import imatrix as imx
+        im = imx.load_for(imatrix_path, imx.model_shapes(lm)) if imatrix_path is not None else None
+        imx.check_configuration(cfg, im)
         _print_fallbacks(con, notes)
-        report = write_gguf(lm, out, cfg, progress=True)
+        report = write_gguf(lm, out, cfg, progress=True, imatrix=im)
         hist = ", ".join(f"{k}: {v}" for k, v in cfg.histogram().items())
         con.print(f"wrote {out} ({_human(report['bytes'])}, {report['bits_per_weight']:.2f} bits per weight; {hist}) "
                   f"in {report['seconds']:.1f} s")

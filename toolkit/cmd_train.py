@@ -31,7 +31,11 @@ def _train_options(f):
                      "model's chat template, with the loss on the answers only."),
         click.option("--eval-data", multiple=True, help="Held-out records the search scores configurations on "
                      "(default: the last whole records of --data)."),
-        click.option("--seed", type=ranges.train("seed"), default=0, show_default=True),
+        click.option("--imatrix", "imatrix_file", default=None, type=click.Path(dir_okay=False),
+                     help="Importance matrix file for every quantization of the run (default: computed from the "
+                          "training data, as llama-imatrix would; it lets the search use the IQ1-IQ3 types)."),
+        click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix."),
+                click.option("--seed", type=ranges.train("seed"), default=0, show_default=True),
         click.option("--device", default="auto", show_default=True,
                      help="Where torch trains: auto (a CUDA GPU when torch sees one), cpu, cuda[:N]."),
         click.option("--checkpoint-every", type=ranges.train("checkpoint_every"), default=25, show_default=True, help="Steps between checkpoints."),
@@ -125,8 +129,14 @@ def _report(run, as_json: bool) -> None:
 
 
 def _run_training(model, data, out, mode, fixed, rank, alpha, steps, seq_len, batch, lr, targets, seed,
-                  checkpoint_every, resume, as_json, **extra):
+                  checkpoint_every, resume, as_json, imatrix_file=None, no_imatrix=False, **extra):
     from toolkit.training import TrainOptions, train
+
+    if imatrix_file and no_imatrix:
+        raise CoaloraError("--imatrix and --no-imatrix exclude each other")
+    if imatrix_file and not Path(imatrix_file).is_file():
+        raise CoaloraError(f"imatrix file not found: {imatrix_file}")
+    extra["imatrix"] = "" if no_imatrix else str(Path(imatrix_file).resolve()) if imatrix_file else "train"
 
     model_path = assets.resolve_model(model) if not resume else model  # resuming: checked against the run's
     texts = assets.resolve_texts(data) if not resume else []

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from converters.quant_types import CATALOGUE_NAMES, get
+from converters.quant_types import CATALOGUE_NAMES, IMATRIX_NAMES, get
 from converters.configuration import Configuration, ModelLayout
 from toolkit.ggml_activations import block_mins, emulate_ggml_ops, ggml_linear, vec_dot_kind
 
@@ -172,7 +172,9 @@ class CoALoRAModel(nn.Module):
         from converters.model_loading import EMBEDDING_DEFAULT_TYPE
         self.fixed_types = {n: get(EMBEDDING_DEFAULT_TYPE) for n in ("token_embd.weight", "output.weight")
                             if n not in layout.names() and (n != "output.weight" or self.head_source == n)}
-        self.cam = ConfigAwareModel(layout.n_blocks, rank, kinds) if mode == "coa" else None
+        # the IQ1-IQ3 types (menus with an imatrix) follow the catalogue, so older runs keep their embedding rows
+        types = CATALOGUE_NAMES + tuple(n for n in IMATRIX_NAMES if n in layout.menu_names)
+        self.cam = ConfigAwareModel(layout.n_blocks, rank, kinds, types) if mode == "coa" else None
         self.cfg: Configuration | None = None
         self._features = None
 

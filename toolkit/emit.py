@@ -182,6 +182,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
             "profile": profile.to_dict(),
             "run": str(Path(run.path).resolve()),
             "source_model": {"path": str(Path(run.meta["model"]).resolve()), "sha256": run.meta.get("model_sha256")},
+            "imatrix_sha256": run.meta.get("imatrix_sha256"),  # the importance matrix the model was quantized with
             "architecture": arch.__dict__,
             "configuration": cfg.to_json()["types"],
             "histogram": cfg.histogram(),

@@ -3,7 +3,7 @@
 ggml converts the activations (F32) to the weight type's ``vec_dot_type`` with that type's CPU
 ``from_float`` and multiplies those: Q8_0 blocks of 32 for the 32-block quants (Q8_1 for Q4_1/Q5_1: the
 same values, plus an fp16 ``s = d * sum(q)`` per block that the dot products use for the weight's
-minimum, see :func:`ggml_linear`), Q8_K blocks of 256 for the K-quants and IQ4_XS, F16 for F16 weights. Every CPU path of the
+minimum, see :func:`ggml_linear`), Q8_K blocks of 256 for the K-quants and the IQ types but IQ4_NL, F16 for F16 weights. Every CPU path of the
 llama-cpp-python 0.3.36 build (x86-64, AVX2/FMA/F16C, no AVX-512; llamafile and CPU_REPACK on) rounds
 them the same way, whatever the batch: the generic vec_dot path (one token, or rows the others leave),
 llamafile's tinyBLAS (F32/F16/BF16/Q8_0/Q4_0/Q5_0/IQ4_NL weights, 2+ tokens), the CPU_REPACK buffer's
@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 _Q8_0 = {"Q8_0", "Q5_0", "Q4_0", "IQ4_NL"}
 _Q8_1 = {"Q5_1", "Q4_1"}
-_Q8_K = {"Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS"}
+_Q8_K = {"Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS",
+         "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"}
 
 
 def vec_dot_kind(weight_type: str) -> str | None:

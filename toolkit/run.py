@@ -7,6 +7,7 @@ RUN/checkpoint.safetensors  LoRA + configuration-aware model + optimizer state (
 RUN/trainset.json  the training configuration set
 RUN/archive.json   configurations evaluated by the search (bits, loss)
 RUN/tokens.npy     the tokenized training text
+RUN/imatrix.gguf   the importance matrix every quantization of the run uses (llama.cpp's format), if any
 """
 from __future__ import annotations
 
@@ -160,11 +161,29 @@ class Run:
             raise CoaloraError(f"{model_path} is not the model run {self.path} was trained on "
                                f"({self.meta['model']})")
 
+    @property
+    def imatrix_path(self) -> Path:
+        return self.path / IMATRIX_FILE
+
+    @functools.cache
+    def imatrix(self):
+        """The run's importance matrix (checked against the sha256 it was trained with), or None."""
+        digest = self.meta.get("imatrix_sha256")
+        if not digest:
+            return None
+        from converters import imatrix as imx
+
+        im = imx.load(self.imatrix_path)
+        if im.sha256 != digest:
+            raise CoaloraError(f"run {self.path}: {IMATRIX_FILE} changed since the run was trained "
+                               f"(sha256 {im.sha256[:16]}, the run's {digest[:16]})")
+        return im
+
     @functools.cache
     def bank(self):
         from toolkit.weight_bank import WeightBank
 
-        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]))
+        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]), imatrix=self.imatrix())
 
     def quantized_bytes(self, name: str, qtype) -> np.ndarray:
         return self.bank().quantized_bytes(name, qtype)
@@ -269,6 +288,7 @@ class Run:
 
 
 LEGACY_CHECKPOINT = "checkpoint.pt"
+IMATRIX_FILE = "imatrix.gguf"
 
 
 def _check_layout(layout: ModelLayout, model_layout: ModelLayout, path) -> None:

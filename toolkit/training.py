@@ -65,6 +65,8 @@ class TrainOptions:
     weights_dtype: str = "auto"  # dequantized weights torch computes with: auto, float32, bfloat16, float16
     weights_limit_gib: float = 8.0  # auto: bfloat16 on a GPU when the float32 weights are larger than this
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    imatrix: str = "train"  # importance matrix: "train" (computed from the training data), "" (none), or a file
+    imatrix_chunks: int = 64  # with "train": at most this many training windows
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
         """The configuration of one step (of its ``part``-th share of the batch): with probability
@@ -143,10 +145,58 @@ def sensitivity_errors(run: Run, progress: bool = False) -> dict:
     from toolkit.run import quant_cache_dir
 
     shared = quant_cache_dir(run.meta["model_sha256"]) / "sensitivity.json"  # reused by later runs of the model
-    errors = sensitivity.error_table(run.layout, run.bank().original, cache=shared, progress=progress)
+    errors = sensitivity.error_table(run.layout, run.bank().original, cache=shared, progress=progress,
+                                     imatrix=run.imatrix())
     if not (run.path / "sensitivity.json").exists():  # the run folder keeps its own copy for search / emit
         write_json(run.path / "sensitivity.json", json.loads(shared.read_text()))
     return errors
+
+
+def _given_imatrix(opts: TrainOptions, loaded):
+    """The --imatrix file, checked against the model (before the run folder is made); None otherwise.
+    Types that need an importance matrix in the menu without one are refused here too."""
+    from converters import imatrix as imx
+    from converters.quant_types import get
+
+    if not opts.imatrix:
+        needy = [q for q in opts.menu if get(q).needs_imatrix]
+        if needy:
+            raise CoaloraError(f"--menu {needy[0]}: it needs an importance matrix; drop --no-imatrix")
+    if opts.imatrix in ("", "train"):
+        return None
+    return imx.load_for(opts.imatrix, imx.model_shapes(loaded.gguf))
+
+
+def _set_imatrix(run: Run, opts: TrainOptions, given, progress: bool, log) -> None:
+    """Compute (from the training windows) or copy the run's importance matrix into RUN/imatrix.gguf, record its
+    sha256, and let the layout's matrices that have one take the types that need it: with the default menu, the
+    IQ1-IQ3 types join the layout's menu (the options keep the menu asked for)."""
+    from converters.quant_types import IMATRIX_NAMES
+    from toolkit import importance
+
+    layout = run.layout
+    if not opts.imatrix:
+        return
+    loaded = run.loaded()
+    if opts.imatrix == "train":
+        stream = calibration_stream(run)
+        if isinstance(stream, RecordStream):
+            ids = stream.train_ids.numpy()[:opts.imatrix_chunks]
+            valid = importance.unpadded(ids, loaded.tokenizer)
+        else:
+            ids, valid = importance.text_chunks(loaded, stream.train.numpy(), opts.seq_len, opts.imatrix_chunks), None
+        log(f"importance matrix from {len(ids)} training windows of {ids.shape[1]} tokens")
+        im = importance.compute(loaded, ids, valid, device=run.device, batch=opts.batch,
+                                datasets=run.meta["data"], progress=progress)
+        im.save(run.imatrix_path)
+    else:
+        im = given
+        with atomic_path(run.imatrix_path) as tmp:
+            tmp.write_bytes(Path(opts.imatrix).read_bytes())
+    run.meta["imatrix_sha256"] = im.sha256
+    menu = layout.menu_names + IMATRIX_NAMES if tuple(layout.menu_names) == DEFAULT_MENU else layout.menu_names
+    run.meta["layout"] = layout.with_menu(menu).with_imatrix(im.sums).describe()
+    run.__dict__.pop("layout", None)  # the cached layout is the one without the imatrix
 
 
 def _initial_trainset(run: Run, opts: TrainOptions, progress: bool = False) -> list[Configuration]:
@@ -215,11 +265,14 @@ def train(run_dir, model_path, data_paths, opts: TrainOptions, *, resume: bool =
                                                         group.world, log))
     group.check_same(_launch_digest(run, opts, resume))
     run.meta["world_size"] = group.world
+    run.device = device
     if save_new is not None:
         group.agree(lambda: save_new(run, progress) if group.is_main else None)
+        if not group.is_main:  # rank 0 wrote run.json: the importance matrix's sha256 and the layout it opens
+            run.meta = Run.open(run_dir, require_trained=False).meta
+            run.__dict__.pop("layout", None)
 
     stream = calibration_stream(run)  # the run folder rank 0 wrote (several nodes: a shared filesystem)
-    run.device = device
     model, optim, start, rounds_done, elapsed, anchor = group.agree(
         lambda: _training_state(run, opts, resume, group.is_main))
     group.broadcast_tensors([v for k, v in model.state_dict(keep_vars=True).items()
@@ -371,6 +424,12 @@ def _open_run(run_dir: Path, model_path, data_paths, opts: TrainOptions, resume:
     loaded = load_model(model_path, log=log)
     layout = loaded.layout(include_embeddings=opts.include_embeddings).with_menu(opts.menu)
     opts = _with_targets(opts, layout)
+    given = _given_imatrix(opts, loaded)
+    if fixed_config is not None:  # before any folder exists
+        from converters.imatrix import check_configuration
+        from toolkit.importance import collected_names
+
+        check_configuration(fixed_config, given or (collected_names(loaded) if opts.imatrix else None))
     run = Run(run_dir, loaded=loaded, meta={
         "status": "training", "model": str(model_path.resolve()), "model_sha256": model_fingerprint(model_path),
         "arch": loaded.arch, "options": _jsonable(asdict(opts)), "layout": layout.describe(),
@@ -387,6 +446,7 @@ def _open_run(run_dir: Path, model_path, data_paths, opts: TrainOptions, resume:
     def save(run: Run, progress: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_data()
+        _set_imatrix(run, opts, given, progress, log)
         trainset = [fixed_config] if fixed_config is not None else _initial_trainset(run, opts, progress)
         write_json(run.trainset_path, [c.to_json() for c in trainset])
         run.save_meta()
@@ -513,7 +573,8 @@ def _set_delta_scales(run: Run, model, power: float) -> None:
         layer, row = model.layer(name), errors[name]
         ref = row.get("Q4_0")
         if ref is None and q4_0.fits_row(run.layout[name].n_per_row):  # not in the menu: measure it
-            ref = sensitivity.tensor_errors(run.bank().original(name), [q4_0])["Q4_0"]
+            ref = sensitivity.tensor_errors(run.bank().original(name), [q4_0],
+                                            quant_weights=run.bank().importance(name, q4_0))["Q4_0"]
         if not ref:
             continue  # Q4_0 does not fit this tensor: scale 1
         layer.set_delta_scales({q: (row[q] / ref) ** (power / 2) for q in layer.delta_A.keys()})

@@ -4,7 +4,9 @@ The bytes come from llama.cpp's ggml quantizer and are the very bytes the GGUF w
 torch trains against their dequantization. Bytes are cached on disk (``cache_dir``), dequantized
 float32 tensors in memory (RAM, or the GPU after ``to()``) under a byte limit (least recently used first out).
 Full-precision originals are read from the memory-mapped source GGUF when needed, one tensor kept at a time,
-so no whole float32 copy of the model is held besides torch's own.
+so no whole float32 copy of the model is held besides torch's own. With an importance matrix, ggml gets its
+weights for every type that takes them (as llama-quantize --imatrix), and those bytes are cached apart, under
+the imatrix file's hash.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from converters import ggml_quant
 from converters.quant_types import QuantType, get
+from converters.errors import CoaloraError
 from converters.fileio import atomic_path
 
 UNQUANTIZED = ("F32",)
@@ -25,8 +28,11 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}")
 
 
 class WeightBank:
-    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30):
+    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30, imatrix=None):
         self.loaded = loaded
+        if imatrix is not None and not imatrix.sha256:
+            raise ValueError("the weight bank caches by the imatrix file's sha256: save or load the imatrix first")
+        self.imatrix = imatrix  # converters.imatrix.Imatrix or None
         self.device = torch.device("cpu")  # where the dequantized weights are kept; see to()
         self.dtype = torch.float32  # what they are kept in (training may choose a 16-bit type for large models)
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -49,28 +55,41 @@ class WeightBank:
             self._last = (name, self.loaded.gguf_weight(name))
         return self._last[1]
 
+    def importance(self, name: str, qtype: str | QuantType) -> np.ndarray | None:
+        """The importance weights ggml gets for ``name`` in ``qtype`` (None: quantized without)."""
+        q = get(qtype)
+        if self.imatrix is None or not q.takes_imatrix:
+            return None
+        return self.imatrix.weights(name)
+
     def quantized_bytes(self, name: str, qtype: str | QuantType) -> np.ndarray:
         q = get(qtype)
-        path = self._cache_file(name, q)
+        imp = self.importance(name, q)
+        path = self._cache_file(name, q, imp is not None)
         if path is not None and path.is_file():
             data = np.fromfile(path, dtype=np.uint8)
             shape = self.loaded.gguf.shape(name)
             if data.size == q.tensor_bytes(int(np.prod(shape[:-1])), shape[-1]):
                 return data  # else a damaged cache file: quantized again below
-        data = ggml_quant.quantize(self.original(name), q)
+        try:
+            data = ggml_quant.quantize(self.original(name), q, imp)
+        except ggml_quant.GGMLError as e:
+            raise CoaloraError(f"{name}: {e}") from None
         if path is not None:
             with atomic_path(path) as tmp:
                 data.tofile(tmp)
         return data
 
-    def _cache_file(self, name: str, q: QuantType) -> Path | None:
-        """The cache file of a tensor in a type; a name that is not a plain file name (``/``, ``..``, a leading
-        dot, control characters) is hashed, so nothing is written outside the cache folder."""
+    def _cache_file(self, name: str, q: QuantType, with_imatrix: bool) -> Path | None:
+        """The cache file of a tensor in a type (in a folder of the imatrix's sha256 when quantized with one); a
+        name that is not a plain file name (``/``, ``..``, a leading dot, control characters) is hashed, so
+        nothing is written outside the cache folder."""
         if self.cache_dir is None:
             return None
         if not SAFE_NAME.fullmatch(name):
             name = "sha256-" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
-        return self.cache_dir / f"{name}.{q.name}.bin"
+        folder = self.cache_dir / f"imatrix-{self.imatrix.sha256[:16]}" if with_imatrix else self.cache_dir
+        return folder / f"{name}.{q.name}.bin"
 
     def weight(self, name: str, qtype: str | QuantType) -> torch.Tensor:
         """Float32 torch weight (HF row order, on the bank's device) that the GGUF tensor of this type
