@@ -14,7 +14,7 @@ then the adapter is checked against the model (gguf.GGUFReader), and only then l
 Verdicts: checksums hold, the pair fits the profile (memory model and measured), perplexity with the
 adapter within 0.5% of the manifest's prediction (torch emulates each of llama.cpp's CPU matmuls to float32
 rounding, see toolkit.ggml_activations; near-tie roundings still drift apart over the blocks: residuals up to
-0.32% measured, bench/results/exactness*.md).
+0.41% measured, bench/results/exactness*.md).
 """
 from __future__ import annotations
 
