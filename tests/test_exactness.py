@@ -77,15 +77,27 @@ def traced(tiny_model_dir, tmp_path_factory):
         for a, b in ((0, 64), (64, 69), (69, 70)):
             llm.eval(ids[a:b])
         llm.close()
+    reader = GGUFReader(str(path))
     weights = {t.name: dequantize(t.data, t.tensor_type).reshape(t.shape[::-1]).astype(np.float64)
-               for t in GGUFReader(str(path)).tensors if t.name in types}
-    return calls, weights, types
+               for t in reader.tensors if t.name in types}
+    norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
+    eps = float(reader.get_field("llama.attention.layer_norm_rms_epsilon").contents())
+    return calls, weights, types, ids, (np.array(norm.data, dtype=np.float32), eps)
+
+
+def test_rms_norm_is_ggml_bit_for_bit(traced):
+    """The first block's normed input (Q8_0 embedding rows) is llama.cpp's to the last bit."""
+    calls, weights, _, ids, (norm, eps) = traced
+    first = next(c for c in calls if c.weight == "blk.0.attn_q.weight")
+    rows = torch.from_numpy(weights["token_embd.weight"][ids[:first.tokens]].astype(np.float32))
+    got = ga.GGMLRMSNorm(torch.from_numpy(norm), eps)(rows).numpy()
+    assert np.array_equal(got, first.x)
 
 
 def test_every_kernel_path_is_emulated(traced):
     """llama.cpp's matmul output equals the emulated activations times the dequantized weight to float32
     rounding, on every path and batch; without the activation rounding it is measurably off."""
-    calls, weights, types = traced
+    calls, weights, types, *_ = traced
     assert {c.tokens for c in calls} == {64, 5, 1}
     assert {c.weight_type for c in calls} == set(types.values())
     seen = set()

@@ -10,12 +10,13 @@ llamafile's tinyBLAS (F32/F16/BF16/Q8_0/Q4_0/Q5_0/IQ4_NL weights, 2+ tokens), th
 interleaved kernels (Q4_0, Q4_K, IQ4_NL rows in groups of 8; their ``quantize_mat`` 4-row quantizers
 compute the same scales and roundings), the tiled K-quant kernels (8+ tokens), and the tied output head
 (token_embd, a plain weight in the matmul; get_rows dequantizes it exactly). ``tests/test_exactness.py``
-pins this per path through llama.cpp's eval callback. Two details matter: the AVX2 quantizers round half
-to even (``_mm256_round_ps``), and they divide once (``127.f / amax``), where torch's ``127 / t`` is
-``127 * t.reciprocal()``; the one-ulp difference moved activations across .5 ties, in Q8_0-heavy
-SmolLM2 files often enough to put torch's perplexity 0.4% off llama.cpp's.
-Emulating that rounding in torch makes the perplexity torch predicts the one llama.cpp measures.
-Gradients pass straight through.
+pins this per path through llama.cpp's eval callback. Details that matter: the AVX2 quantizers round half
+to even (``_mm256_round_ps``) and divide once (``127.f / amax``), where torch's ``127 / t`` is
+``127 * t.reciprocal()``: the one-ulp difference moved activations across .5 ties. Ties are common where the
+input is structured (SmolLM2's first block reads normed Q8_0 embeddings), so the RMS norm is emulated bit for
+bit too (:class:`GGMLRMSNorm`). Further in, summation-order differences of ~1e-7 still flip near-tie roundings
+now and then, so torch and llama.cpp drift apart slowly; the perplexities agree to noise (see
+bench/results/exactness.md). Gradients pass straight through the rounding.
 """
 from __future__ import annotations
 

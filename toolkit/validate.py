@@ -12,8 +12,9 @@ then the adapter is checked against the model (gguf.GGUFReader), and only then l
   re-read the files with gguf (this process has checked them): GGUFReader's pass over the model would
   add a transient of about the model's size to the peak.
 Verdicts: checksums hold, the pair fits the profile (memory model and measured), perplexity with the
-adapter within 0.5% of the manifest's prediction (torch emulates the rounding of llama.cpp's CPU matmuls
-exactly, see toolkit.ggml_activations; bench/results/exactness.md gives the residual per type and mix).
+adapter within 0.5% of the manifest's prediction (torch emulates each of llama.cpp's CPU matmuls to float32
+rounding, see toolkit.ggml_activations; near-tie roundings still drift apart over the blocks: residuals up to
+0.41% measured, bench/results/exactness*.md).
 """
 from __future__ import annotations
 
