@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, cli, markdown_table, provenance, write_results  # noqa: E402
+from bench.common import cli, markdown_table, provenance, write_results  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
 
 TYPES = ("Q4_0", "IQ4_NL", "Q3_K", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")

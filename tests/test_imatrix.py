@@ -3,7 +3,6 @@ ggml's and llama_model_quantize's, the IQ1-IQ3 types, training with one, bad fil
 from __future__ import annotations
 
 import ctypes
-import json
 
 import numpy as np
 import pytest
