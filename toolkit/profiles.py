@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from converters.configuration import Configuration
-from converters.quant_types import CATALOGUE_NAMES
+from converters.quant_types import CATALOGUE_NAMES, IMATRIX_NAMES
 from toolkit import limits
 from toolkit import memory_model as mm
 from toolkit.limits import Limit
@@ -167,7 +167,7 @@ def _parse(data: dict, source: str) -> Profile:
     mm.kv_bytes_per_element(p.kv_cache_type)
     if p.kv_cache_type not in ("f16", "f32", "bf16") and not p.flash_attn:
         raise CoaloraError(f"profile {source}: a {p.kv_cache_type} KV cache needs flash_attn = true in llama.cpp")
-    bad = [q for q in p.prefer + p.avoid if q not in CATALOGUE_NAMES]
+    bad = [q for q in p.prefer + p.avoid if q not in CATALOGUE_NAMES + IMATRIX_NAMES]
     if bad:
         raise CoaloraError(f"profile {source}: unknown quant type {bad[0][:40]!r}")
     if set(CATALOGUE_NAMES) <= set(p.avoid):

@@ -39,7 +39,7 @@ def quant_cache_dir(model_sha256: str) -> Path:
 
 def _problem(meta) -> str | None:
     """What is wrong with a run.json's content (None: usable), before any field is used."""
-    from converters.quant_types import CATALOGUE_NAMES
+    from converters.quant_types import CATALOGUE_NAMES, IMATRIX_NAMES
 
     def strs(v):
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
@@ -79,7 +79,7 @@ def _problem(meta) -> str | None:
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 50:
             return f"run.json: layout.{key} must be a non-negative integer"
     menu = lay.get("menu")
-    if not strs(menu) or not menu or any(q not in CATALOGUE_NAMES for q in menu):
+    if not strs(menu) or not menu or any(q not in CATALOGUE_NAMES + IMATRIX_NAMES for q in menu):
         return "run.json: layout.menu must list known quant types"
     hp = lay.get("hparams") or {}
     if not isinstance(hp, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
