@@ -162,6 +162,10 @@ def run_forked(case: Case, workdir: Path, out: Path, err: Path) -> tuple[int | N
             fd_out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             fd_err = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd_in, 0), os.dup2(fd_out, 1), os.dup2(fd_err, 2)
+            # Python's streams on those descriptors (under pytest, sys.stderr is a capture buffer)
+            sys.stdin = open(0, closefd=False)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
             rc = main(case.argv)
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 1
