@@ -122,7 +122,7 @@ def test_short_coa_run_adapter_emit_validate_package(arch_model, tmp_path):
     text = tmp_path / "train.txt"
     text.write_text(tiny_corpus(4000, seed=1))
     run = train(tmp_path / "run", folder, [text], TrainOptions(steps=2, seq_len=32, batch=2, lr=1e-2, cam_lr=1e-2,
-                rounds=1, checkpoint_every=2, search_candidates=2), progress=False, log=lambda s: None)
+                rounds=1, checkpoint_every=2, search_candidates=2, imatrix=""), progress=False, log=lambda s: None)
     assert tuple(run.meta["options"]["targets"]) == run.layout.projection_kinds()
     layout = run.layout
     lo, hi = layout.file_bytes(layout.uniform("Q2_K")), layout.file_bytes(layout.uniform("Q8_0"))

@@ -324,7 +324,7 @@ def test_demo_writes_table_and_json(tmp_path, monkeypatch, capsys):
                ppl_no_adapter=31.1, ppl_adapter=24.1, ppl_predicted=24.12, memory_predicted=254.8e6,
                memory_measured=235.6e6, verdicts="ok", package="x.tar.gz")
     rows = [row]
-    monkeypatch.setattr(cmd_demo, "run_demo", lambda out, steps, windows, log, recipe: [dict(r) for r in rows])
+    monkeypatch.setattr(cmd_demo, "run_demo", lambda out, steps, windows, log, recipe, imatrix: [dict(r) for r in rows])
     assert main(["demo", "-o", str(tmp_path), "--steps", "3"]) == 0
     assert "rpi4-4gb" in capsys.readouterr().out  # not cut to "rpi4…" by an 80-column console
     saved = json.loads((tmp_path / "demo.json").read_text())

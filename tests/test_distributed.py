@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # COALORA_TEST_DEVICE=cuda (bench/gpu_check.sh): the same tests on GPUs, NCCL between two of them
 DEVICE = os.environ.get("COALORA_TEST_DEVICE", "cpu")
 FAST = dict(steps=4, seq_len=32, batch=4, lr=1e-2, cam_lr=1e-2, rounds=2, search_candidates=4, checkpoint_every=2,
-            device=DEVICE)
+            device=DEVICE, imatrix="")
 
 # Each rank runs the CLI with its arguments; "@A,B" means A on rank 0 and B on rank 1 (to make ranks disagree).
 # It records its exit status in RC_DIR/rc<rank>.
@@ -39,7 +39,9 @@ sys.exit(code)
 
 
 def _cli_args(opts: dict) -> list[str]:
-    return [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    """The command line of ``opts``, with the plain recipe (TrainOptions' defaults, as the one-process runs)."""
+    args = [a for k, v in opts.items() if k != "imatrix" for a in (f"--{k.replace('_', '-')}", str(v))]
+    return [*args, "--recipe", "plain", *(["--no-imatrix"] if opts.get("imatrix") == "" else [])]
 
 
 def torchrun(tmp_path: Path, args: list, nproc: int = 2) -> subprocess.CompletedProcess:

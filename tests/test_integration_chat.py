@@ -21,7 +21,7 @@ def test_smollm2_chat_run_emit_validate(smollm2_gguf, tmp_path):
     train_file.write_text("".join(json.dumps(c) + "\n" for c in assets.austen_chats("emma")))
     held.write_text("".join(json.dumps(c) + "\n" for c in assets.austen_chats(assets.EVAL_NOVEL)[:8]))
     run = train(tmp_path / "run", smollm2_gguf, [train_file], TrainOptions(steps=16, seq_len=128, batch=2, rounds=1,
-                search_candidates=2, checkpoint_every=16, lr=2e-3, cam_lr=2e-3), progress=False, log=lambda s: None)
+                search_candidates=2, checkpoint_every=16, lr=2e-3, cam_lr=2e-3, imatrix=""), progress=False, log=lambda s: None)
     summary = run.meta["data_summary"]
     assert summary["format"] == "chat" and 0 < summary["loss_tokens"] < summary["tokens"]
     m = emit_mod.emit(run, load_profile("rpi4-4gb"), tmp_path / "dist", n_windows=8, n_ctx=128, text_path=held)

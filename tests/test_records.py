@@ -115,14 +115,15 @@ def _answer_prompt_nll(run, windows) -> tuple[float, float]:
 def test_answer_only_training_lowers_answer_loss_more(tiny_model_dir, tiny, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", chats(120, seed=5))
     held = write_jsonl(tmp_path / "held.jsonl", chats(16, seed=6))
-    opts = dict(steps=24, seq_len=96, batch=4, lr=1e-2, rounds=1, checkpoint_every=24, search_candidates=2)
+    opts = dict(steps=24, seq_len=96, batch=4, lr=1e-2, rounds=1, checkpoint_every=24, search_candidates=2, imatrix="")
     before = train(tmp_path / "r0", tiny_model_dir, [data], TrainOptions(**{**opts, "steps": 1, "lr": 1e-9}),
                    progress=False, log=lambda s: None)
     w = build_windows(tiny.tokenizer, TINY_CHAT_TEMPLATE, [held], seq_len=96)
     a0, p0 = _answer_prompt_nll(before, w)
     assert main(["train", str(tiny_model_dir), "-o", str(tmp_path / "r1"), "--data", data, "--eval-data", held,
                  "--steps", "24", "--seq-len", "96", "--batch", "4", "--lr", "1e-2", "--rounds", "1",
-                 "--search-candidates", "2", "--checkpoint-every", "24", "--json"]) == 0
+                 "--search-candidates", "2", "--checkpoint-every", "24", "--recipe", "plain", "--no-imatrix",
+                 "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["data"]["format"] == "chat" and summary["data"]["records"] == 120
     assert 0 < summary["data"]["loss_tokens"] < summary["data"]["tokens"]
@@ -181,7 +182,7 @@ def test_emit_and_validate_on_held_out_chats(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", chats(120, seed=5))
     held = write_jsonl(tmp_path / "held.jsonl", chats(12, seed=7))
     run = train(tmp_path / "run", tiny_model_dir, [data], TrainOptions(steps=24, seq_len=96, batch=4, lr=1e-2,
-                rounds=1, checkpoint_every=24, search_candidates=2), progress=False, log=lambda s: None)
+                rounds=1, checkpoint_every=24, search_candidates=2, imatrix=""), progress=False, log=lambda s: None)
     (tmp_path / "p.toml").write_text(TINY_PROFILE)
     m = emit_mod.emit(run, load_profile(tmp_path / "p.toml"), tmp_path / "dist", n_windows=8, n_ctx=96,
                       text_path=held)
@@ -199,7 +200,8 @@ def test_emit_and_validate_on_held_out_chats(tiny_model_dir, tmp_path):
 def test_resume_on_records_matches_uninterrupted_and_refuses_changed_data(tiny_model_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     write_jsonl(data, chats(60, seed=8))
-    opts = TrainOptions(steps=6, seq_len=96, batch=2, lr=1e-2, rounds=1, checkpoint_every=2, search_candidates=2)
+    opts = TrainOptions(steps=6, seq_len=96, batch=2, lr=1e-2, rounds=1, checkpoint_every=2, search_candidates=2,
+                        imatrix="")
     full = train(tmp_path / "full", tiny_model_dir, [data], opts, progress=False, log=lambda s: None)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "cut", tiny_model_dir, [data], opts, progress=False, log=lambda s: None, interrupt_at=3)

@@ -11,7 +11,11 @@ from converters.errors import CoaloraError
 from toolkit import cmd_options as ranges
 
 
-def run_demo(out: Path, steps: int, windows: int, log=click.echo, recipe: str = "anchored") -> list[dict]:
+DEMO_RECIPE = "plain"  # what `make demo` was measured with under 25 minutes (bench/results/demo.json)
+
+
+def run_demo(out: Path, steps: int, windows: int, log=click.echo, recipe: str = DEMO_RECIPE,
+             imatrix: bool = False) -> list[dict]:
     from toolkit import assets
     from toolkit.emit import emit
     from toolkit.package import package
@@ -31,7 +35,7 @@ def run_demo(out: Path, steps: int, windows: int, log=click.echo, recipe: str = 
         log("    (already trained; reusing it)")
     else:
         opts = TrainOptions(steps=steps, seq_len=128, batch=4, rounds=2, search_candidates=8, checkpoint_every=20,
-                            **train_options(recipe, TrainOptions().menu))
+                            imatrix="train" if imatrix else "", **train_options(recipe, TrainOptions().menu))
         run = train(run_dir, assets.smollm2_path(), assets.resolve_texts(["austen"]), opts,
                     resume=(run_dir / "run.json").exists(), log=lambda s: log("    " + s))
     rows = []
@@ -61,10 +65,12 @@ def register(cli: click.Group) -> None:
     @click.option("-o", "--out", default="coalora-demo", show_default=True, type=click.Path(path_type=Path))
     @click.option("--steps", type=ranges.train("steps"), default=60, show_default=True, help="Training steps (128 x 4 tokens each).")
     @click.option("--windows", type=ranges.WINDOWS, default=8, show_default=True, help="Evaluation windows of 512 tokens per profile.")
-    @click.option("--recipe", default="anchored", show_default=True, metavar="NAME|FILE.toml",
-                  help="Training recipe (as `coalora train --recipe`).")
+    @click.option("--recipe", default=DEMO_RECIPE, show_default=True, metavar="NAME|FILE.toml",
+                  help="Training recipe (as `coalora train --recipe`; the demo's time was measured with plain).")
+    @click.option("--imatrix/--no-imatrix", default=False, show_default=True,
+                  help="Compute an importance matrix from the training text, as `coalora train` does by default.")
     @click.option("--json", "as_json", is_flag=True)
-    def demo(out, steps, windows, recipe, as_json):
+    def demo(out, steps, windows, recipe, imatrix, as_json):
         """Run the whole pipeline on SmolLM2 + Austen: train, search, emit, validate, package every profile.
 
         Example: coalora demo -o coalora-demo
@@ -75,8 +81,9 @@ def register(cli: click.Group) -> None:
         from toolkit.recipes import load_recipe
 
         load_recipe(recipe)  # a bad recipe fails before anything runs
-        rows = run_demo(out, steps, windows, log=(lambda s: None) if as_json else click.echo, recipe=recipe)
-        write_json(out / "demo.json", {"steps": steps, "windows": windows, "recipe": recipe,
+        rows = run_demo(out, steps, windows, log=(lambda s: None) if as_json else click.echo, recipe=recipe,
+                        imatrix=imatrix)
+        write_json(out / "demo.json", {"steps": steps, "windows": windows, "recipe": recipe, "imatrix": imatrix,
                                        "wall_seconds": round(time.perf_counter() - t0, 1), "profiles": rows})
         if as_json:
             click.echo(json.dumps(rows, indent=2))
