@@ -215,3 +215,14 @@ def test_emit_with_bad_profile_touches_nothing_in_dist(fuzz_workdir, tmp_path, c
         assert _error_line(capsys).startswith("coalora: error:")
         assert sorted(str(x.relative_to(tmp_path)) for x in tmp_path.rglob("*")) == [
             "dist", "dist/other", "dist/other/keep.txt", "p.toml"]
+
+
+def test_damaged_token_file_of_a_run_is_a_one_line_error(tmp_path):
+    """A run folder's tokens.npy / windows.npz that numpy cannot read is the run's error, not a traceback."""
+    from converters.errors import CoaloraError
+    from toolkit.training import _stream_for
+
+    for name, body in [("tokens.npy", b"garbage"), ("windows.npz", b"PK\x03\x04junk"), ("tokens.npy", b"")]:
+        (tmp_path / name).write_bytes(body)
+        with pytest.raises(CoaloraError, match=f"{name} of the run is damaged"):
+            _stream_for(str(tmp_path / name), 32, 4)

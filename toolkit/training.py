@@ -95,11 +95,16 @@ WINDOWS_FILE = "windows.npz"  # record data: ids, mask, record (+ calib_ids, cal
 
 @functools.cache
 def _stream_for(path: str, seq_len: int, calib_windows: int) -> TokenStream | RecordStream:
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-            calib = (z["calib_ids"], z["calib_mask"]) if "calib_ids" in z else None
-            return RecordStream(z["ids"], z["mask"], z["record"], calib_windows=calib_windows, calib=calib)
-    return TokenStream(np.load(path, allow_pickle=False), seq_len, calib_windows=calib_windows)
+    import zipfile
+
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                calib = (z["calib_ids"], z["calib_mask"]) if "calib_ids" in z else None
+                return RecordStream(z["ids"], z["mask"], z["record"], calib_windows=calib_windows, calib=calib)
+        return TokenStream(np.load(path, allow_pickle=False), seq_len, calib_windows=calib_windows)
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # a damaged run folder's token file
+        raise CoaloraError(f"{Path(path).name} of the run is damaged ({type(e).__name__}); train the run again") from None
 
 
 def calibration_stream(run: Run) -> TokenStream | RecordStream:
