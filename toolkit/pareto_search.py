@@ -316,6 +316,19 @@ def make_candidate_pool(layout: ModelLayout, archive: Archive, n: int, seed: int
 # ---------------------------------------------------------------- one round
 
 
+def _without_jit_kernels() -> None:
+    """Keep botorch on its pure-PyTorch qLogEHVI. botorch >= 0.18 JIT-compiles a fused C++ kernel
+    (``-march=native``) on first use into ``~/.cache/torch_extensions``, behind a lock file that a process killed
+    while compiling leaves behind and every later process then waits on forever (a hang seen in the test suite);
+    the kernel only speeds up the same computation."""
+    try:
+        from botorch.acquisition.multi_objective import logei
+    except ImportError:
+        return
+    if hasattr(logei, "_load_attempted"):
+        logei._load_attempted = True
+
+
 def propose(layout: ModelLayout, archive: Archive, pool: Sequence[Configuration], n_new: int,
             errors: dict | None = None, ref: np.ndarray | None = None, mc_samples: int = 64,
             seed: int = 0) -> list[Configuration]:
@@ -324,6 +337,8 @@ def propose(layout: ModelLayout, archive: Archive, pool: Sequence[Configuration]
     from botorch.acquisition.multi_objective.objective import MCMultiOutputObjective
     from botorch.sampling import SobolQMCNormalSampler
     from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
+
+    _without_jit_kernels()
 
     class BitsAndLoss(MCMultiOutputObjective):
         """BoTorch maximizes: (-bpw read exactly from feature column 0, -sampled loss)."""
