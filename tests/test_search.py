@@ -254,3 +254,19 @@ def test_cli_search_on_a_run_folder(setup, tmp_path, capsys):
     assert "reachable range" in capsys.readouterr().err
     assert main(["search", str(run), "--budget-bytes", str(lo + 5000)]) == 0
     assert "file bytes" in capsys.readouterr().out
+
+
+def test_search_compiles_no_torch_extension(tmp_path, monkeypatch):
+    """The search keeps botorch's pure-PyTorch qLogEHVI: nothing is JIT-compiled (a compile lock left by a killed
+    process made every later search wait forever)."""
+    from botorch.acquisition.multi_objective import logei
+
+    from toolkit import pareto_search
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(logei, "_load_attempted", False, raising=False)
+    monkeypatch.setattr(logei, "_C", None, raising=False)
+    pareto_search._without_jit_kernels()
+    if hasattr(logei, "_try_load_fused_kernel"):
+        logei._try_load_fused_kernel()
+    assert getattr(logei, "_C", None) is None and not any(tmp_path.iterdir())
