@@ -37,8 +37,9 @@ def test_search_and_emit_plan_the_same_budget_for_every_shipped_profile(tmp_path
     layout = smollm2_shaped_layout()
     errors = {n: {q.name: layout[n].n_weights * 4.0 ** -q.bits_per_weight for q in layout.menu(n)}
               for n in layout.names()}
-    meta = {"status": "trained", "layout": layout.describe(),
-            "options": {"rank": 8, "targets": ["attn_q", "attn_v", "ffn_down"], "mode": "coa"}}
+    meta = {"status": "trained", "layout": layout.describe(), "model": "unused", "model_sha256": "0" * 64, "step": 1,
+            "options": {"rank": 8, "targets": ["attn_q", "attn_v", "ffn_down"], "mode": "coa", "alpha": 16.0,
+                        "seed": 0, "seq_len": 256, "calib_windows": 4}}
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps(meta))
@@ -76,7 +77,7 @@ def test_search_and_emit_plan_the_same_budget_for_every_shipped_profile(tmp_path
     del meta["options"]["rank"]
     (run_dir / "run.json").write_text(json.dumps(meta))
     assert main(["search", str(run_dir), "--profile", profiles[0].name]) == 1
-    assert "records no LoRA rank" in capsys.readouterr().err
+    assert "options lack 'rank'" in capsys.readouterr().err
 
 
 class ConfirmedRun(TinyRun):

@@ -154,6 +154,9 @@ def run_forked(case: Case, workdir: Path, out: Path, err: Path) -> tuple[int | N
     if pid == 0:  # child
         rc = 1
         try:
+            import faulthandler
+
+            faulthandler.disable()  # a crash is the parent's to classify, not pytest's to print
             os.setpgid(0, 0)
             os.environ.clear()
             os.environ.update(_env(workdir))
