@@ -187,7 +187,7 @@ def dist(tiny_model_dir, tmp_path_factory):
     mp.setenv("COALORA_HOME", str(root / "home"))
     run = TinyRun(tiny_model_dir, root / "run")
     cfg = run.layout.uniform("Q8_0")
-    mp.setattr(emit_mod, "_best", lambda r, layout, budget: SearchResult(
+    mp.setattr(emit_mod, "_best", lambda r, layout, budget, *a: SearchResult(
         cfg, layout.file_bytes(cfg), layout.bits_per_weight(cfg), None, budget_bytes=budget, source="test"))
     (root / "p.toml").write_text(TINY_PROFILE)
     text = root / "heldout.txt"

@@ -72,8 +72,12 @@ def test_train_defaults_to_the_recipe_and_switches_override_it(captured, tmp_pat
 def test_resume_keeps_the_runs_own_options(captured, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    opts = {"mode": "coa", "cam_lr": 1e-3, "anchor": "", "type_deltas": ["Q4_0"], "anchor_lora_weight": 1.0}
-    (run / "run.json").write_text(json.dumps({"status": "training", "options": opts}))
+    opts = {"mode": "coa", "cam_lr": 1e-3, "anchor": "", "type_deltas": ["Q4_0"], "anchor_lora_weight": 1.0,
+            "rank": 8, "alpha": 16.0, "seed": 0, "seq_len": 256, "calib_windows": 4}
+    layout = {"tensors": [["blk.0.attn_q.weight", 64, 64, "attn_q", 0]], "fixed_bytes": 0, "n_blocks": 1,
+              "menu": ["Q8_0", "Q4_0"]}  # what run.json's schema requires of a run folder
+    (run / "run.json").write_text(json.dumps({"status": "training", "model": "unused", "model_sha256": "0" * 64,
+                                              "step": 1, "layout": layout, "options": opts}))
     assert main(["train", "smollm2", "-o", str(run), "--resume"]) == 0
     assert captured["cam_lr"] == 1e-3 and captured["anchor"] == "" and captured["type_deltas"] == ("Q4_0",)
 

@@ -80,7 +80,7 @@ class WeightBank:
                 data.tofile(tmp)
         return data
 
-    def _cache_file(self, name: str, q: QuantType, with_imatrix: bool) -> Path | None:
+    def _cache_file(self, name: str, q: QuantType, with_imatrix: bool = False) -> Path | None:
         """The cache file of a tensor in a type (in a folder of the imatrix's sha256 when quantized with one); a
         name that is not a plain file name (``/``, ``..``, a leading dot, control characters) is hashed, so
         nothing is written outside the cache folder."""
