@@ -57,8 +57,9 @@ def test_generation_is_seeded(fuzz_workdir):
     assert a == b and len(a) > 30
 
 
-# Cases of these kinds load the model (seconds each): CI runs a few, bench/fuzz/run.py all of them.
-CI_CAPS = {"run": 14, "data": 4}
+# Cases of these kinds load a model or run llama.cpp (about a second or more each): CI runs a few,
+# bench/fuzz/run.py all of them.
+CI_CAPS = {"run": 14, "data": 4, "gguf": 20, "adapter": 8, "device": 12}
 
 
 def test_fuzz_sample_has_no_finding(fuzz_workdir):
