@@ -147,7 +147,7 @@ def austen_text(name: str) -> str:
 
 # Small settings for the SmolLM2 run the integration tests share.
 SMOLLM2_RUN_OPTIONS = dict(steps=6, seq_len=64, batch=2, rounds=2, search_candidates=4, checkpoint_every=6,
-                           lr=2e-3, cam_lr=2e-3, imatrix="")  # the imatrix's own SmolLM2 test is in test_imatrix
+                           lr=2e-3, cam_lr=2e-3)
 
 
 @pytest.fixture(scope="session")
