@@ -62,13 +62,34 @@ def test_generation_is_seeded(fuzz_workdir):
 CI_CAPS = {"run": 14, "data": 4, "gguf": 20, "adapter": 8, "device": 12}
 
 
+# The sample runs in a fresh interpreter: its cases are forks, and a fork of this pytest process, whose earlier
+# tests started torch's OpenMP thread pool, can hang in its first parallel region.
+SAMPLE = """
+import json, sys
+from pathlib import Path
+from bench.fuzz import run as fuzz
+wd, caps = Path(sys.argv[1]), json.loads(sys.argv[2])
+cases, seen = [], {}
+for c in fuzz.generate(seed=1, n=200, workdir=wd):
+    seen[c.kind] = seen.get(c.kind, 0) + 1
+    if seen[c.kind] <= caps.get(c.kind, 10**6):
+        cases.append(c)
+rows = fuzz.run_all(cases, wd, progress=False)
+print(json.dumps([{k: r[k] for k in ("kind", "name", "outcome", "evidence")} for r in rows]))
+"""
+
+
 def test_fuzz_sample_has_no_finding(fuzz_workdir):
-    cases, seen = [], {}
-    for c in fuzz.generate(seed=1, n=200, workdir=fuzz_workdir):
-        seen[c.kind] = seen.get(c.kind, 0) + 1
-        if seen[c.kind] <= CI_CAPS.get(c.kind, 10**6):
-            cases.append(c)
-    rows = fuzz.run_all(cases, fuzz_workdir, progress=False)
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", SAMPLE, str(fuzz_workdir), json.dumps(CI_CAPS)], cwd=root,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
     findings = [f"{r['outcome']} {r['name']}: {r['evidence']}" for r in rows if r["outcome"] in fuzz.FINDINGS]
     assert not findings, "\n".join(findings)
     kinds = {r["kind"] for r in rows}
