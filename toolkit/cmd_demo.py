@@ -9,13 +9,11 @@ import click
 
 from converters.errors import CoaloraError
 from toolkit import cmd_options as ranges
-
-
-DEMO_RECIPE = "plain"  # what `make demo` was measured with under 25 minutes (bench/results/demo.json)
+from toolkit.recipes import DEFAULT as DEMO_RECIPE  # the demo runs `coalora train`'s defaults
 
 
 def run_demo(out: Path, steps: int, windows: int, log=click.echo, recipe: str = DEMO_RECIPE,
-             imatrix: bool = False) -> list[dict]:
+             imatrix: bool = True) -> list[dict]:
     from toolkit import assets
     from toolkit.emit import emit
     from toolkit.package import package
@@ -66,8 +64,8 @@ def register(cli: click.Group) -> None:
     @click.option("--steps", type=ranges.train("steps"), default=60, show_default=True, help="Training steps (128 x 4 tokens each).")
     @click.option("--windows", type=ranges.WINDOWS, default=8, show_default=True, help="Evaluation windows of 512 tokens per profile.")
     @click.option("--recipe", default=DEMO_RECIPE, show_default=True, metavar="NAME|FILE.toml",
-                  help="Training recipe (as `coalora train --recipe`; the demo's time was measured with plain).")
-    @click.option("--imatrix/--no-imatrix", default=False, show_default=True,
+                  help="Training recipe (as `coalora train --recipe`).")
+    @click.option("--imatrix/--no-imatrix", default=True, show_default=True,
                   help="Compute an importance matrix from the training text, as `coalora train` does by default.")
     @click.option("--json", "as_json", is_flag=True)
     def demo(out, steps, windows, recipe, imatrix, as_json):
