@@ -218,11 +218,62 @@ def test_emit_with_bad_profile_touches_nothing_in_dist(fuzz_workdir, tmp_path, c
 
 
 def test_damaged_token_file_of_a_run_is_a_one_line_error(tmp_path):
-    """A run folder's tokens.npy / windows.npz that numpy cannot read is the run's error, not a traceback."""
+    """A run folder's tokens.npy / windows.npz that numpy cannot read, or whose arrays have the wrong shape,
+    dtype or token ids, is the run's error, not a traceback."""
+    import io
+
+    import numpy as np
+
     from converters.errors import CoaloraError
     from toolkit.training import _stream_for
 
-    for name, body in [("tokens.npy", b"garbage"), ("windows.npz", b"PK\x03\x04junk"), ("tokens.npy", b"")]:
-        (tmp_path / name).write_bytes(body)
+    good = io.BytesIO()
+    np.save(good, np.arange(1000, dtype=np.int64) % 50)
+    header_broken = bytearray(good.getvalue())
+    header_broken[20:24] = b"\x00\x00(\x00"  # a null byte and an open bracket inside the header's dict literal
+    def npz(**arrays):
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+    ids = np.zeros((8, 32), np.int64)
+    cases = [("tokens.npy", b"garbage"), ("windows.npz", b"PK\x03\x04junk"), ("tokens.npy", b""),
+             ("tokens.npy", bytes(header_broken)), ("tokens.npy", good.getvalue()[:200]),
+             ("windows.npz", npz(ids=ids, mask=ids.astype(bool))),                     # record missing
+             ("windows.npz", npz(ids=ids, mask=ids[:4].astype(bool), record=np.arange(8))),
+             ("windows.npz", npz(ids=ids.astype(np.float32), mask=ids.astype(bool), record=np.arange(8))),
+             ("windows.npz", npz(ids=ids + 50, mask=ids.astype(bool), record=np.arange(8)))]  # ids >= vocab
+    for i, (name, body) in enumerate(cases):
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / name).write_bytes(body)
         with pytest.raises(CoaloraError, match=f"{name} of the run is damaged"):
-            _stream_for(str(tmp_path / name), 32, 4)
+            _stream_for(str(d / name), 32, 4, 50)
+
+
+def test_eof_inside_a_command_is_an_error_not_an_abort(monkeypatch, capsys):
+    """click turns any EOFError inside a command into Abort ("aborted", exit 130); coalora never prompts, so
+    an EOFError is a truncated file: an error line."""
+    from toolkit import profiles
+
+    def truncated(*a, **k):
+        raise EOFError("reading array header")
+    monkeypatch.setattr(profiles, "list_profiles", truncated)
+    assert main(["profiles"]) == 1
+    assert _error_line(capsys) == "coalora: error: unexpected end of a file (reading array header)"
+
+
+def test_bad_data_records_fail_before_the_model_loads(fuzz_workdir, tmp_path, capsys, monkeypatch):
+    from bench.fuzz.cases import Fixtures
+    import converters.model_loading as ml
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the data records were checked")
+    monkeypatch.setattr(ml, "load_model", no_load)
+    data = tmp_path / "chat.jsonl"
+    for body in ['{"messages": [{"role": "robot", "content": "x"}]}\n', '{"foo": "bar"}\n',
+                 '{"prompt": "q", "completion": null}\n', '{"text": ""}\n']:
+        data.write_text(body)
+        assert main(["train", str(Fixtures(fuzz_workdir).model_gguf()), "--data", str(data), "-o",
+                     str(tmp_path / "run"), "--steps", "1", "--no-imatrix"]) == 1
+        assert _error_line(capsys).startswith("coalora: error:")
+        assert not (tmp_path / "run").exists()

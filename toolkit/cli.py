@@ -53,7 +53,9 @@ def main(argv=None) -> int:
             click.echo(f"coalora: error: {bounded_line(e)}", err=True)
         distributed.shutdown(e)
         return 1
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, EOFError):  # click turns every EOFError into Abort; coalora never prompts
+            return error(f"unexpected end of a file ({e.__cause__ or 'EOF'})")
         click.echo("coalora: aborted", err=True)
         return 130
     except click.ClickException as e:

@@ -168,6 +168,21 @@ def render_chat(tokenizer, template: str, messages: list[dict], where: str) -> t
     return list(enc["input_ids"]), mask
 
 
+def check_records(paths, fmt: str = "auto") -> None:
+    """Every record of the record files among ``paths`` has the fields its format needs (no tokenizer, so
+    this runs before the model loads: a bad data file fails in a fraction of a second)."""
+    if fmt not in FORMATS:
+        raise CoaloraError(f"unknown data format {fmt!r}; choose from {', '.join(FORMATS)}")
+    for path in map(Path, paths):
+        if not is_record_file(path):
+            continue
+        rows = read_records(path)
+        f = detect_format(path, rows.column_names) if fmt == "auto" else fmt
+        for n, row in enumerate(rows, 1):
+            where = f"{path}: record {n}"
+            _text(row, where) if f == "text" else _messages(row, f, where)
+
+
 def build_windows(tokenizer, template: str | None, paths, seq_len: int, fmt: str = "auto") -> Windows:
     """Every record of ``paths`` as padded windows of ``seq_len`` tokens with its loss mask."""
     if fmt not in FORMATS:

@@ -24,7 +24,7 @@ from converters.errors import CoaloraError
 from converters.fileio import atomic_path, model_fingerprint, sha256_file, write_json
 from toolkit.run import Run, load_checkpoint, save_checkpoint
 from toolkit.weight_bank import UNQUANTIZED
-from toolkit.records import FORMATS, build_windows, is_record_file
+from toolkit.records import FORMATS, build_windows, check_records, is_record_file
 from toolkit.text_data import RecordStream, TokenStream, tokenize_files
 
 
@@ -93,25 +93,54 @@ _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_
 WINDOWS_FILE = "windows.npz"  # record data: ids, mask, record (+ calib_ids, calib_mask with --eval-data)
 
 
-@functools.cache
-def _stream_for(path: str, seq_len: int, calib_windows: int) -> TokenStream | RecordStream:
+def _read_token_file(path: str) -> dict[str, np.ndarray]:
+    """The arrays of a run's token file, checked for shape, dtype and token range before any use."""
     import zipfile
 
+    name = Path(path).name
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
-                calib = (z["calib_ids"], z["calib_mask"]) if "calib_ids" in z else None
-                return RecordStream(z["ids"], z["mask"], z["record"], calib_windows=calib_windows, calib=calib)
-        return TokenStream(np.load(path, allow_pickle=False), seq_len, calib_windows=calib_windows)
-    except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # a damaged run folder's token file
-        raise CoaloraError(f"{Path(path).name} of the run is damaged ({type(e).__name__}); train the run again") from None
+                arrays = {k: z[k] for k in z.files}
+        else:
+            arrays = {"tokens": np.load(path, allow_pickle=False)}
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, SyntaxError, KeyError, TypeError) as e:
+        raise CoaloraError(f"{name} of the run is damaged ({type(e).__name__}); train the run again") from None
+    except Exception as e:  # numpy's header parser also raises tokenize errors on a damaged header
+        raise CoaloraError(f"{name} of the run is damaged ({type(e).__name__}); train the run again") from None
+    shapes = {"tokens": 1, "ids": 2, "mask": 2, "record": 1, "calib_ids": 2, "calib_mask": 2}
+    need = {"tokens"} if "tokens" in arrays else {"ids", "mask", "record"}
+    bad = [k for k in arrays if k not in shapes or arrays[k].ndim != shapes[k]
+           or arrays[k].dtype.kind not in ("b" if k.endswith("mask") else "iu")]
+    if bad or not need <= arrays.keys() or ("calib_ids" in arrays) != ("calib_mask" in arrays):
+        raise CoaloraError(f"{name} of the run is damaged (arrays {sorted(arrays)[:6]}); train the run again")
+    for ids, mask in (("ids", "mask"), ("calib_ids", "calib_mask")):
+        if ids in arrays and arrays[ids].shape != arrays[mask].shape:
+            raise CoaloraError(f"{name} of the run is damaged ({ids} and {mask} differ in shape); train the run again")
+    if "record" in arrays and len(arrays["record"]) != len(arrays["ids"]):
+        raise CoaloraError(f"{name} of the run is damaged (one record index per window expected); train the run again")
+    return arrays
+
+
+@functools.cache
+def _stream_for(path: str, seq_len: int, calib_windows: int, vocab: int) -> TokenStream | RecordStream:
+    z = _read_token_file(path)
+    for k in ("tokens", "ids", "calib_ids"):
+        if k in z and z[k].size and (int(z[k].min()) < 0 or int(z[k].max()) >= vocab):
+            raise CoaloraError(f"{Path(path).name} of the run is damaged (token ids outside the model's "
+                               f"vocabulary of {vocab}); train the run again")
+    if "tokens" in z:
+        return TokenStream(z["tokens"].astype(np.int64), seq_len, calib_windows=calib_windows)
+    calib = (z["calib_ids"], z["calib_mask"]) if "calib_ids" in z else None
+    return RecordStream(z["ids"], z["mask"], z["record"], calib_windows=calib_windows, calib=calib)
 
 
 def calibration_stream(run: Run) -> TokenStream | RecordStream:
     o = run.meta["options"]
     records = run.path / WINDOWS_FILE
     path = records if records.exists() else run.path / "tokens.npy"
-    return _stream_for(str(path), o["seq_len"], o["calib_windows"])
+    vocab = run.loaded().model.get_input_embeddings().num_embeddings
+    return _stream_for(str(path), o["seq_len"], o["calib_windows"], vocab)
 
 
 def _prepare_data(run_dir: Path, loaded, data_paths, opts: "TrainOptions") -> tuple[dict, Callable[[], None]]:
@@ -425,6 +454,7 @@ def _open_run(run_dir: Path, model_path, data_paths, opts: TrainOptions, resume:
         return run, opts, None
     if (run_dir / "run.json").exists():
         raise CoaloraError(f"{run_dir} already holds a run; use --resume or another output folder")
+    check_records([*data_paths, *opts.eval_data], opts.data_format)  # before the model loads (seconds)
     model_path = Path(model_path)
     loaded = load_model(model_path, log=log)
     layout = loaded.layout(include_embeddings=opts.include_embeddings).with_menu(opts.menu)

@@ -256,11 +256,14 @@ def preload() -> None:
     """Import what the commands import, once, before forking (so each case does not pay for it)."""
     import toolkit.cli  # noqa: F401
     for mod in ("torch", "transformers", "gguf", "llama_cpp", "toolkit.run", "toolkit.training", "toolkit.emit",
-                "toolkit.validate", "converters.model_loading", "converters.gguf_model_writer"):
+                "toolkit.validate", "converters.model_loading", "converters.gguf_model_writer", "datasets"):
         try:
             importlib.import_module(mod)
         except ImportError:
             pass
+    import transformers
+    for name in ("AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast", "LlamaForCausalLM"):
+        getattr(transformers, name)  # transformers imports its model classes lazily, on first use
 
 
 def run_all(cases: list[Case], workdir: Path, progress: bool = True) -> list[dict]:

@@ -1,0 +1,157 @@
+"""The quality goal with importance matrices (issue 17): coalora against what GGUF users download today.
+
+Protocol (SmolLM2-135M-Instruct dequantized to F32; the five training novels; held-out Pride and Prejudice):
+- Baseline, what users have: llama.cpp's stock file types made by llama.cpp's own `llama_model_quantize`
+  (its per-tensor mixes, e.g. Q4_K_M) with the importance matrix of the CoA-LoRA run (computed by
+  `coalora train` from the same training text), plus a full-precision LoRA: `coalora finetune --config F32`
+  with the same steps, batch, sequence length and rank. The same files without the imatrix are measured too.
+- coalora: for each stock file's byte size as the budget, `coalora search RUN --budget-bytes SIZE --confirm 3`
+  over the CoA-LoRA run (`coalora train`'s defaults: the anchored recipe, the imatrix), the mix written by
+  `coalora convert --recipe CFG --imatrix RUN/imatrix.gguf`, with the adapter `coalora adapter` generates for it.
+- Floor: the F32 model with the full-precision LoRA.
+- Perplexity by llama.cpp (F32 KV cache) on the first --windows windows of 512 tokens of Pride and Prejudice.
+Writes bench/results/imatrix_quality.{md,json}.
+
+    python bench/imatrix_quality.py --coa-run coalora-demo/run    # reuse a trained run (e.g. the demo's)
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import cli, markdown_table, write_results  # noqa: E402
+from bench.quality import Evaluator  # noqa: E402
+
+# llama.cpp file types from about 8.5 down to about 3.5 bits per weight (on SmolLM2's 576-wide rows the
+# 256-block types fall back on most matrices, so the measured bits per weight are in the table)
+STOCK = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "IQ3_M")
+
+
+def llama_quantize(src: Path, dst: Path, ftype_name: str, imatrix_path: Path | None) -> None:
+    """llama.cpp's own quantization of ``src`` to the file type, with the importance weights of ``imatrix_path``
+    fed through ``llama_model_quantize_params.imatrix`` (what llama-quantize --imatrix does)."""
+    import llama_cpp
+    import numpy as np
+
+    from converters import imatrix as imx
+    from toolkit.llama_runtime import _quiet_llama_logs
+
+    _quiet_llama_logs()
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}"), 2
+    keep = []
+    if imatrix_path is not None:
+        im = imx.load(imatrix_path)
+        names = im.names()
+        keep = [np.ascontiguousarray(im.weights(n), dtype=np.float32) for n in names]
+        data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+        for i, (n, v) in enumerate(zip(names, keep)):
+            data[i].name, data[i].data, data[i].size = n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+        data[len(names)].name = None
+        p.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) != 0:
+        sys.exit(f"llama_model_quantize {ftype_name} failed")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--coa-run", type=Path, help="a trained `coalora train` run with an imatrix (default: train one)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--stock", default=",".join(STOCK))
+    ap.add_argument("--work", type=Path, default=Path("bench/work/imatrix_quality"))
+    ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
+    args = ap.parse_args()
+    from converters.gguf_inspect import inspect_gguf
+    from toolkit import assets
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch]
+    coa = args.coa_run or work / "coa"
+    if not (coa / "run.json").exists():
+        cli("train", "smollm2", "-o", coa, *train, "--json")
+    meta = json.loads((coa / "run.json").read_text())
+    o = meta["options"]
+    if (o["steps"], o["seq_len"], o["batch"]) != (args.steps, args.seq_len, args.batch):
+        sys.exit(f"{coa} was trained with steps/seq-len/batch {o['steps']}/{o['seq_len']}/{o['batch']}; "
+                 f"pass those or another --coa-run")
+    imatrix = coa / "imatrix.gguf"
+    if not imatrix.exists():
+        sys.exit(f"{coa} has no importance matrix (trained with --no-imatrix)")
+    fp = work / "fp"
+    if not (fp / "run.json").exists():
+        cli("finetune", "smollm2", "--config", "F32", "-o", fp, *train, "--rank", o["rank"], "--no-imatrix", "--json")
+    fp_adapter = work / "fp-adapter.gguf"
+    if not fp_adapter.exists():
+        cli("adapter", fp, "--config", "F32", "-o", fp_adapter, "--json")
+
+    f32 = work / "f32.gguf"
+    if not f32.exists():
+        cli("convert", assets.smollm2_path(), "--type", "F32", "-o", f32)
+    ev = Evaluator(f32, args.windows, 512)
+    _, floor = ev.ppl(f32, [None, fp_adapter])
+    rows = [{"method": "F32 + full-precision LoRA (floor)", "file_bytes": f32.stat().st_size,
+             "bpw": inspect_gguf(f32)["bits_per_weight"], "ppl": floor}]
+
+    def row(stock, method, model, ppl):
+        rows.append({"stock": stock, "method": method, "file_bytes": model.stat().st_size,
+                     "bpw": inspect_gguf(model)["bits_per_weight"], "ppl": ppl})
+        print(f"  {stock:8s} {method:48s} {model.stat().st_size:>12,d} B  ppl {ppl:.3f}", flush=True)
+        return rows[-1]
+
+    goal = []
+    for t in [s for s in args.stock.split(",") if s]:
+        plain, with_im = work / f"stock-{t}.gguf", work / f"stock-{t}-imatrix.gguf"
+        for path, im in ((plain, None), (with_im, imatrix)):
+            if not path.exists():
+                llama_quantize(f32, path, t, im)
+        (p_plain,) = ev.ppl(plain, [fp_adapter])
+        row(t, "stock + full-precision LoRA", plain, p_plain)
+        p_none, p_base = ev.ppl(with_im, [None, fp_adapter])
+        row(t, "stock + imatrix, no adapter", with_im, p_none)
+        base = row(t, "stock + imatrix + full-precision LoRA (baseline)", with_im, p_base)
+
+        budget = with_im.stat().st_size
+        cfg, mixed, adapter = work / f"cfg-{t}.json", work / f"coalora-{t}.gguf", work / f"coalora-{t}-adapter.gguf"
+        if not cfg.exists():
+            cli("search", coa, "--budget-bytes", budget, "--confirm", 3, "-o", cfg, "--json")
+        if not mixed.exists():
+            cli("convert", assets.smollm2_path(), "--recipe", cfg, "--imatrix", imatrix, "-o", mixed)
+        if not adapter.exists():
+            cli("adapter", coa, "--config", cfg, "-o", adapter, "--json")
+        q_none, q_coa = ev.ppl(mixed, [None, adapter])
+        row(t, "coalora: searched mix + imatrix, no adapter", mixed, q_none)
+        ours = row(t, "coalora: searched mix + imatrix + generated adapter", mixed, q_coa)
+        goal.append({"stock": t, "budget_bytes": budget, "baseline_bpw": base["bpw"], "baseline_ppl": p_base,
+                     "coalora_bytes": ours["file_bytes"], "coalora_bpw": ours["bpw"], "coalora_ppl": q_coa,
+                     "coalora_vs_baseline": q_coa / p_base - 1, "coalora_gap_to_floor": q_coa / floor - 1,
+                     "imatrix_helps_with_adapter": p_base < p_plain,
+                     "wins": q_coa < p_base and ours["file_bytes"] <= budget})
+    for r in rows:
+        r["gap_to_floor"] = r["ppl"] / floor - 1
+    md = (f"SmolLM2-135M; CoA-LoRA run `{coa.name}` ({o['steps']} steps x {o['batch']} x {o['seq_len']} tokens, "
+          f"rank {o['rank']}, recipe options as trained, imatrix from its training text); full-precision LoRA "
+          f"with the same steps; llama.cpp perplexity on {args.windows} x 512 tokens of Pride and Prejudice. "
+          f"Floor (F32 + full-precision LoRA): {floor:.3f}." + (f" {args.note}" if args.note else "") + "\n\n"
+          + markdown_table(goal, [("stock", "stock type"), ("budget_bytes", "budget = stock+imatrix bytes"),
+                                  ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),
+                                  ("coalora_bytes", "coalora bytes"), ("coalora_bpw", "coalora bpw"),
+                                  ("coalora_ppl", "coalora + adapter"), ("coalora_vs_baseline", "coalora vs stock"),
+                                  ("coalora_gap_to_floor", "coalora gap to floor"), ("wins", "coalora wins")])
+          + "\n\nEvery row:\n\n"
+          + markdown_table(rows, [("stock", "stock type"), ("method", "method"), ("file_bytes", "file bytes"),
+                                  ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor", "gap to floor")]))
+    write_results("imatrix_quality", {"coa_run": str(coa), "options": o, "floor": floor, "goal": goal,
+                                      "rows": rows}, md)
+
+
+if __name__ == "__main__":
+    main()
