@@ -191,6 +191,32 @@ def test_run_json_not_matching_checkpoint_or_model(change, run_copy, tmp_path, c
     assert not (tmp_path / "a.gguf").exists()
 
 
+@pytest.mark.parametrize("damage", ["nan", "string", "missing-tensor", "missing-type", "garbage"])
+def test_damaged_sensitivity_table_is_refused_by_search(damage, run_copy, tmp_path, capsys, monkeypatch):
+    """The run folder's sensitivity.json steers the search: damaged, it is the run's error, not a traceback or
+    a silently different search."""
+    from toolkit.sensitivity import _read_table_file, load_error_table
+
+    monkeypatch.setenv("COALORA_HOME", str(tmp_path / "home"))
+    path = run_copy / "sensitivity.json"
+    d = json.loads(path.read_text())
+    name = next(iter(d["errors"]))
+    if damage == "nan":
+        d["errors"][name][next(iter(d["errors"][name]))] = float("nan")
+    elif damage == "string":
+        d["errors"][name] = "Q8_0"
+    elif damage == "missing-tensor":
+        del d["errors"][name]
+    elif damage == "missing-type":
+        del d["errors"][name][next(iter(d["errors"][name]))]
+    path.write_text("{garbage" if damage == "garbage" else json.dumps(d))
+    assert main(["search", str(run_copy), "--bpw", "6"]) == 1
+    assert "sensitivity.json is damaged" in _error_line(capsys)
+    # the shared cache of the same kind is recomputed instead
+    assert load_error_table(path) is None or damage.startswith("missing")
+    assert _read_table_file(tmp_path / "absent.json") is None
+
+
 # ---------------------------------------------------------------- no partial folders, nothing moved
 def test_failed_train_leaves_no_run_folder(fuzz_workdir, tmp_path, capsys, monkeypatch):
     from bench.fuzz.cases import Fixtures

@@ -205,6 +205,9 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     from toolkit.sensitivity import load_error_table
 
     archive = Archive.load(run.archive_path) if Path(run.archive_path).exists() else Archive()
-    errors = load_error_table(Path(run.path) / "sensitivity.json")
+    table = Path(run.path) / "sensitivity.json"
+    errors = load_error_table(table, layout)
+    if errors is None and table.exists():
+        raise CoaloraError(f"{table} is damaged or does not cover the run's tensors; train the run again")
     measure = (lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)) if confirm > 0 else None
     return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm)

@@ -61,8 +61,8 @@ def run_demo(out: Path, steps: int, windows: int, log=click.echo, recipe: str = 
 def register(cli: click.Group) -> None:
     @cli.command()
     @click.option("-o", "--out", default="coalora-demo", show_default=True, type=click.Path(path_type=Path))
-    @click.option("--steps", type=ranges.train("steps"), default=60, show_default=True, help="Training steps (128 x 4 tokens each).")
-    @click.option("--windows", type=ranges.WINDOWS, default=8, show_default=True, help="Evaluation windows of 512 tokens per profile.")
+    @click.option("--steps", type=ranges.train("steps"), default=50, show_default=True, help="Training steps (128 x 4 tokens each).")
+    @click.option("--windows", type=ranges.WINDOWS, default=4, show_default=True, help="Evaluation windows of 512 tokens per profile.")
     @click.option("--recipe", default=DEMO_RECIPE, show_default=True, metavar="NAME|FILE.toml",
                   help="Training recipe (as `coalora train --recipe`).")
     @click.option("--imatrix/--no-imatrix", default=True, show_default=True,

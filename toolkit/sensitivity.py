@@ -66,12 +66,10 @@ def error_table(layout: ModelLayout, weight: Callable[[str], np.ndarray],
     key = _layout_key(layout, f"imp={importance is not None};rows={max_rows}"
                               + (f";imatrix={imatrix.sha256}" if imatrix is not None else ""))
     if cache is not None and Path(cache).exists():
-        try:
-            d = json.loads(Path(cache).read_text())
-            if d.get("key") == key:
-                return d["errors"]
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass  # a stale or broken cache is recomputed
+        d = _read_table_file(cache)
+        if d is not None and d.get("key") == key and _covers(d["errors"], layout):
+            return d["errors"]
+        # a stale or broken cache is recomputed
     names = layout.names()
     it = names
     if progress:
@@ -87,12 +85,35 @@ def error_table(layout: ModelLayout, weight: Callable[[str], np.ndarray],
     return table
 
 
-def load_error_table(path) -> ErrorTable | None:
-    """The table cached at ``path`` by :func:`error_table`, or None when there is none."""
+def _read_table_file(path) -> dict | None:
+    """A sensitivity JSON file ({"key", "errors": {tensor: {type: error}}}) whose errors are finite and not
+    negative, or None when it is missing, unreadable or damaged."""
     try:
-        return json.loads(Path(path).read_text())["errors"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    errors = d.get("errors") if isinstance(d, dict) else None
+    if not isinstance(errors, dict) or not all(
+            isinstance(row, dict) and row and all(
+                isinstance(q, str) and isinstance(e, (int, float)) and not isinstance(e, bool)
+                and math.isfinite(e) and e >= 0 for q, e in row.items())
+            for row in errors.values()):
+        return None
+    return d
+
+
+def _covers(errors: ErrorTable, layout: ModelLayout) -> bool:
+    """Whether ``errors`` has every tensor of the layout in every type of its menu."""
+    return all(n in errors and all(q.name in errors[n] for q in layout.menu(n)) for n in layout.names())
+
+
+def load_error_table(path, layout: ModelLayout | None = None) -> ErrorTable | None:
+    """The table cached at ``path`` by :func:`error_table` (covering ``layout`` when given), or None when there is
+    none or it is damaged."""
+    d = _read_table_file(path)
+    if d is None or (layout is not None and not _covers(d["errors"], layout)):
+        return None
+    return d["errors"]
 
 
 # ---------------------------------------------------------------- allocation

@@ -294,10 +294,13 @@ def markdown(summary: dict, meta: dict) -> str:
 
     cols = [("kind", "kind"), ("cases", "cases"), *[(o, o.replace("_", " ")) for o in OUTCOMES]]
     rows = [{"kind": k, **v} for k, v in summary.items()]
+    where = ("on a machine shared with other work (case seconds, and so hangs, are upper bounds)"
+             if meta["machine_shared"] else "on an otherwise idle machine")
     return (f"# coalora fuzz run (seed {meta['seed']}, {summary['all']['cases']} cases)\n\n"
             + markdown_table(rows, cols)
             + "\n\nclean: a one-line `coalora: error:` or click usage error; accepted: exit 0 where the case "
-              "documents the acceptance; every other column is a finding.\n")
+              "documents the acceptance; every other column is a finding. Seed "
+            + f"{meta['seed']}; the cases ran for {round(meta['run_seconds']):,} s {where}.\n")
 
 
 def main(argv=None) -> int:
@@ -308,6 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, help="work folder (default: a fresh temporary one, removed after)")
     ap.add_argument("--no-save", action="store_true", help="print the table only")
     ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--shared-machine", action="store_true", help="Record that other work shared the machine "
+                    "(case seconds, and so the hang column, are then upper bounds).")
     a = ap.parse_args(argv)
     from bench.common import provenance, write_results
 
@@ -319,7 +324,7 @@ def main(argv=None) -> int:
     rows = run_all(cases, workdir)
     summary = summarize(rows)
     meta = {"seed": a.seed, "n": a.n, "kinds": a.kinds or "all", "generate_seconds": round(gen_s, 1),
-            "run_seconds": round(time.perf_counter() - t0 - gen_s, 1), "machine_shared": True}
+            "run_seconds": round(time.perf_counter() - t0 - gen_s, 1), "machine_shared": a.shared_machine}
     payload = {"provenance": provenance(), **meta, "summary": summary,
                "findings": [r for r in rows if r["outcome"] in FINDINGS], "cases": rows}
     md = markdown(summary, meta)
