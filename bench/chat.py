@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cli, markdown_table, provenance, write_results  # noqa: E402
-from bench.quality import Evaluator, llama_quantize  # noqa: E402
+from bench.common import llama_quantize  # noqa: E402
+from bench.quality import Evaluator  # noqa: E402
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -50,6 +50,50 @@ def cli(*args, check=True) -> tuple[dict | str, float]:
         return res.stdout, wall
 
 
+def llama_quantize(src, dst, ftype: int | str, *, pure: bool = False, overrides=(), imatrix=None, nthread: int = 2,
+                   allow_requantize: bool = False) -> float:
+    """llama.cpp's own ``llama_model_quantize`` (what llama-quantize runs); returns its seconds.
+
+    ``ftype``: a llama_ftype number or a name such as "Q4_K_M"; ``overrides``: (regex, quant type) pairs, as
+    ``--tensor-type``; ``imatrix``: a :class:`converters.imatrix.Imatrix`, fed through
+    ``llama_model_quantize_params.imatrix`` as ``llama-quantize --imatrix`` does."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from converters.quant_types import get
+    from toolkit.llama_runtime import _quiet_llama_logs
+
+    _quiet_llama_logs()
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}") if isinstance(ftype, str) else ftype
+    p.pure, p.nthread, p.allow_requantize = pure, nthread, allow_requantize
+    keep = []  # the arrays the C structs point into, alive until the call returns
+    if overrides:
+        arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, q) in enumerate(overrides):
+            arr[i].pattern, arr[i].type = pattern.encode(), int(get(q).ggml)
+        arr[len(overrides)].pattern = None
+        p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep.append(arr)
+    if imatrix is not None:
+        names = imatrix.names()
+        data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+        for i, n in enumerate(names):
+            v = np.ascontiguousarray(imatrix.weights(n), dtype=np.float32)
+            keep.append(v)
+            data[i].name, data[i].data, data[i].size = n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+        data[len(names)].name = None
+        p.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(data)
+    t = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize {ftype} of {src} failed ({rc})")
+    return time.perf_counter() - t
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(title for _, title in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"

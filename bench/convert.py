@@ -15,7 +15,6 @@ whose peak resident memory is recorded.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import platform
 import statistics
@@ -28,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import markdown_table, peak_self_rss_mb, provenance, write_results  # noqa: E402
 from converters.configuration import apply_overrides  # noqa: E402
-from converters.gguf_model_writer import llama_ftype, write_gguf  # noqa: E402
+from converters.gguf_model_writer import write_gguf  # noqa: E402
 from converters.gguf_source import open_source  # noqa: E402
-from converters.quant_types import get  # noqa: E402
 from toolkit.assets import require_smollm2  # noqa: E402
 
 # Non-overlapping rules (llama.cpp applies the first matching rule; so does coalora).
@@ -38,20 +36,13 @@ RULES = [("attn_(q|k|v|output)", "IQ4_NL"), ("ffn_(gate|up)", "Q4_0"), ("ffn_dow
 
 
 def llama_quantize(src: Path, dst: Path, nthread: int, rules=RULES) -> None:
-    import llama_cpp
+    """llama_model_quantize with ``rules`` as --tensor-type overrides (Q4_0 elsewhere), its output silenced."""
     from llama_cpp._utils import suppress_stdout_stderr
 
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.pure, p.nthread, p.allow_requantize = llama_ftype("Q4_0"), False, nthread, True
-    arr = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
-    for i, (pattern, q) in enumerate(rules):
-        arr[i].pattern, arr[i].type = pattern.encode(), int(get(q).ggml)
-    arr[len(rules)].pattern = None
-    p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    from bench import common
+
     with suppress_stdout_stderr(disable=False):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc})")
+        common.llama_quantize(src, dst, "Q4_0", overrides=rules, nthread=nthread, allow_requantize=True)
 
 
 def coalora_convert(src: Path, dst: Path, nthread: int, rules=RULES) -> dict:

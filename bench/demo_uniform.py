@@ -2,8 +2,9 @@
 
 For each profile folder of a `coalora demo` (or `coalora emit`) output, this emits the largest uniform type
 that fits the profile's budget from the same run (a copy of the profile that avoids every other type of the
-run's menu, `--confirm 0`), then measures both pairs with llama.cpp (`coalora validate --no-measure`) on the
-same Pride and Prejudice windows. Writes bench/results/demo_uniform.{md,json}.
+run's menu, `--confirm 0`), then measures both pairs with llama.cpp (`coalora validate --no-measure
+--windows W`) on the same first W windows of 512 tokens of Pride and Prejudice. Writes
+bench/results/demo_uniform.{md,json}.
 
     python bench/demo_uniform.py --demo coalora-demo
 """
@@ -41,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, required=True, help="A `coalora demo -o` folder (run/ and dist/).")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "demo_uniform")
+    ap.add_argument("--windows", type=int, default=16, help="Pride and Prejudice windows of 512 tokens.")
     ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
     args = ap.parse_args()
     run, dist = args.demo / "run", args.demo / "dist"
@@ -51,7 +53,7 @@ def main() -> None:
         m = json.loads((folder / "manifest.json").read_text())
         conf = m["search"]["confirmation"] or {}
         uniform = conf.get("uniform")
-        pick = cli("validate", folder, "--no-measure", "--json", check=False)[0]
+        pick = cli("validate", folder, "--no-measure", "--windows", args.windows, "--json", check=False)[0]
         row = {"profile": folder.name, "budget_bytes": m["search"]["budget_bytes"],
                "pick": m["search"]["source"], "pick_bytes": m["files"]["model.gguf"]["bytes"],
                "pick_bpw": m["search"]["bits_per_weight"],
@@ -65,7 +67,7 @@ def main() -> None:
             wd = args.work / "dist"
             cli("emit", run, "--profile", toml, "-o", wd, "--windows", m["evaluation"]["n_windows"],
                 "--confirm", 0, "--json")
-            u = cli("validate", wd / name, "--no-measure", "--json", check=False)[0]
+            u = cli("validate", wd / name, "--no-measure", "--windows", args.windows, "--json", check=False)[0]
             um = json.loads((wd / name / "manifest.json").read_text())
             row.update(uniform_bytes=um["files"]["model.gguf"]["bytes"],
                        uniform_ppl=u["evaluation"]["perplexity_adapter"] if isinstance(u, dict) else None)
@@ -73,9 +75,8 @@ def main() -> None:
             row["pick_vs_uniform"] = row["pick_ppl"] / row["uniform_ppl"] - 1
             row["holds"] = row["pick_ppl"] <= row["uniform_ppl"]
         rows.append(row)
-    n_windows = json.loads((dist / rows[0]["profile"] / "manifest.json").read_text())["evaluation"]["n_windows"]
     md = (f"Each profile's pick from `{args.demo}` against the largest uniform file that fits its budget, both with "
-          f"their generated adapters from the same run; llama.cpp perplexity on {n_windows} x 512 tokens of Pride "
+          f"their generated adapters from the same run; llama.cpp perplexity on {args.windows} x 512 tokens of Pride "
           f"and Prejudice (`coalora validate --no-measure`)." + (f" {args.note}" if args.note else "") + "\n\n"
           + markdown_table(rows, [("profile", "profile"), ("budget_bytes", "budget (bytes)"), ("pick", "pick"),
                                   ("pick_bytes", "pick bytes"), ("pick_ppl", "pick + adapter"),

@@ -17,45 +17,18 @@ Writes bench/results/imatrix_quality.{md,json}.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cli, markdown_table, write_results  # noqa: E402
+from bench.common import cli, llama_quantize, markdown_table, write_results  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
 
 # llama.cpp file types from about 8.5 down to about 3.5 bits per weight (on SmolLM2's 576-wide rows the
 # 256-block types fall back on most matrices, so the measured bits per weight are in the table)
 STOCK = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "IQ3_M")
-
-
-def llama_quantize(src: Path, dst: Path, ftype_name: str, imatrix_path: Path | None) -> None:
-    """llama.cpp's own quantization of ``src`` to the file type, with the importance weights of ``imatrix_path``
-    fed through ``llama_model_quantize_params.imatrix`` (what llama-quantize --imatrix does)."""
-    import llama_cpp
-    import numpy as np
-
-    from converters import imatrix as imx
-    from toolkit.llama_runtime import _quiet_llama_logs
-
-    _quiet_llama_logs()
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}"), 2
-    keep = []
-    if imatrix_path is not None:
-        im = imx.load(imatrix_path)
-        names = im.names()
-        keep = [np.ascontiguousarray(im.weights(n), dtype=np.float32) for n in names]
-        data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
-        for i, (n, v) in enumerate(zip(names, keep)):
-            data[i].name, data[i].data, data[i].size = n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
-        data[len(names)].name = None
-        p.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) != 0:
-        sys.exit(f"llama_model_quantize {ftype_name} failed")
 
 
 def main() -> None:
@@ -69,6 +42,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/work/imatrix_quality"))
     ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
     args = ap.parse_args()
+    from converters import imatrix as imx
     from converters.gguf_inspect import inspect_gguf
     from toolkit import assets
 
@@ -110,9 +84,9 @@ def main() -> None:
     goal = []
     for t in [s for s in args.stock.split(",") if s]:
         plain, with_im = work / f"stock-{t}.gguf", work / f"stock-{t}-imatrix.gguf"
-        for path, im in ((plain, None), (with_im, imatrix)):
+        for path, im in ((plain, None), (with_im, imx.load(imatrix))):
             if not path.exists():
-                llama_quantize(f32, path, t, im)
+                llama_quantize(f32, path, t, imatrix=im)
         (p_plain,) = ev.ppl(plain, [fp_adapter])
         row(t, "stock + full-precision LoRA", plain, p_plain)
         p_none, p_base = ev.ppl(with_im, [None, fp_adapter])

@@ -26,35 +26,18 @@ Writes bench/results/quality.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, cli, markdown_table, peak_child_rss_mb, perplexity_plot, write_results  # noqa: E402
+from bench.common import RESULTS, cli, llama_quantize, markdown_table, peak_child_rss_mb, perplexity_plot, write_results  # noqa: E402
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
 COA_OPTIONS = ("--anchor", "F32", "--anchor-lora-weight", "0", "--cam-lr", "5e-3", "--type-deltas", "all",
                "--delta-error-power", "0.5")
-
-
-def llama_quantize(src: Path, dst: Path, ftype_name: str) -> float:
-    import llama_cpp
-
-    from toolkit.llama_runtime import _quiet_llama_logs
-    _quiet_llama_logs()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
-    params.nthread = 2
-    t = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        sys.exit(f"llama_model_quantize {ftype_name} failed ({rc})")
-    return time.perf_counter() - t
 
 
 class Evaluator:

@@ -50,21 +50,28 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path):
-    """Parsed JSON of ``path``; an unreadable, non-UTF-8, malformed or absurdly nested file is a one-line
-    CoaloraError (what the values mean is the reader's schema's business)."""
+def read_parsed(path, loads, kind: str, label: str = ""):
+    """``loads`` of the UTF-8 text of ``path`` (a JSON or TOML file, ``kind`` names it); an unreadable,
+    non-UTF-8, malformed or absurdly nested file is a one-line CoaloraError naming ``label path`` (what the
+    values mean is the reader's schema's business)."""
+    what = f"{label} {path}".lstrip()
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CoaloraError(f"file not found: {path}") from None
+        raise CoaloraError(f"{label + ' file' if label else 'file'} not found: {path}") from None
     except IsADirectoryError:
-        raise CoaloraError(f"{path} is a folder, not a JSON file") from None
+        raise CoaloraError(f"{what} is a folder, not a {kind} file") from None
     except UnicodeDecodeError as e:
-        raise CoaloraError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        raise CoaloraError(f"{what} is not UTF-8 text (byte {e.start})") from None
     except RecursionError:
-        raise CoaloraError(f"{path} is nested too deeply to be a coalora file") from None
-    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        raise CoaloraError(f"{path} is unreadable: {getattr(e, 'strerror', None) or e}") from None
+        raise CoaloraError(f"{what} is nested too deeply to be a coalora file") from None
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise CoaloraError(f"{what} is unreadable: {getattr(e, 'strerror', None) or e}") from None
+
+
+def read_json(path):
+    """Parsed JSON of ``path`` (:func:`read_parsed`)."""
+    return read_parsed(path, json.loads, "JSON")
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -12,7 +12,8 @@ from conftest import build_tiny_model, tiny_corpus
 from converters.configuration import apply_overrides
 from converters.gguf_model_writer import llama_ftype, write_gguf
 from converters.model_loading import load_model
-from test_convert import SAMPLE, gguf_fields, gguf_tensors, llama, llama_quantize
+from bench.common import llama_quantize
+from test_convert import SAMPLE, gguf_fields, gguf_tensors, llama
 from toolkit import budget_search, evaluation, llama_runtime, pareto_search
 from toolkit.sensitivity import load_error_table
 from toolkit.ggml_activations import emulate_ggml_ops

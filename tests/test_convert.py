@@ -1,7 +1,6 @@
 """Conversion: our GGUF bytes equal llama.cpp's, sizes are exact, llama.cpp agrees with transformers."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import random
@@ -10,10 +9,11 @@ import re
 import numpy as np
 import pytest
 
+from bench.common import llama_quantize
 from conftest import austen_text
 from converters.gguf_model_writer import llama_ftype, write_gguf
 from converters.model_loading import load_model
-from converters.quant_types import CATALOGUE_NAMES, get
+from converters.quant_types import CATALOGUE_NAMES
 from toolkit.cli import main
 from converters.configuration import Configuration, apply_overrides
 from converters.errors import CoaloraError
@@ -25,20 +25,6 @@ def gguf_tensors(path) -> dict[str, tuple[str, bytes]]:
     import gguf
     r = gguf.GGUFReader(path)
     return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data).view(np.uint8).reshape(-1))) for t in r.tensors}
-
-
-def llama_quantize(src, dst, ftype: int, pure: bool = True, overrides=()):
-    import llama_cpp
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.pure, p.nthread = ftype, pure, 2
-    if overrides:
-        arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
-        for i, (pattern, qname) in enumerate(overrides):
-            arr[i].pattern, arr[i].type = pattern.encode(), int(get(qname).ggml)
-        arr[len(overrides)].pattern = None
-        p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
-    assert rc == 0
 
 
 def llama(path, **kw):

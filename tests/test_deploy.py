@@ -164,15 +164,14 @@ class TinyRun:
         return logits
 
 
-@pytest.fixture(scope="module")
-def env(tiny_model_dir, tmp_path_factory):
-    """(run, profile, text path, DIST/NAME) after one real emit of the tiny model."""
+def emit_tiny(tiny_model_dir, root, n_windows: int, mp: pytest.MonkeyPatch):
+    """One real emit of the tiny model (uniform Q8_0 in place of the search) into ROOT/dist, with
+    $COALORA_HOME in ROOT (set through ``mp``, which the caller undoes): (run, profile, text path, DIST/NAME,
+    manifest)."""
     from toolkit import emit as emit_mod
     from toolkit.budget_search import SearchResult
     from toolkit.profiles import load_profile
 
-    root = tmp_path_factory.mktemp("deploy")
-    mp = pytest.MonkeyPatch()
     mp.setenv("COALORA_HOME", str(root / "home"))
     run = TinyRun(tiny_model_dir, root / "run")
     cfg = run.layout.uniform("Q8_0")
@@ -182,8 +181,15 @@ def env(tiny_model_dir, tmp_path_factory):
     profile = load_profile(root / "p.toml")
     text = root / "heldout.txt"
     text.write_text(tiny_corpus(3000, seed=11))
-    manifest = emit_mod.emit(run, profile, root / "dist", n_windows=4, n_ctx=64, text_path=text)
-    yield run, profile, text, root / "dist" / profile.name, manifest
+    manifest = emit_mod.emit(run, profile, root / "dist", n_windows=n_windows, n_ctx=64, text_path=text)
+    return run, profile, text, root / "dist" / profile.name, manifest
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir, tmp_path_factory):
+    """(run, profile, text path, DIST/NAME, manifest) after one real emit of the tiny model."""
+    mp = pytest.MonkeyPatch()
+    yield emit_tiny(tiny_model_dir, tmp_path_factory.mktemp("deploy"), 4, mp)
     mp.undo()
 
 

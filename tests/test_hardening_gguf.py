@@ -7,12 +7,11 @@ import shutil
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from converters.errors import CoaloraError
 from test_architectures import rewrite_gguf
-from test_deploy import TINY_PROFILE, TinyRun
+from test_deploy import emit_tiny
 
 
 @pytest.fixture(scope="module")
@@ -177,24 +176,11 @@ def test_metadata_llama_cpp_would_abort_on_is_refused(tiny_gguf, tmp_path, capsy
 @pytest.fixture(scope="module")
 def dist(tiny_model_dir, tmp_path_factory):
     """An emitted device folder of the tiny model (as test_deploy's env fixture emits it)."""
-    from toolkit import emit as emit_mod
-    from toolkit.budget_search import SearchResult
-    from toolkit.profiles import load_profile
-    from conftest import tiny_corpus
-
-    root = tmp_path_factory.mktemp("hardening_dist")
     mp = pytest.MonkeyPatch()
-    mp.setenv("COALORA_HOME", str(root / "home"))
-    run = TinyRun(tiny_model_dir, root / "run")
-    cfg = run.layout.uniform("Q8_0")
-    mp.setattr(emit_mod, "_best", lambda r, layout, budget, *a: SearchResult(
-        cfg, layout.file_bytes(cfg), layout.bits_per_weight(cfg), None, budget_bytes=budget, source="test"))
-    (root / "p.toml").write_text(TINY_PROFILE)
-    text = root / "heldout.txt"
-    text.write_text(tiny_corpus(3000, seed=11))
-    emit_mod.emit(run, load_profile(root / "p.toml"), root / "dist", n_windows=2, n_ctx=64, text_path=text)
-    mp.undo()
-    return root / "dist" / "tiny-test"
+    try:
+        return emit_tiny(tiny_model_dir, tmp_path_factory.mktemp("hardening_dist"), 2, mp)[3]
+    finally:
+        mp.undo()
 
 
 def _copy(dist, tmp_path) -> Path:

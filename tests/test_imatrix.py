@@ -2,13 +2,13 @@
 ggml's and llama_model_quantize's, the IQ1-IQ3 types, training with one, bad files."""
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import build_tiny_llama, tiny_corpus
+from bench.common import llama_quantize
 from test_convert import gguf_tensors
 from test_training import FAST, _llama_vs_torch
 from converters import ggml_quant
@@ -126,35 +126,14 @@ def test_convert_imatrix_bytes_equal_ggml_and_llama_quantize(tiny, tiny_f32, tin
         assert data == ggml_quant.quantize(w, qname, im.weights(name)).tobytes(), name
         if not get(qname).needs_imatrix:
             assert data != ggml_quant.quantize(w, qname).tobytes(), f"{qname}: the importance weights must count"
-    _llama_quantize_imatrix(tiny_f32, theirs, "Q8_0", im, rules)
+    llama_quantize(tiny_f32, theirs, llama_ftype("Q8_0"), pure=True, overrides=rules, imatrix=im)
     b = gguf_tensors(theirs)
     assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}
     assert all(a[n][1] == b[n][1] for n in a)
 
 
-def _llama_quantize_imatrix(src, dst, qname, im, overrides):
-    """llama_model_quantize with the imatrix weights fed through llama_model_quantize_params.imatrix."""
-    import llama_cpp
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.pure, p.nthread = llama_ftype(qname), True, 2
-    names = im.names()
-    keep = [np.ascontiguousarray(im.weights(n), dtype=np.float32) for n in names]
-    data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
-    for i, (n, v) in enumerate(zip(names, keep)):
-        data[i].name, data[i].data, data[i].size = n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
-    data[len(names)].name = None
-    p.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
-    for i, (pattern, q) in enumerate(overrides):
-        arr[i].pattern, arr[i].type = pattern.encode(), int(get(q).ggml)
-    arr[len(overrides)].pattern = None
-    p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
-
-
 def test_fallbacks_match_llama_quantize(tmp_path):
     """Rows of 288 (a multiple of 32, not of 256): the 256-block types fall back as llama-quant.cpp does."""
-    from test_convert import llama_quantize
     lm = load_model(build_tiny_llama(tmp_path / "m288", hidden_size=288, intermediate_size=512))
     f32 = tmp_path / "f32.gguf"
     write_gguf(lm.gguf, f32, lm.layout().uniform("F32"), progress=False)
@@ -163,7 +142,8 @@ def test_fallbacks_match_llama_quantize(tmp_path):
     for qname in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "IQ3_S"):
         out = tmp_path / f"{qname}.gguf"
         if get(qname).needs_imatrix:
-            _llama_quantize_imatrix(f32, out, qname, ones, [("token_embd", "Q8_0"), (r"^output\.", "Q8_0")])
+            llama_quantize(f32, out, llama_ftype(qname), pure=True, imatrix=ones,
+                           overrides=[("token_embd", "Q8_0"), (r"^output\.", "Q8_0")])
         else:
             llama_quantize(f32, out, llama_ftype(qname), pure=True)
         theirs = gguf_tensors(out)

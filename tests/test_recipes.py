@@ -89,7 +89,7 @@ def test_resume_keeps_the_runs_own_options(captured, tmp_path):
     ('anchor = "Q9"\n', "unknown quant type"),
     ('config_batch = "half"\n', "config_batch must be one of"),
     ("configs_per_step = 1.5\n", "must be an integer"),
-    ("cam_lr = \n", "cannot read recipe"),
+    ("cam_lr = \n", "bad.toml is unreadable"),
 ])
 def test_bad_recipe_file_is_one_line(tmp_path, capsys, text, message):
     bad = tmp_path / "bad.toml"

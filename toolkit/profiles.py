@@ -21,6 +21,7 @@ from toolkit import limits
 from toolkit import memory_model as mm
 from toolkit.limits import Limit
 from converters.errors import CoaloraError
+from converters.fileio import read_parsed
 
 REQUIRED = ("name", "description", "memory_bytes", "model_share", "context_length", "threads")
 
@@ -198,16 +199,5 @@ def load_profile(name_or_path) -> Profile:
             raise CoaloraError(f"unknown device profile {s!r}; known: {', '.join(sorted(shipped))} "
                                f"(or give the path of a .toml file)")
         path = shipped[s]
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CoaloraError(f"profile file not found: {path}") from None
-    except IsADirectoryError:
-        raise CoaloraError(f"profile {path} is a folder, not a TOML file") from None
-    except UnicodeDecodeError as e:
-        raise CoaloraError(f"profile {path} is not UTF-8 text (byte {e.start})") from None
-    except RecursionError:
-        raise CoaloraError(f"profile {path} is nested too deeply") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise CoaloraError(f"cannot read profile {path}: {getattr(e, 'strerror', None) or e}") from None
+    data = read_parsed(path, tomllib.loads, "TOML", "profile")
     return _parse(data, str(path))

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from converters.errors import CoaloraError
+from converters.fileio import read_parsed
 
 DEFAULT = "anchored"
 
@@ -89,12 +90,7 @@ def load_recipe(name_or_path) -> dict:
         path = Path(s)
     else:
         raise CoaloraError(f"unknown recipe {s!r}; known: {', '.join(sorted(shipped))} (or the path of a .toml file)")
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise CoaloraError(f"recipe file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise CoaloraError(f"cannot read recipe {path}: {e}") from None
+    data = read_parsed(path, tomllib.loads, "TOML", "recipe")
     data.pop("description", None)
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
