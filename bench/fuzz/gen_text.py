@@ -136,7 +136,7 @@ def profile_field_valid(key: str, v) -> bool:
     if key in ("memory_bytes", "model_budget_bytes"):
         return _int_in(v, 1, 2**50)
     if key == "model_share":
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v)) and 0 < v <= 1
     if key == "context_length":
         return _int_in(v, 1, 1 << 20)
     if key == "threads":
