@@ -13,15 +13,22 @@ RESULTS = ROOT / "bench" / "results"
 COALORA = [sys.executable, "-m", "toolkit.cli"]
 
 
-def provenance() -> dict:
-    """What made a result: the commit (and whether the tree had changes), the exact command, the date."""
-    import datetime
-
+def _git_state() -> dict:
     def git(*a):
         r = subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)
         return r.stdout.strip() if r.returncode == 0 else None
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+_STARTED = _git_state()  # the code a benchmark runs is the code it started with, whatever is committed meanwhile
+
+
+def provenance() -> dict:
+    """What made a result: the commit the script started at (and whether the tree had changes then), the
+    exact command, the date it finished."""
+    import datetime
+
+    return {**_STARTED, "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
