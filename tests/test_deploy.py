@@ -57,7 +57,7 @@ def test_user_toml_path_accepted_and_checked(tmp_path):
     with pytest.raises(CoaloraError, match="flash_attn"):
         load_profile(bad)
     bad.write_text("name = [")
-    with pytest.raises(CoaloraError, match="cannot read"):
+    with pytest.raises(CoaloraError, match="bad.toml is unreadable"):
         load_profile(bad)
 
 
