@@ -303,3 +303,23 @@ def test_bad_data_records_fail_before_the_model_loads(fuzz_workdir, tmp_path, ca
                      str(tmp_path / "run"), "--steps", "1", "--no-imatrix"]) == 1
         assert _error_line(capsys).startswith("coalora: error:")
         assert not (tmp_path / "run").exists()
+
+
+def test_bad_experiment_switch_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import converters.model_loading as ml
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(ml, "load_model", no_load)
+    for switch in (["--anchor", "Q9"], ["--type-deltas", "bogus"]):
+        assert main(["train", "smollm2", "-o", str(tmp_path / "run"), *switch]) == 1
+        assert _error_line(capsys).startswith(f"coalora: error: {switch[0]} ")
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field", ["memory_bytes", "model_share", "context_length", "threads", "ubatch"])
+def test_huge_integer_profile_field_is_out_of_range(field, tmp_path, capsys):
+    p = tmp_path / "p.toml"
+    p.write_text(_toml({**GOOD, field: 10 ** 400}))
+    assert main(["profiles", str(p)]) == 1
+    assert _error_line(capsys).startswith(f"coalora: error: profile {p}: {field} must be in")

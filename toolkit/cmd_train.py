@@ -97,7 +97,13 @@ def _recipe_options(recipe, out, resume: bool, mode: str, given: dict) -> dict:
         base = load_recipe(recipe or DEFAULT)
         if recipe is None and mode != "coa":
             base = {k: v for k, v in base.items() if k not in COA_ONLY}
-    return {**base, **{k: v for k, v in given.items() if v is not None}}
+    given = {k: v for k, v in given.items() if v is not None}
+    for k, v in given.items():  # checked as a recipe file's values are, before anything loads
+        try:
+            KEYS[k](v)
+        except (ValueError, CoaloraError) as e:
+            raise CoaloraError(f"--{k.replace('_', '-')} {str(v)[:40]}: {e}") from None
+    return {**base, **given}
 
 
 def _targets(s: str) -> tuple:

@@ -17,7 +17,7 @@ class Limit:
         """None when ``value`` is within range, else what is wrong (without echoing a huge value)."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and not isinstance(value, int)):
             return f"must be {'an integer' if self.integer else 'a number'}"
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # (a huge int is simply out of range)
             return "must be a finite number"
         if value < self.lo or value > self.hi or (self.lo_open and value == self.lo):
             return f"must be in {self.describe()}"

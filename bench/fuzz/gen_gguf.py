@@ -343,7 +343,7 @@ def manifest_edit(m: dict, rng: random.Random) -> str:
         m["fits"][k] = rng.choice([not m["fits"][k], "yes", 1, None])
     elif op == "memory":
         k = rng.choice(list(mem))
-        mem[k] = rng.choice([0, 1, mem[k] + 1, mem[k] * 2])
+        mem[k] = rng.choice([v for v in (0, 1, mem[k] + 1, mem[k] * 2) if v != mem[k]])  # always a change
     elif op == "config_type":
         n = rng.choice(list(m["configuration"]))
         cur = m["configuration"][n].upper()
