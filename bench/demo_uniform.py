@@ -59,7 +59,7 @@ def main() -> None:
                "pick_bpw": m["search"]["bits_per_weight"],
                "pick_ppl": pick["evaluation"]["perplexity_adapter"] if isinstance(pick, dict) else None,
                "uniform": uniform, "uniform_bytes": None, "uniform_ppl": None}
-        if uniform and m["search"]["source"].split("+")[0] == f"uniform:{uniform}":
+        if uniform and m["search"]["source"] == f"uniform:{uniform}":  # the pick is that very file
             row.update(uniform_bytes=row["pick_bytes"], uniform_ppl=row["pick_ppl"])
         elif uniform:
             toml = args.work / f"{folder.name}-uniform.toml"
