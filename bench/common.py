@@ -101,6 +101,30 @@ def llama_quantize(src, dst, ftype: int | str, *, pure: bool = False, overrides=
     return time.perf_counter() - t
 
 
+def toml_value(v) -> str:
+    """A TOML value (profiles and recipes written by the benchmarks and the fuzz generator)."""
+    import math
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def toml_text(d: dict) -> str:
+    """A flat TOML document of ``d`` (None values left out)."""
+    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in d.items() if v is not None)
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(title for _, title in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"

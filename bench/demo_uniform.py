@@ -17,15 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, cli, markdown_table, write_results  # noqa: E402
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(v)
+from bench.common import ROOT, cli, markdown_table, toml_text, write_results  # noqa: E402
 
 
 def uniform_profile(profile: dict, keep: str, menu: list[str], path: Path) -> str:
@@ -34,7 +26,7 @@ def uniform_profile(profile: dict, keep: str, menu: list[str], path: Path) -> st
     d = {**profile, "name": name, "description": f"{profile['description']} (uniform {keep} only)",
          "prefer": [keep], "avoid": [t for t in menu if t != keep]}
     d.pop("process_budget_bytes", None)
-    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in d.items() if v is not None))
+    path.write_text(toml_text(d))
     return name
 
 

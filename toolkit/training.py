@@ -95,7 +95,9 @@ WINDOWS_FILE = "windows.npz"  # record data: ids, mask, record (+ calib_ids, cal
 
 def _read_token_file(path: str) -> dict[str, np.ndarray]:
     """The arrays of a run's token file, checked for shape and dtype before any use."""
-    name = Path(path).name
+    def damaged(why: str) -> CoaloraError:
+        return CoaloraError(f"{Path(path).name} of the run is damaged ({why}); train the run again")
+
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
@@ -103,18 +105,18 @@ def _read_token_file(path: str) -> dict[str, np.ndarray]:
         else:
             arrays = {"tokens": np.load(path, allow_pickle=False)}
     except Exception as e:  # numpy raises ValueError, EOFError, SyntaxError, tokenize errors, BadZipFile ... here
-        raise CoaloraError(f"{name} of the run is damaged ({type(e).__name__}); train the run again") from None
+        raise damaged(type(e).__name__) from None
     shapes = {"tokens": 1, "ids": 2, "mask": 2, "record": 1, "calib_ids": 2, "calib_mask": 2}
     need = {"tokens"} if "tokens" in arrays else {"ids", "mask", "record"}
     bad = [k for k in arrays if k not in shapes or arrays[k].ndim != shapes[k]
            or arrays[k].dtype.kind not in ("b" if k.endswith("mask") else "iu")]
     if bad or not need <= arrays.keys() or ("calib_ids" in arrays) != ("calib_mask" in arrays):
-        raise CoaloraError(f"{name} of the run is damaged (arrays {sorted(arrays)[:6]}); train the run again")
+        raise damaged(f"arrays {sorted(arrays)[:6]}")
     for ids, mask in (("ids", "mask"), ("calib_ids", "calib_mask")):
         if ids in arrays and arrays[ids].shape != arrays[mask].shape:
-            raise CoaloraError(f"{name} of the run is damaged ({ids} and {mask} differ in shape); train the run again")
+            raise damaged(f"{ids} and {mask} differ in shape")
     if "record" in arrays and len(arrays["record"]) != len(arrays["ids"]):
-        raise CoaloraError(f"{name} of the run is damaged (one record index per window expected); train the run again")
+        raise damaged("one record index per window expected")
     return arrays
 
 

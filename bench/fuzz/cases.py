@@ -15,7 +15,7 @@ import math
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ERROR = "error"  # expected outcome: a one-line `coalora: error:` or a click usage error, exit != 0

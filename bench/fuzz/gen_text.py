@@ -14,7 +14,8 @@ import random
 import shutil
 from pathlib import Path
 
-from bench.fuzz.cases import (HOSTILE_SCALARS, OK, Case, Fixtures, case_dir, deep_json, flip_bytes, hostile_value,
+from bench.common import toml_text
+from bench.fuzz.cases import (OK, Case, Fixtures, case_dir, deep_json, flip_bytes, hostile_value,
                               truncate, write, write_json)
 
 
@@ -151,26 +152,6 @@ def profile_field_valid(key: str, v) -> bool:
         return isinstance(v, list) and all(isinstance(q, str) and q.upper() in CATALOGUE for q in v) and not (
             key == "avoid" and set(MENU) <= {q.upper() for q in v})
     return False
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(type(v))
-
-
-def toml_text(d: dict) -> str:
-    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in d.items() if v is not None)
 
 
 def profile_cases(rng: random.Random, workdir: Path, fx: Fixtures, n: int) -> list[Case]:
