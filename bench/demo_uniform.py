@@ -21,11 +21,14 @@ from bench.common import ROOT, cli, markdown_table, toml_text, write_results  # 
 
 
 def uniform_profile(profile: dict, keep: str, menu: list[str], path: Path) -> str:
-    """A copy of ``profile`` whose menu is the one type ``keep``: written to ``path``; returns its name."""
+    """A copy of ``profile`` (a manifest's: its profile keys, without what emit added) whose menu is the one type
+    ``keep``: written to ``path``; returns its name."""
+    from toolkit.profiles import FIELDS
+
     name = f"{profile['name']}-uniform-{keep.lower()}"
-    d = {**profile, "name": name, "description": f"{profile['description']} (uniform {keep} only)",
-         "prefer": [keep], "avoid": [t for t in menu if t != keep]}
-    d.pop("process_budget_bytes", None)
+    d = {k: v for k, v in profile.items() if k in FIELDS}
+    d.update(name=name, description=f"{profile['description']} (uniform {keep} only)", prefer=[keep],
+             avoid=[t for t in menu if t != keep])
     path.write_text(toml_text(d))
     return name
 
