@@ -17,7 +17,9 @@ def _git_state() -> dict:
     def git(*a):
         r = subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)
         return r.stdout.strip() if r.returncode == 0 else None
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    # dirty: the code differs from the commit (result files other benchmarks are writing do not count)
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
 
 
 _STARTED = _git_state()  # the code a benchmark runs is the code it started with, whatever is committed meanwhile
