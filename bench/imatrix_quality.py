@@ -13,6 +13,7 @@ Protocol (SmolLM2-135M-Instruct dequantized to F32; the five training novels; he
 Writes bench/results/imatrix_quality.{md,json}.
 
     python bench/imatrix_quality.py --coa-run coalora-demo/run    # reuse a trained run (e.g. the demo's)
+    python bench/imatrix_quality.py --report-only --windows 16     # rewrite the markdown from the JSON
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cli, llama_quantize, markdown_table, write_results  # noqa: E402
+from bench.common import RESULTS, cli, llama_quantize, markdown_table, write_results  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
 
 # llama.cpp file types from about 8.5 down to about 3.5 bits per weight (on SmolLM2's 576-wide rows the
@@ -41,7 +42,13 @@ def main() -> None:
     ap.add_argument("--stock", default=",".join(STOCK))
     ap.add_argument("--work", type=Path, default=Path("bench/work/imatrix_quality"))
     ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from imatrix_quality.json")
     args = ap.parse_args()
+    if args.report_only:
+        data = json.loads((RESULTS / "imatrix_quality.json").read_text())
+        data.setdefault("windows", args.windows)
+        data.setdefault("note", args.note)
+        return write_results("imatrix_quality", data, report(data))
     from converters import imatrix as imx
     from converters.gguf_inspect import inspect_gguf
     from toolkit import assets
@@ -111,20 +118,35 @@ def main() -> None:
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget})
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
-    md = (f"SmolLM2-135M; CoA-LoRA run `{coa.name}` ({o['steps']} steps x {o['batch']} x {o['seq_len']} tokens, "
-          f"rank {o['rank']}, recipe options as trained, imatrix from its training text); full-precision LoRA "
-          f"with the same steps; llama.cpp perplexity on {args.windows} x 512 tokens of Pride and Prejudice. "
-          f"Floor (F32 + full-precision LoRA): {floor:.3f}." + (f" {args.note}" if args.note else "") + "\n\n"
-          + markdown_table(goal, [("stock", "stock type"), ("budget_bytes", "budget = stock+imatrix bytes"),
-                                  ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),
-                                  ("coalora_bytes", "coalora bytes"), ("coalora_bpw", "coalora bpw"),
-                                  ("coalora_ppl", "coalora + adapter"), ("coalora_vs_baseline", "coalora vs stock"),
-                                  ("coalora_gap_to_floor", "coalora gap to floor"), ("wins", "coalora wins")])
-          + "\n\nEvery row:\n\n"
-          + markdown_table(rows, [("stock", "stock type"), ("method", "method"), ("file_bytes", "file bytes"),
-                                  ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor", "gap to floor")]))
-    write_results("imatrix_quality", {"coa_run": str(coa), "options": o, "floor": floor, "goal": goal,
-                                      "rows": rows}, md)
+    data = {"coa_run": str(coa), "options": o, "windows": args.windows, "note": args.note, "floor": floor,
+            "goal": goal, "rows": rows}
+    write_results("imatrix_quality", data, report(data))
+
+
+def report(data: dict) -> str:
+    """The markdown of a result: the goal per budget, then every row. Adds the ratios as percentages to ``data``
+    (the README's numbers must be in the result file)."""
+    o, floor = data["options"], data["floor"]
+    for g in data["goal"]:
+        g["coalora_vs_baseline_pct"] = round(100 * g["coalora_vs_baseline"], 2)
+        g["coalora_gap_to_floor_pct"] = round(100 * g["coalora_gap_to_floor"], 2)
+    for r in data["rows"]:
+        r["gap_to_floor_pct"] = round(100 * r["gap_to_floor"], 2)
+    goal = [{**g, "wins": "yes" if g["wins"] else "no"} for g in data["goal"]]
+    rows = data["rows"]
+    return (f"SmolLM2-135M; CoA-LoRA run `{Path(data['coa_run']).name}` ({o['steps']} steps x {o['batch']} x "
+            f"{o['seq_len']} tokens, rank {o['rank']}, recipe options as trained, imatrix from its training text); "
+            f"full-precision LoRA with the same steps; llama.cpp perplexity on {data['windows']} x 512 tokens of "
+            f"Pride and Prejudice. Floor (F32 + full-precision LoRA): {floor:.3f}."
+            + (f" {data['note']}" if data.get("note") else "") + "\n\n"
+            + markdown_table(goal, [("stock", "stock type"), ("budget_bytes", "budget = stock+imatrix bytes"),
+                                    ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),
+                                    ("coalora_bytes", "coalora bytes"), ("coalora_bpw", "coalora bpw"),
+                                    ("coalora_ppl", "coalora + adapter"), ("coalora_vs_baseline_pct", "coalora vs stock %"),
+                                    ("coalora_gap_to_floor_pct", "coalora gap to floor %"), ("wins", "coalora wins")])
+            + "\n\nEvery row:\n\n"
+            + markdown_table(rows, [("stock", "stock type"), ("method", "method"), ("file_bytes", "file bytes"),
+                                    ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor_pct", "gap to floor %")]))
 
 
 if __name__ == "__main__":
