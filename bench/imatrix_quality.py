@@ -142,7 +142,8 @@ def report(data: dict) -> str:
             + markdown_table(goal, [("stock", "stock type"), ("budget_bytes", "budget = stock+imatrix bytes"),
                                     ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),
                                     ("coalora_bytes", "coalora bytes"), ("coalora_bpw", "coalora bpw"),
-                                    ("coalora_ppl", "coalora + adapter"), ("coalora_vs_baseline_pct", "coalora vs stock %"),
+                                    ("coalora_ppl", "coalora + adapter"),
+                                    ("coalora_vs_baseline_pct", "coalora vs stock %"),
                                     ("coalora_gap_to_floor_pct", "coalora gap to floor %"), ("wins", "coalora wins")])
             + "\n\nEvery row:\n\n"
             + markdown_table(rows, [("stock", "stock type"), ("method", "method"), ("file_bytes", "file bytes"),
