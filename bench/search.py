@@ -163,7 +163,7 @@ def main(argv=None):
     print(f"objective: {objective.description}")
     t = time.time()
     errors = error_table(layout, lm.gguf_weight, cache=assets.home() / "bench" / "smollm2-sensitivity.json",
-                         progress=True)
+                         progress=True, imatrix=run.imatrix() if args.run else None)  # the IQ types need one
     t_sens = time.time() - t
 
     results, archives, timing = {}, {}, {}
