@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit import assets  # noqa: E402
 from converters.configuration import Configuration, ModelLayout  # noqa: E402
+from bench.common import provenance  # noqa: E402
 from converters.fileio import sha256_file, write_json, write_text  # noqa: E402
 from toolkit.pareto_search import (Archive, hypervolume, make_candidate_pool, non_dominated,  # noqa: E402
                                    plot_pareto, per_bin_fronts, refine)
@@ -191,7 +192,7 @@ def main(argv=None):
                          "best_loss_at_bpw_le": {str(b): (min([l for x, l in pts if x <= b], default=None))
                                                  for b in (4.5, 5.0, 5.5, 6.0, 8.5)},
                          **timing[name]}
-    out = {"model": str(lm.source), "objective": objective.description,
+    out = {"provenance": provenance(), "model": str(lm.source), "objective": objective.description,
            "bpw_range": [BPW_LO, BPW_HI], "reference_point": {"bpw": ref[0], "loss": ref[1]},
            "evaluations_per_method": args.n, "round": args.round, "seed": args.seed,
            "sensitivity_seconds": t_sens, "total_seconds": time.time() - t0, "methods": results}
