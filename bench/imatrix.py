@@ -17,12 +17,13 @@ low-bit types (bench/results/imatrix_ternary.{md,json}).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cli, markdown_table, provenance, write_results  # noqa: E402
+from bench.common import RESULTS, cli, markdown_table, provenance, write_results  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
 
 TYPES = ("Q4_0", "IQ4_NL", "Q3_K", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--adapter", type=Path, help="a trained full-precision LoRA run whose F32 adapter is applied too")
     ap.add_argument("--work", type=Path, default=Path("bench/work/imatrix"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of bench/results/imatrix.json measured with the same windows, chunks, adapter")
     args = ap.parse_args()
     import ctypes
 
@@ -91,10 +94,21 @@ def main() -> None:
             cli("adapter", args.adapter, "--config", "F32", "-o", adapter, "--json")
         adapters.append(adapter)
     ev = Evaluator(f32, args.windows, 512)
-    rows = []
+    rows, earlier = [], None
+    old = RESULTS / "imatrix.json"
+    if args.resume and old.exists():  # keep the rows an earlier run of the same protocol measured
+        prev = json.loads(old.read_text())
+        cmd = prev["provenance"]["command"].split()
+        adapter = prev.get("adapter", cmd[cmd.index("--adapter") + 1] if "--adapter" in cmd else "")
+        if (prev.get("windows"), prev.get("chunks"), adapter) == (args.windows, args.chunks, str(args.adapter or "")):
+            rows = prev["rows"]
+            earlier = prev.get("earlier_rows_provenance") or prev["provenance"]
+    done = {(r["type"], r["imatrix"]) for r in rows}
 
     def measure(qname, with_imatrix, model):
         from converters.gguf_inspect import inspect_gguf
+        if (qname, "yes" if with_imatrix else "no") in done:
+            return
         ppl = ev.ppl(model, adapters)
         info = inspect_gguf(model)
         rows.append({"type": qname, "imatrix": "yes" if with_imatrix else "no", "file_bytes": model.stat().st_size,
@@ -116,7 +130,8 @@ def main() -> None:
                 f"The machine was shared with other jobs (no timings here). With the imatrix, perplexity is lower "
                 f"for: {', '.join(better) or 'none'}.")
         write_results("imatrix", {"provenance": provenance(), "machine_shared": True, "protocol": note,
-                                  "windows": args.windows, "chunks": args.chunks, "rows": rows},
+                                  "windows": args.windows, "chunks": args.chunks, "adapter": str(args.adapter or ""),
+                                  "rows": rows, **({"earlier_rows_provenance": earlier} if earlier else {})},
                       f"{note}\n\n{markdown_table(rows, cols)}\n")
 
     for qname in args.types.split(","):

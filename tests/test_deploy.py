@@ -132,11 +132,14 @@ class TinyRun:
         from converters.ggml_quant import quantize
         return quantize(self.loaded_model.gguf_weight(name), qtype)
 
-    def write_adapter(self, cfg, path):
+    def has_adjustments(self):
+        return False  # one fixed adapter for every configuration
+
+    def write_adapter(self, cfg, path, adjusted=True):
         from converters.gguf_adapter_writer import write_lora_gguf
         return write_lora_gguf(path, self.loaded_model.arch, self.alpha, self.tensors)
 
-    def torch_logits_fn(self, cfg):
+    def torch_logits_fn(self, cfg, adjusted=True):
         import torch
         from converters.ggml_quant import roundtrip
 

@@ -91,7 +91,7 @@ class ConfirmedRun(TinyRun):
         error_table(self.layout, self.loaded_model.gguf_weight, cache=self.path / "sensitivity.json")
         self.gain, self.measured = gain, []
 
-    def calibration_loss(self, cfgs, n_windows=None, per_window=False):
+    def calibration_loss(self, cfgs, n_windows=None, per_window=False, adjusted=True):
         base = np.linspace(3.0, 3.5, n_windows)
         noise = np.random.default_rng(0).normal(0.0, 0.01, n_windows)
         uniform = {self.layout.uniform(t) for t in self.layout.menu_names}
@@ -135,6 +135,45 @@ def test_emit_confirms_its_pick_like_search(tiny_model_dir, tmp_path, monkeypatc
         assert picked["vs_uniform"] < -2 * picked["vs_uniform_se"]
     res = search_run(run, plan.layout, plan.budget_bytes, 2, 16)  # what `coalora search --confirm 2` picks
     assert res.cfg.to_json()["types"] == m["configuration"] and res.source == m["search"]["source"]
+
+
+class AdjustedRun(ConfirmedRun):
+    """ConfirmedRun whose adapter depends on the configuration; its shared LoRA measures ``shared_gain`` nats
+    better than the generated adapter. Records which variant emit writes and predicts with."""
+
+    def __init__(self, model_dir, path, shared_gain: float):
+        super().__init__(model_dir, path, 0.05)
+        self.shared_gain, self.variants = shared_gain, []
+
+    def has_adjustments(self):
+        return True
+
+    def calibration_loss(self, cfgs, n_windows=None, per_window=False, adjusted=True):
+        out = super().calibration_loss(cfgs, n_windows, per_window)
+        return out if adjusted else [w - self.shared_gain for w in out]
+
+    def write_adapter(self, cfg, path, adjusted=True):
+        self.variants.append(("adapter", adjusted))
+        return super().write_adapter(cfg, path, adjusted)
+
+    def torch_logits_fn(self, cfg, adjusted=True):
+        self.variants.append(("predict", adjusted))
+        return super().torch_logits_fn(cfg, adjusted)
+
+
+@pytest.mark.parametrize("shared_gain, kind", [(0.0, "shared"), (-0.05, "generated")])
+def test_emit_writes_and_predicts_the_confirmed_adapter(tiny_model_dir, tmp_path, monkeypatch, profile,
+                                                        shared_gain, kind):
+    from toolkit.emit import emit
+
+    monkeypatch.setenv("COALORA_HOME", str(tmp_path / "home"))
+    run = AdjustedRun(tiny_model_dir, tmp_path / "run", shared_gain)
+    text = tmp_path / "heldout.txt"
+    text.write_text(tiny_corpus(2000, seed=5))
+    m = emit(run, profile, tmp_path / "dist", n_windows=1, n_ctx=64, text_path=text, confirm=2, confirm_windows=16)
+    adjusted = kind == "generated"
+    assert m["search"]["adapter"] == kind and m["search"]["confirmation"]["adapter"]["generated"] == adjusted
+    assert run.variants == [("adapter", adjusted), ("predict", adjusted)]
 
 
 def test_emit_without_confirmation_measures_nothing(tiny_model_dir, tmp_path, monkeypatch, profile):

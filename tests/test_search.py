@@ -187,6 +187,36 @@ def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setu
         assert res.measured_loss < float(np.linspace(3.0, 3.5, 32).mean())
 
 
+@pytest.mark.parametrize("gain, generated", [(0.001, False), (-0.01, False), (0.05, True)])
+def test_confirmation_keeps_the_generated_adapter_only_when_clearly_better(setup, gain, generated):
+    """After the pick, its generated adapter competes with the shared LoRA on the same windows: it is kept only
+    when better by CONFIRM_Z standard errors; otherwise the result says "shared" and reports the shared loss."""
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    base = np.linspace(3.0, 3.5, 32)
+    noise = np.random.default_rng(1).normal(0.0, 0.02, size=32)
+    asked = []
+
+    def shared(cfg):
+        asked.append(cfg)
+        return base + gain + noise
+
+    budget = layout.file_bytes(layout.uniform("Q4_K"))
+    res = best_configuration(layout, archive, budget, errors=errors, evaluate=lambda cs: [base for _ in cs],
+                             n_confirm=2, evaluate_shared=shared)
+    a = res.confirmation["adapter"]
+    assert asked == [res.cfg] and res.adjusted == generated == a["generated"]
+    assert a["vs_shared"] == pytest.approx(-gain - noise.mean())
+    assert res.measured_loss == pytest.approx(base.mean() if generated else (base + gain + noise).mean())
+    assert res.extra()["adapter"] == ("generated" if generated else "shared")
+    plain = best_configuration(layout, archive, budget, errors=errors, evaluate=lambda cs: [base for _ in cs],
+                               n_confirm=2)
+    assert plain.adjusted and "adapter" not in plain.confirmation  # nothing to compare with: generated
+
+
 def test_calibration_batch_sizes():
     import torch
 

@@ -133,6 +133,41 @@ def test_cli_adapter_gguf_and_peft(coa_run, tmp_path, capsys):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == FAST.get("rank", 8)
 
 
+def test_shared_lora_variant(coa_run, tmp_path, capsys):
+    """The shared LoRA (no configuration-aware adjustment, no per-type correction) is the same pair for every
+    configuration, in torch's loss and in the written file; `coalora adapter` writes it on --shared or on the
+    configuration file's "adapter": "shared" (what a confirmed search found no worse)."""
+    import gguf
+
+    run = Run.open(coa_run.path)
+    assert run.has_adjustments()
+    mixed = _mixed(run)
+    shared, generated = run.adapter_tensors(mixed, adjusted=False), run.adapter_tensors(mixed)
+    f32 = run.adapter_tensors(run.layout.uniform("F32"))  # F32 tensors get no adjustment
+    assert all(np.array_equal(shared[n][i], f32[n][i]) for n in shared for i in (0, 1))
+    assert any(not np.array_equal(shared[n][0], generated[n][0]) for n in shared)
+    with_cam, without = run.calibration_loss([mixed], 2), run.calibration_loss([mixed], 2, adjusted=False)
+    assert with_cam != without and run.calibration_loss([mixed], 2) == with_cam, "the switch does not stick"
+    ids = torch.randint(0, 100, (1, 16))
+    assert torch.equal(run.torch_logits_fn(mixed)(ids), run.torch_logits_fn(mixed, adjusted=True)(ids))
+    assert not torch.equal(run.torch_logits_fn(mixed)(ids), run.torch_logits_fn(mixed, adjusted=False)(ids))
+
+    cfg_path = tmp_path / "cfg.json"
+    mixed.save(cfg_path, extra={"adapter": "shared"})
+    for args, kind in (([], "shared"), (["--generated"], "generated")):
+        out = tmp_path / f"{kind}.gguf"
+        assert main(["adapter", str(coa_run.path), "--config", str(cfg_path), "-o", str(out), "--json",
+                     *args]) == 0
+        assert json.loads(capsys.readouterr().out)["kind"] == kind
+        written = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+        want = shared if kind == "shared" else generated
+        assert all(np.array_equal(written[f"{n}.lora_a"].reshape(want[n][0].shape), want[n][0]) for n in want)
+    mixed.save(cfg_path, extra={"adapter": "fancy"})
+    assert main(["adapter", str(coa_run.path), "--config", str(cfg_path), "-o", str(tmp_path / "x.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert '"adapter" must be' in err and err.count("\n") == 1 and not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"types": {"blk.99.attn_q.weight": "Q8_0"}}, "unknown tensor"),
     ({"types": "Q8_0"}, "configuration is a JSON object"),

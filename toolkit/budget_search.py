@@ -32,6 +32,7 @@ class SearchResult:
     budget_bytes: int = 0
     source: str = ""                  # archive | greedy | uniform:<T> | cheapest, plus "+local"
     confirmation: dict | None = None  # what the confirmation measured (see best_configuration)
+    adjusted: bool = True             # the adapter generated for the configuration, or (False) the shared LoRA
 
     @property
     def predicted_ppl(self) -> float | None:
@@ -40,7 +41,8 @@ class SearchResult:
     def extra(self) -> dict:
         return {"file_bytes": self.file_bytes, "bpw": self.bpw, "budget_bytes": self.budget_bytes,
                 "predicted_loss": self.predicted_loss, "predicted_ppl": self.predicted_ppl,
-                "measured_loss": self.measured_loss, "source": self.source, "confirmation": self.confirmation}
+                "measured_loss": self.measured_loss, "source": self.source, "confirmation": self.confirmation,
+                "adapter": "generated" if self.adjusted else "shared"}
 
 
 def _local_search(layout: ModelLayout, sur: Surrogate, cfg: Configuration, budget: int,
@@ -101,15 +103,19 @@ CONFIRM_Z = 2.0  # standard errors by which a confirmed mix must beat the larges
 
 def best_configuration(layout: ModelLayout, archive: Archive | None, budget_bytes: int,
                        predict: Predict | None = None, evaluate: Callable | None = None,
-                       errors: dict | None = None, n_confirm: int = 3, n_starts: int = 3) -> SearchResult:
+                       errors: dict | None = None, n_confirm: int = 3, n_starts: int = 3,
+                       evaluate_shared: Callable | None = None) -> SearchResult:
     """Lowest-loss configuration with ``layout.file_bytes(cfg) <= budget_bytes``.
 
     ``predict`` overrides the archive's GP surrogate; with neither (fewer than 3 archived records)
     the error table ranks candidates and ``predicted_loss`` is None. ``evaluate`` (real loss of a
     list of configurations; a float, or an array of per-window losses, each) confirms the ``n_confirm``
     best; with per-window losses a mix replaces the largest uniform file that fits only when it is better by
-    ``CONFIRM_Z`` standard errors of the paired difference. Budgets outside the reachable range
-    raise CoaloraError with that range.
+    ``CONFIRM_Z`` standard errors of the paired difference. ``evaluate_shared`` (the same with the shared LoRA
+    instead of each configuration's generated adapter) then measures the pick once more: the generated adapter
+    is kept only when it is better than the shared LoRA by ``CONFIRM_Z`` standard errors (at high bits the
+    configuration's adjustment is about zero and its noise did not carry over to other text).
+    Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
     check_budget(layout, budget_bytes)
@@ -156,6 +162,7 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     ranked = [(pool[i], cands[pool[i]], float(scores[i])) for i in np.argsort(rank, kind="stable")]
 
     measured = confirmation = None
+    adjusted = True
     best_cfg, best_src, best_score = ranked[0]
     if evaluate is not None and n_confirm > 0:
         top = ranked[:n_confirm]
@@ -189,17 +196,34 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         measured = float(real[k].mean())
         confirmation = {"windows": int(len(real[0])), "z": CONFIRM_Z, "candidates": rows,
                         "uniform": uniforms[uni[0][0]] if uni else None}
+        if evaluate_shared is not None:
+            confirmation["adapter"] = _generated_or_shared(real[k], evaluate_shared(best_cfg))
+            if not confirmation["adapter"]["generated"]:
+                adjusted, measured = False, confirmation["adapter"]["shared_loss"]
     size = layout.file_bytes(best_cfg)
     assert size <= budget_bytes, "internal error: the search left the byte budget"
     return SearchResult(best_cfg, size, layout.bits_per_weight(best_cfg),
-                        best_score if predict is not None else None, measured, budget_bytes, best_src, confirmation)
+                        best_score if predict is not None else None, measured, budget_bytes, best_src, confirmation,
+                        adjusted)
+
+
+def _generated_or_shared(generated, shared) -> dict:
+    """The paired comparison of a configuration's generated adapter with the shared LoRA on the same windows;
+    ``generated``: whether the generated adapter is better by ``CONFIRM_Z`` standard errors."""
+    generated = np.atleast_1d(np.asarray(generated, dtype=float))
+    shared = np.atleast_1d(np.asarray(shared, dtype=float))
+    d = generated - shared
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+    keep = bool(d.mean() < 0 if se is None else d.mean() < -CONFIRM_Z * se)
+    return {"generated_loss": float(generated.mean()), "shared_loss": float(shared.mean()),
+            "vs_shared": float(d.mean()), "vs_shared_se": se, "generated": keep}
 
 
 def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, confirm_windows: int = 16) -> SearchResult:
     """:func:`best_configuration` for a trained run (its archive and sensitivity table); ``confirm`` > 0 measures
     that many of the best candidates, the best archived one and the largest uniform file that fits on
-    ``confirm_windows`` held-out windows of the training data (``run.calibration_loss``). ``coalora search``
-    and ``coalora emit`` both choose through this."""
+    ``confirm_windows`` held-out windows of the training data (``run.calibration_loss``), then the pick's
+    generated adapter against the shared LoRA. ``coalora search`` and ``coalora emit`` both choose through this."""
     from pathlib import Path
 
     from toolkit.sensitivity import load_error_table
@@ -209,5 +233,10 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     errors = load_error_table(table, layout)
     if errors is None and table.exists():
         raise CoaloraError(f"{table} is damaged or does not cover the run's tensors; train the run again")
-    measure = (lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)) if confirm > 0 else None
-    return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm)
+    measure = shared = None
+    if confirm > 0:
+        measure = lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)  # noqa: E731
+        if run.has_adjustments():
+            shared = lambda c: run.calibration_loss([c], confirm_windows, per_window=True, adjusted=False)[0]  # noqa: E731
+    return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm,
+                              evaluate_shared=shared)

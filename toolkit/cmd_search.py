@@ -78,6 +78,7 @@ def register(cli):
         for k in ("budget_bytes", "file_bytes", "bpw", "predicted_loss", "predicted_ppl", "measured_loss"):
             t.add_row(k.replace("_", " "), fmt(out[k]))
         t.add_row("source", res.source)
+        t.add_row("adapter", out["adapter"] + ("" if res.adjusted else " LoRA (generated one not measurably better)"))
         t.add_row("types", ", ".join(f"{k}×{v}" for k, v in out["types"].items()))
         if output:
             t.add_row("written", output)
@@ -101,4 +102,9 @@ def confirmation_table(conf: dict):
         t.add_row(r["source"], f"{r['file_bytes']:,}", f"{r['bpw']:.3f}", f"{r['measured_loss']:.4f}",
                   "-" if d is None else f"{d:+.4f}" + ("" if se is None else f" ± {se:.4f}"),
                   "yes" if r["picked"] else "")
+    a = conf.get("adapter")
+    if a:
+        se = "" if a["vs_shared_se"] is None else f" ± {a['vs_shared_se']:.4f}"
+        t.caption = (f"the pick's generated adapter vs the shared LoRA: {a['vs_shared']:+.4f}{se} "
+                     f"-> {'generated adapter' if a['generated'] else 'shared LoRA'}")
     return t

@@ -239,8 +239,12 @@ def register(cli: click.Group) -> None:
     @click.option("-o", "--out", required=True, type=click.Path(), help="Adapter file (.gguf) or PEFT folder.")
     @click.option("--format", "fmt", type=click.Choice(["gguf", "peft"]), default="gguf", show_default=True)
     @click.option("--model", "model", default=None, help="Refuse unless the run was trained on this model.")
+    @click.option("--generated/--shared", "generated", default=None,
+                  help="The adapter generated for the configuration, or the run's shared LoRA without the "
+                       "configuration's adjustment. Default: what the configuration file's \"adapter\" key says "
+                       "(`coalora search --confirm` writes it), else generated.")
     @click.option("--json", "as_json", is_flag=True)
-    def adapter(run_dir, config_path, out, fmt, model, as_json):
+    def adapter(run_dir, config_path, out, fmt, model, generated, as_json):
         """Generate the LoRA adapter of RUN for a configuration (llama.cpp GGUF or PEFT).
 
         Example: coalora adapter runs/smol --config cfg.json -o adapter.gguf
@@ -250,17 +254,32 @@ def register(cli: click.Group) -> None:
         if model:
             run.check_model(assets.resolve_model(model))
         cfg = _config_arg(config_path, run.layout)
+        if generated is None:
+            generated = _adapter_key(config_path) != "shared"
         run.model()
         t = time.perf_counter()
-        run.adapter_tensors(cfg)
+        run.adapter_tensors(cfg, generated)
         gen_ms = (time.perf_counter() - t) * 1e3
-        size = run.write_adapter(cfg, out, fmt)
+        size = run.write_adapter(cfg, out, fmt, adjusted=generated)
         info = {"adapter": str(out), "format": fmt, "bytes": size, "generation_ms": round(gen_ms, 2),
+                "kind": "generated" if generated else "shared",
                 "configuration_bpw": round(run.layout.bits_per_weight(cfg), 4),
                 "model_file_bytes": run.layout.file_bytes(cfg)}
         click.echo(json.dumps(info, indent=2) if as_json else
                    f"wrote {out} ({size:,} bytes; generated in {gen_ms:.1f} ms for a "
                    f"{info['configuration_bpw']:.2f}-bpw configuration)")
+
+
+def _adapter_key(arg: str) -> str:
+    """The "adapter" key of a configuration file ("generated", "shared"; "" when absent or a type name)."""
+    from pathlib import Path
+    from converters.fileio import read_json
+    if not Path(arg).is_file():
+        return ""
+    kind = read_json(arg).get("adapter", "")
+    if kind not in ("", "generated", "shared"):
+        raise CoaloraError(f"{arg}: \"adapter\" must be \"generated\" or \"shared\", not {str(kind)[:40]!r}")
+    return kind
 
 
 def _config_arg(arg: str, layout) -> Configuration:

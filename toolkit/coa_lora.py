@@ -11,6 +11,8 @@ Switching configuration swaps cached weights and recomputes M: nothing is re-qua
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import numpy as np
@@ -59,6 +61,7 @@ class QuantLoRALinear(GGMLLinear):
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank))
         self.delta_A, self.delta_B = nn.ParameterDict(), nn.ParameterDict()
         self.M: torch.Tensor | None = None
+        self.corrected = True  # False: the shared pair only (no per-type correction)
 
     def add_type_deltas(self, qtypes) -> None:
         """Zero-initialized corrections of A and B, one pair per quant type this tensor can take, each with a
@@ -80,7 +83,7 @@ class QuantLoRALinear(GGMLLinear):
         return self.lora_A, self.lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors(self.qtype)
+        a, b = self.factors(self.qtype if self.corrected else None)
         h = F.linear(x, a)  # llama.cpp keeps the LoRA path in F32
         if self.M is not None:
             h = h + F.linear(h, self.M)
@@ -177,6 +180,28 @@ class CoALoRAModel(nn.Module):
         self.cam = ConfigAwareModel(layout.n_blocks, rank, kinds, types) if mode == "coa" else None
         self.cfg: Configuration | None = None
         self._features = None
+        self.adjusted = True
+
+    @property
+    def has_adjustments(self) -> bool:
+        """Whether the adapter depends on the configuration (a configuration-aware model or per-type corrections)."""
+        return self.cam is not None or any(len(layer.delta_A) for layer in self.lora_layers.values())
+
+    @contextlib.contextmanager
+    def variant(self, adjusted: bool):
+        """Within the block the model computes with the generated adapter (``adjusted``) or with the shared LoRA
+        alone: no configuration-aware adjustment, no per-type correction."""
+        before = self.adjusted
+        self.set_adjusted(adjusted)
+        try:
+            yield self
+        finally:
+            self.set_adjusted(before)
+
+    def set_adjusted(self, adjusted: bool) -> None:
+        self.adjusted = bool(adjusted)
+        for layer in self.lora_layers.values():
+            layer.corrected = self.adjusted
 
     def _module_slot(self, gguf_name: str):
         hf = self.loaded.hf_name(gguf_name)  # e.g. model.layers.0.self_attn.q_proj.weight
@@ -226,7 +251,7 @@ class CoALoRAModel(nn.Module):
         return cfg.types[name].name != "F32"
 
     def refresh_M(self) -> None:
-        Ms = self.adjustments()
+        Ms = self.adjustments() if self.adjusted else None
         for i, name in enumerate(self.lora_names):
             self.layer(name).M = Ms[i] if Ms is not None and self._adjusted(self.cfg, name) else None
 
@@ -237,14 +262,15 @@ class CoALoRAModel(nn.Module):
         return self.base(input_ids=input_ids, labels=labels, use_cache=False)
 
     @torch.no_grad()
-    def adapter_tensors(self, cfg: Configuration) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The llama.cpp LoRA pairs for ``cfg``: (I + M) folded into A, B rows in GGUF order."""
+    def adapter_tensors(self, cfg: Configuration, adjusted: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The llama.cpp LoRA pairs for ``cfg``: (I + M) folded into A, B rows in GGUF order (``adjusted``
+        False: the shared LoRA alone)."""
         Ms = None
-        if self.cam is not None:
+        if self.cam is not None and adjusted:
             Ms = self.cam(self.cam.features(self.layout, cfg, self.lora_names))
         out = {}
         for i, name in enumerate(self.lora_names):
-            a, b = self.layer(name).factors(cfg.types[name].name)
+            a, b = self.layer(name).factors(cfg.types[name].name if adjusted else None)
             a = a + Ms[i] @ a if Ms is not None and self._adjusted(cfg, name) else a
             b = self.loaded.permute_rows(name, b.cpu().numpy())
             out[name] = (a.cpu().numpy().astype(np.float32), np.ascontiguousarray(b, dtype=np.float32))

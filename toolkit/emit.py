@@ -1,7 +1,8 @@
 """`coalora emit`: for a device profile, the best configuration within its budget as a model + adapter pair.
 
 DIST/NAME/model.gguf     mixed-precision model (the configuration the search picked)
-DIST/NAME/adapter.gguf   the LoRA adapter CoA-LoRA generates for that configuration
+DIST/NAME/adapter.gguf   the LoRA adapter CoA-LoRA generates for that configuration (or, where the confirmation
+                         measured it no better, the run's shared LoRA)
 DIST/NAME/manifest.json  configuration, sizes, sha256, predicted perplexity and memory, commands
 
 The folder is built beside its destination and renamed into place, so DIST/NAME is either the old
@@ -168,13 +169,13 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
     try:
         model_path, adapter_path = tmp / MODEL_FILE, tmp / ADAPTER_FILE
         log(f"{profile.name}: writing {MODEL_FILE} ({res.file_bytes / 1e6:.1f} MB, {res.bpw:.2f} bpw)")
-        run.write_adapter(cfg, adapter_path)  # first: a checkpoint not fitting the run fails before the slow part
+        run.write_adapter(cfg, adapter_path, adjusted=res.adjusted)  # first: a checkpoint not fitting the run fails before the slow part
         write_gguf(loaded.gguf, model_path, cfg, quantized=run.quantized_bytes, progress=False)
         model_bytes, adapter_bytes = model_path.stat().st_size, adapter_path.stat().st_size
 
         log(f"{profile.name}: predicting perplexity on {n_windows} windows of {n_ctx} tokens")
         windows, masks, bos, data_format, digest = eval_set(model_path, text_file, n_windows, n_ctx)
-        ppl = predicted_perplexity(run.torch_logits_fn(cfg), windows, masks)
+        ppl = predicted_perplexity(run.torch_logits_fn(cfg, adjusted=res.adjusted), windows, masks)
 
         mem = profile.memory(arch, model_bytes, adapter_bytes, mm.repack_bytes(layout, cfg))
         manifest = {
@@ -190,6 +191,7 @@ def emit(run, profile: Profile, out_dir, n_windows: int = N_WINDOWS, n_ctx: int 
                        "predicted_loss": _num(res.predicted_loss), "predicted_ppl": _num(res.predicted_ppl),
                        "source": getattr(res, "source", ""),
                        "measured_loss": _num(res.measured_loss), "confirmation": res.confirmation,
+                       "adapter": "generated" if res.adjusted else "shared",
                        "avoided_types_used": avoided},
             "files": {MODEL_FILE: {"bytes": model_bytes, "sha256": sha256_file(model_path)},
                       ADAPTER_FILE: {"bytes": adapter_bytes, "sha256": sha256_file(adapter_path)}},

@@ -29,7 +29,6 @@ without the repack term an IQ4_NL/Q4_K mix (rpi4-4gb) was under-predicted by the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from converters.errors import CoaloraError
 

@@ -228,12 +228,17 @@ class Run:
         self.layout.validate(cfg, strict_menu=self.meta["options"]["mode"] == "coa")
 
     # -- products -------------------------------------------------------------------------------
-    def adapter_tensors(self, cfg: Configuration) -> dict:
-        self.check_configuration(cfg)
-        return self.model().adapter_tensors(cfg)
+    def has_adjustments(self) -> bool:
+        """Whether this run's adapter depends on the configuration (else generated and shared LoRA are one)."""
+        return self.model().has_adjustments
 
-    def write_adapter(self, cfg: Configuration, path, fmt: str = "gguf") -> int:
-        tensors = self.adapter_tensors(cfg)
+    def adapter_tensors(self, cfg: Configuration, adjusted: bool = True) -> dict:
+        """The adapter's LoRA pairs for ``cfg``: generated for it (``adjusted``) or the shared LoRA alone."""
+        self.check_configuration(cfg)
+        return self.model().adapter_tensors(cfg, adjusted)
+
+    def write_adapter(self, cfg: Configuration, path, fmt: str = "gguf", adjusted: bool = True) -> int:
+        tensors = self.adapter_tensors(cfg, adjusted)
         o = self.meta["options"]
         if fmt == "peft":
             from converters.peft_adapter_writer import write_peft
@@ -242,25 +247,28 @@ class Run:
         return write_lora_gguf(path, self.loaded().arch, o["alpha"], tensors,
                                name=f"coalora {o['mode']} adapter",
                                extra={"coalora.model_sha256": self.meta["model_sha256"],
-                                      "coalora.mode": o["mode"]})
+                                      "coalora.mode": o["mode"],
+                                      "coalora.adapter": "generated" if adjusted else "shared"})
 
-    def torch_logits_fn(self, cfg: Configuration):
+    def torch_logits_fn(self, cfg: Configuration, adjusted: bool = True):
         self.check_configuration(cfg)
         model = self.model()
 
         @torch.no_grad()
         def logits(ids: torch.Tensor) -> torch.Tensor:
             model.set_configuration(cfg)
-            return model(ids.to(self.device)).logits.cpu()
+            with model.variant(adjusted):
+                return model(ids.to(self.device)).logits.cpu()
 
         return logits
 
     @torch.no_grad()
     def calibration_loss(self, cfgs: list[Configuration], n_windows: int | None = None,
-                         per_window: bool = False) -> list:
+                         per_window: bool = False, adjusted: bool = True) -> list:
         """Mean token loss of each configuration's adapter on held-out windows of the training text
         (``n_windows`` of them; default the run's ``calib_windows``), 8 windows per forward pass.
-        ``per_window``: an array of each window's mean loss per configuration instead (for paired comparisons)."""
+        ``per_window``: an array of each window's mean loss per configuration instead (for paired comparisons).
+        ``adjusted`` False: with the shared LoRA alone instead of the generated adapter."""
         from torch.nn import functional as F
 
         from toolkit.training import calibration_stream
@@ -272,7 +280,8 @@ class Run:
             model.set_configuration(cfg)
             windows = []
             for b, lab in zip(batch.split(8), labels.split(8)):
-                logits = model(b).logits[:, :-1].float()
+                with model.variant(adjusted):
+                    logits = model(b).logits[:, :-1].float()
                 target = lab[:, 1:]
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
                                       ignore_index=-100).view(len(b), -1)
