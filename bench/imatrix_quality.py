@@ -5,9 +5,15 @@ Protocol (SmolLM2-135M-Instruct dequantized to F32; the five training novels; he
   (its per-tensor mixes, e.g. Q4_K_M) with the importance matrix of the CoA-LoRA run (computed by
   `coalora train` from the same training text), plus a full-precision LoRA: `coalora finetune --config F32`
   with the same steps, batch, sequence length and rank. The same files without the imatrix are measured too.
-- coalora: for each stock file's byte size as the budget, `coalora search RUN --budget-bytes SIZE --confirm 3`
+- Below about 5 bits per weight llama.cpp has no stock mix for SmolLM2 (its 576-wide rows fall back to 32-block
+  types), so the baselines there are llama.cpp's pure files (`--pure`: one type for every tensor, with llama.cpp's
+  row fallbacks), made the same way with the imatrix.
+- coalora: for each baseline file's byte size as the budget, `coalora search RUN --budget-bytes SIZE --confirm 3`
   over the CoA-LoRA run (`coalora train`'s defaults: the anchored recipe, the imatrix), the mix written by
-  `coalora convert --recipe CFG --imatrix RUN/imatrix.gguf`, with the adapter `coalora adapter` generates for it.
+  `coalora convert --recipe CFG --imatrix RUN/imatrix.gguf`, with the adapter `coalora adapter` writes for it
+  (generated for the mix, or the run's shared LoRA where the confirmation measured the generated one no better).
+- `--reuse`: rows of the previous result with the same run and windows are kept (their provenance is recorded)
+  when their files are unchanged; the coalora adapter rows are always measured again.
 - Floor: the F32 model with the full-precision LoRA.
 - Perplexity by llama.cpp (F32 KV cache) on the first --windows windows of 512 tokens of Pride and Prejudice.
 Writes bench/results/imatrix_quality.{md,json}.
@@ -30,6 +36,13 @@ from bench.quality import Evaluator  # noqa: E402
 # llama.cpp file types from about 8.5 down to about 3.5 bits per weight (on SmolLM2's 576-wide rows the
 # 256-block types fall back on most matrices, so the measured bits per weight are in the table)
 STOCK = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "IQ3_M")
+PURE = ("IQ4_NL", "IQ3_S", "IQ2_S")  # llama.cpp's pure files: 4.5, 4.29 and 4.12 bits per weight on SmolLM2
+
+
+FLOOR = "F32 + full-precision LoRA (floor)"
+BASELINE = "stock + imatrix + full-precision LoRA (baseline)"
+COALORA = "coalora: searched mix + imatrix + its adapter"
+MIX_ONLY = "coalora: searched mix + imatrix, no adapter"
 
 
 def main() -> None:
@@ -40,6 +53,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--stock", default=",".join(STOCK))
+    ap.add_argument("--pure", default=",".join(PURE), help="llama.cpp pure file types as further baselines")
+    ap.add_argument("--reuse", action="store_true", help="keep unchanged rows of the previous result")
     ap.add_argument("--work", type=Path, default=Path("bench/work/imatrix_quality"))
     ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from imatrix_quality.json")
@@ -78,48 +93,84 @@ def main() -> None:
     if not f32.exists():
         cli("convert", assets.smollm2_path(), "--type", "F32", "-o", f32)
     ev = Evaluator(f32, args.windows, 512)
-    _, floor = ev.ppl(f32, [None, fp_adapter])
-    rows = [{"method": "F32 + full-precision LoRA (floor)", "file_bytes": f32.stat().st_size,
+    prev, earlier = {}, None
+    old = RESULTS / "imatrix_quality.json"
+    if args.reuse and old.exists():
+        d = json.loads(old.read_text())
+        if (d.get("coa_run"), d.get("windows")) == (str(coa), args.windows):
+            prev = {(r.get("stock"), r["method"]): r for r in d["rows"]}
+            earlier = d.get("earlier_provenance") or d["provenance"]
+
+    def measured(stock, method, model):
+        """The previous result's perplexity of this row, if its file is unchanged (same bytes)."""
+        r = prev.get((stock, method))
+        return r["ppl"] if r and r["file_bytes"] == model.stat().st_size else None
+
+    floor = measured(None, FLOOR, f32) or ev.ppl(f32, [None, fp_adapter])[1]
+    rows = [{"method": FLOOR, "file_bytes": f32.stat().st_size,
              "bpw": inspect_gguf(f32)["bits_per_weight"], "ppl": floor}]
 
-    def row(stock, method, model, ppl):
+    def row(stock, method, model, ppl, reused=False):
         rows.append({"stock": stock, "method": method, "file_bytes": model.stat().st_size,
-                     "bpw": inspect_gguf(model)["bits_per_weight"], "ppl": ppl})
-        print(f"  {stock:8s} {method:48s} {model.stat().st_size:>12,d} B  ppl {ppl:.3f}", flush=True)
+                     "bpw": inspect_gguf(model)["bits_per_weight"], "ppl": ppl, "reused": reused})
+        print(f"  {stock:12s} {method:52s} {model.stat().st_size:>12,d} B  ppl {ppl:.3f}"
+              + (" (previous result)" if reused else ""), flush=True)
         return rows[-1]
 
+    def ppl(stock, methods, model, adapters):
+        """Rows for one model file and several adapters, reusing unchanged previous rows."""
+        got = [measured(stock, m, model) for m in methods]
+        todo = [i for i, v in enumerate(got) if v is None]
+        if todo:
+            for i, v in zip(todo, ev.ppl(model, [adapters[i] for i in todo])):
+                got[i] = v
+        return [row(stock, m, model, v, reused=i not in todo) for i, (m, v) in enumerate(zip(methods, got))]
+
     goal = []
-    for t in [s for s in args.stock.split(",") if s]:
-        plain, with_im = work / f"stock-{t}.gguf", work / f"stock-{t}-imatrix.gguf"
+    kinds = [(t, False) for t in args.stock.split(",") if t] + [(t, True) for t in args.pure.split(",") if t]
+    for t, pure in kinds:
+        name = f"{t} pure" if pure else t
+        stem = f"pure-{t}" if pure else f"stock-{t}"
+        plain, with_im = work / f"{stem}.gguf", work / f"{stem}-imatrix.gguf"
         for path, im in ((plain, None), (with_im, imx.load(imatrix))):
             if not path.exists():
-                llama_quantize(f32, path, t, imatrix=im)
-        (p_plain,) = ev.ppl(plain, [fp_adapter])
-        row(t, "stock + full-precision LoRA", plain, p_plain)
-        p_none, p_base = ev.ppl(with_im, [None, fp_adapter])
-        row(t, "stock + imatrix, no adapter", with_im, p_none)
-        base = row(t, "stock + imatrix + full-precision LoRA (baseline)", with_im, p_base)
+                llama_quantize(f32, path, t, imatrix=im, pure=pure)
+        (plain_row,) = ppl(name, ["stock + full-precision LoRA"], plain, [fp_adapter])
+        _, base = ppl(name, ["stock + imatrix, no adapter", BASELINE], with_im, [None, fp_adapter])
 
         budget = with_im.stat().st_size
-        cfg, mixed, adapter = work / f"cfg-{t}.json", work / f"coalora-{t}.gguf", work / f"coalora-{t}-adapter.gguf"
-        if not cfg.exists():
-            cli("search", coa, "--budget-bytes", budget, "--confirm", 3, "-o", cfg, "--json")
+        cfg, mixed, adapter = (work / f"cfg-{stem}.json", work / f"coalora-{stem}.gguf",
+                               work / f"coalora-{stem}-adapter.gguf")
+        new = cfg.with_suffix(".new.json")
+        cli("search", coa, "--budget-bytes", budget, "--confirm", 3, "-o", new, "--json")
+        if not cfg.exists() or json.loads(cfg.read_text())["types"] != json.loads(new.read_text())["types"]:
+            mixed.unlink(missing_ok=True)  # another mix: written and measured again
+            prev.pop((name, MIX_ONLY), None)
+        new.replace(cfg)
+        kind = json.loads(cfg.read_text())["adapter"]
         if not mixed.exists():
             cli("convert", assets.smollm2_path(), "--recipe", cfg, "--imatrix", imatrix, "-o", mixed)
-        if not adapter.exists():
-            cli("adapter", coa, "--config", cfg, "-o", adapter, "--json")
-        q_none, q_coa = ev.ppl(mixed, [None, adapter])
-        row(t, "coalora: searched mix + imatrix, no adapter", mixed, q_none)
-        ours = row(t, "coalora: searched mix + imatrix + generated adapter", mixed, q_coa)
-        goal.append({"stock": t, "budget_bytes": budget, "baseline_bpw": base["bpw"], "baseline_ppl": p_base,
+        cli("adapter", coa, "--config", cfg, "-o", adapter, "--json")
+        prev.pop((name, COALORA), None)  # the adapter may have changed: always measured
+        _, ours = ppl(name, [MIX_ONLY, COALORA], mixed, [None, adapter])
+        ours["adapter"] = kind
+        p_base, q_coa = base["ppl"], ours["ppl"]
+        goal.append({"stock": name, "budget_bytes": budget, "baseline_bpw": base["bpw"], "baseline_ppl": p_base,
                      "coalora_bytes": ours["file_bytes"], "coalora_bpw": ours["bpw"], "coalora_ppl": q_coa,
+                     "coalora_adapter": kind,
                      "coalora_vs_baseline": q_coa / p_base - 1, "coalora_gap_to_floor": q_coa / floor - 1,
-                     "imatrix_helps_with_adapter": p_base < p_plain,
+                     "imatrix_helps_with_adapter": p_base < plain_row["ppl"],
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget})
+        save(coa, o, args, floor, goal, rows, earlier)  # after every budget: an interrupted run keeps its rows
+
+
+def save(coa, o, args, floor, goal, rows, earlier) -> None:
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
     data = {"coa_run": str(coa), "options": o, "windows": args.windows, "note": args.note, "floor": floor,
             "goal": goal, "rows": rows}
+    if any(r.get("reused") for r in rows):
+        data["earlier_provenance"] = earlier  # where the rows marked reused were measured
     write_results("imatrix_quality", data, report(data))
 
 
@@ -132,8 +183,9 @@ def report(data: dict) -> str:
         g["coalora_gap_to_floor_pct"] = round(100 * g["coalora_gap_to_floor"], 2)
     for r in data["rows"]:
         r["gap_to_floor_pct"] = round(100 * r["gap_to_floor"], 2)
-    goal = [{**g, "wins": "yes" if g["wins"] else "no"} for g in data["goal"]]
-    rows = data["rows"]
+    goal = [{**g, "wins": "yes" if g["wins"] else "no", "coalora_adapter": g.get("coalora_adapter", "generated")}
+            for g in data["goal"]]
+    rows = [{**r, "reused": "yes" if r.get("reused") else ""} for r in data["rows"]]
     return (f"SmolLM2-135M; CoA-LoRA run `{Path(data['coa_run']).name}` ({o['steps']} steps x {o['batch']} x "
             f"{o['seq_len']} tokens, rank {o['rank']}, recipe options as trained, imatrix from its training text); "
             f"full-precision LoRA with the same steps; llama.cpp perplexity on {data['windows']} x 512 tokens of "
@@ -142,12 +194,13 @@ def report(data: dict) -> str:
             + markdown_table(goal, [("stock", "stock type"), ("budget_bytes", "budget = stock+imatrix bytes"),
                                     ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),
                                     ("coalora_bytes", "coalora bytes"), ("coalora_bpw", "coalora bpw"),
-                                    ("coalora_ppl", "coalora + adapter"),
+                                    ("coalora_adapter", "coalora adapter"), ("coalora_ppl", "coalora + adapter"),
                                     ("coalora_vs_baseline_pct", "coalora vs stock %"),
                                     ("coalora_gap_to_floor_pct", "coalora gap to floor %"), ("wins", "coalora wins")])
             + "\n\nEvery row:\n\n"
             + markdown_table(rows, [("stock", "stock type"), ("method", "method"), ("file_bytes", "file bytes"),
-                                    ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor_pct", "gap to floor %")]))
+                                    ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor_pct", "gap to floor %"),
+                                    ("reused", "from the previous result")]))
 
 
 if __name__ == "__main__":
