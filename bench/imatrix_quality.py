@@ -43,6 +43,7 @@ FLOOR = "F32 + full-precision LoRA (floor)"
 BASELINE = "stock + imatrix + full-precision LoRA (baseline)"
 COALORA = "coalora: searched mix + imatrix + its adapter"
 MIX_ONLY = "coalora: searched mix + imatrix, no adapter"
+OTHER = "coalora: searched mix + imatrix + the adapter not picked"
 
 
 def main() -> None:
@@ -150,14 +151,18 @@ def main() -> None:
         kind = json.loads(cfg.read_text())["adapter"]
         if not mixed.exists():
             cli("convert", assets.smollm2_path(), "--recipe", cfg, "--imatrix", imatrix, "-o", mixed)
+        other_kind = "generated" if kind == "shared" else "shared"
+        other = work / f"coalora-{stem}-{other_kind}.gguf"  # the adapter the confirmation did not pick
         cli("adapter", coa, "--config", cfg, "-o", adapter, "--json")
-        prev.pop((name, COALORA), None)  # the adapter may have changed: always measured
-        _, ours = ppl(name, [MIX_ONLY, COALORA], mixed, [None, adapter])
-        ours["adapter"] = kind
+        cli("adapter", coa, "--config", cfg, "-o", other, f"--{other_kind}", "--json")
+        for m in (COALORA, OTHER):  # the adapters may have changed: always measured
+            prev.pop((name, m), None)
+        _, ours, theirs = ppl(name, [MIX_ONLY, COALORA, OTHER], mixed, [None, adapter, other])
+        ours["adapter"], theirs["adapter"] = kind, other_kind
         p_base, q_coa = base["ppl"], ours["ppl"]
         goal.append({"stock": name, "budget_bytes": budget, "baseline_bpw": base["bpw"], "baseline_ppl": p_base,
                      "coalora_bytes": ours["file_bytes"], "coalora_bpw": ours["bpw"], "coalora_ppl": q_coa,
-                     "coalora_adapter": kind,
+                     "coalora_adapter": kind, "other_adapter_ppl": theirs["ppl"],
                      "coalora_vs_baseline": q_coa / p_base - 1, "coalora_gap_to_floor": q_coa / floor - 1,
                      "imatrix_helps_with_adapter": p_base < plain_row["ppl"],
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget})
@@ -185,7 +190,8 @@ def report(data: dict) -> str:
         r["gap_to_floor_pct"] = round(100 * r["gap_to_floor"], 2)
     goal = [{**g, "wins": "yes" if g["wins"] else "no", "coalora_adapter": g.get("coalora_adapter", "generated")}
             for g in data["goal"]]
-    rows = [{**r, "reused": "yes" if r.get("reused") else ""} for r in data["rows"]]
+    rows = [{**r, "reused": "yes" if r.get("reused") else "",
+             "method": r["method"] + (f" ({r['adapter']})" if r.get("adapter") else "")} for r in data["rows"]]
     return (f"SmolLM2-135M; CoA-LoRA run `{Path(data['coa_run']).name}` ({o['steps']} steps x {o['batch']} x "
             f"{o['seq_len']} tokens, rank {o['rank']}, recipe options as trained, imatrix from its training text); "
             f"full-precision LoRA with the same steps; llama.cpp perplexity on {data['windows']} x 512 tokens of "
@@ -195,6 +201,7 @@ def report(data: dict) -> str:
                                     ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),
                                     ("coalora_bytes", "coalora bytes"), ("coalora_bpw", "coalora bpw"),
                                     ("coalora_adapter", "coalora adapter"), ("coalora_ppl", "coalora + adapter"),
+                                    ("other_adapter_ppl", "with the adapter not picked"),
                                     ("coalora_vs_baseline_pct", "coalora vs stock %"),
                                     ("coalora_gap_to_floor_pct", "coalora gap to floor %"), ("wins", "coalora wins")])
             + "\n\nEvery row:\n\n"
