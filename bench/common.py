@@ -17,8 +17,9 @@ def _git_state() -> dict:
     def git(*a):
         r = subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)
         return r.stdout.strip() if r.returncode == 0 else None
-    # dirty: the code differs from the commit (result files other benchmarks are writing do not count)
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    # dirty: the code differs from the commit (result files other benchmarks are writing and the README they
+    # feed do not count)
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!README.md")
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
 
 
