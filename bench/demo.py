@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, ROOT, markdown_table, write_results  # noqa: E402
 
 COLUMNS = [("profile", "profile"), ("budget_mb", "budget MB"), ("model_mb", "model MB"), ("bpw", "bpw"),
-           ("chosen", "chosen"), ("ppl_no_adapter", "ppl, no adapter"), ("ppl_adapter", "ppl + adapter"),
+           ("chosen", "chosen"), ("adapter", "adapter"), ("ppl_no_adapter", "ppl, no adapter"), ("ppl_adapter", "ppl + adapter"),
            ("ppl_predicted", "ppl predicted"), ("residual_pct", "llama.cpp vs predicted %"),
            ("memory_model_mb", "memory model MB"), ("memory_measured_mb", "measured peak MB"),
            ("verdicts", "verdicts")]
@@ -31,6 +31,7 @@ def table(d: dict) -> list[dict]:
     rows."""
     return [{"profile": r["profile"], "budget_mb": f"{r['budget_bytes'] / 1e6:.1f}",
              "model_mb": f"{r['model_bytes'] / 1e6:.1f}", "bpw": f"{r['bpw']:.2f}", "chosen": r.get("chosen"),
+             "adapter": r.get("adapter", "generated"),
              "ppl_no_adapter": f"{r['ppl_no_adapter']:.3f}", "ppl_adapter": f"{r['ppl_adapter']:.3f}",
              "ppl_predicted": f"{r['ppl_predicted']:.3f}",
              "residual_pct": f"{100 * (r['ppl_adapter'] / r['ppl_predicted'] - 1):+.2f}",

@@ -47,6 +47,7 @@ def run_demo(out: Path, steps: int, windows: int, log=click.echo, recipe: str = 
             "profile": profile.name, "budget_bytes": manifest["search"]["budget_bytes"],
             "model_bytes": manifest["files"]["model.gguf"]["bytes"], "bpw": manifest["search"]["bits_per_weight"],
             "chosen": manifest["search"]["source"], "confirmation": manifest["search"]["confirmation"],
+            "adapter": manifest["search"].get("adapter", "generated"),
             "adapter_bytes": manifest["files"]["adapter.gguf"]["bytes"],
             "ppl_no_adapter": ev["perplexity_base"], "ppl_adapter": ev["perplexity_adapter"],
             "ppl_predicted": ev["predicted_perplexity"],
@@ -96,13 +97,13 @@ def _table(rows: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="coalora demo: SmolLM2-135M-Instruct fine-tuned on Austen, per device profile")
-    for col in ("profile", "budget MB", "model MB", "bpw", "chosen", "adapter MB", "ppl no adapter", "ppl adapter",
-                "ppl predicted", "memory MB (model/measured)", "verdicts"):
-        t.add_column(col, justify="left" if col in ("profile", "chosen", "verdicts") else "right")
+    for col in ("profile", "budget MB", "model MB", "bpw", "chosen", "adapter", "adapter MB", "ppl no adapter",
+                "ppl adapter", "ppl predicted", "memory MB (model/measured)", "verdicts"):
+        t.add_column(col, justify="left" if col in ("profile", "chosen", "adapter", "verdicts") else "right")
     mb = lambda b: "" if b is None else f"{b / 1e6:.1f}"  # noqa: E731
     for r in rows:
         t.add_row(r["profile"], mb(r["budget_bytes"]), mb(r["model_bytes"]), f"{r['bpw']:.2f}", r.get("chosen", ""),
-                  mb(r["adapter_bytes"]),
+                  r.get("adapter", ""), mb(r["adapter_bytes"]),
                   f"{r['ppl_no_adapter']:.3f}", f"{r['ppl_adapter']:.3f}", f"{r['ppl_predicted']:.3f}",
                   f"{mb(r['memory_predicted'])} / {mb(r['memory_measured'])}", r["verdicts"])
     console().print(t)
