@@ -51,6 +51,7 @@ class Search(_Strict):
     predicted_loss: Optional[float] = None
     predicted_ppl: Optional[float] = None
     source: str = Field(default="", max_length=200)
+    adapter: Literal["generated", "shared"] = "generated"  # older manifests: generated
     avoided_types_used: list[str] = Field(default_factory=list, max_length=64)
 
 

@@ -14,6 +14,10 @@ from converters.errors import CoaloraError
 from converters.fileio import atomic_path
 
 
+ADAPTER_TEXT = {"generated": "the LoRA adapter generated for exactly this quantization configuration",
+                "shared": "the run's shared LoRA adapter (on this configuration the generated one measured no better)"}
+
+
 def readme(manifest: dict) -> str:
     p, c, ev = manifest["profile"], manifest["commands"], manifest["evaluation"]
     mem = manifest["memory"]
@@ -24,7 +28,7 @@ def readme(manifest: dict) -> str:
 
 - `model.gguf`: mixed-precision model, {manifest['files']['model.gguf']['bytes'] / 1e6:.1f} MB,
   {manifest['search']['bits_per_weight']:.2f} bits per weight ({hist})
-- `adapter.gguf`: the LoRA adapter generated for exactly this quantization configuration
+- `adapter.gguf`: {ADAPTER_TEXT[manifest['search'].get('adapter', 'generated')]}
   ({manifest['files']['adapter.gguf']['bytes'] / 1e6:.1f} MB); always load the two together
 - `manifest.json`: configuration, sha256 of both files, predictions
 
