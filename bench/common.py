@@ -70,7 +70,6 @@ def llama_quantize(src, dst, ftype: int | str, *, pure: bool = False, overrides=
     import ctypes
 
     import llama_cpp
-    import numpy as np
 
     from converters.quant_types import get
     from toolkit.llama_runtime import _quiet_llama_logs
@@ -88,15 +87,8 @@ def llama_quantize(src, dst, ftype: int | str, *, pure: bool = False, overrides=
         p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         keep.append(arr)
     if imatrix is not None:
-        names = imatrix.names()
-        data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
-        for i, n in enumerate(names):
-            v = np.ascontiguousarray(imatrix.weights(n), dtype=np.float32)
-            keep.append(v)
-            data[i].name, data[i].data, data[i].size = n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
-        data[len(names)].name = None
-        p.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        keep.append(data)
+        from converters.llama_mixes import imatrix_param
+        p.imatrix = imatrix_param(imatrix, keep)
     t = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
     if rc != 0:

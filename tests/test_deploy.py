@@ -135,6 +135,9 @@ class TinyRun:
     def has_adjustments(self):
         return False  # one fixed adapter for every configuration
 
+    def imatrix(self):
+        return None
+
     def write_adapter(self, cfg, path, adjusted=True):
         from converters.gguf_adapter_writer import write_lora_gguf
         return write_lora_gguf(path, self.loaded_model.arch, self.alpha, self.tensors)

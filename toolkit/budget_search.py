@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -104,14 +105,16 @@ CONFIRM_Z = 2.0  # standard errors by which a confirmed mix must beat the larges
 def best_configuration(layout: ModelLayout, archive: Archive | None, budget_bytes: int,
                        predict: Predict | None = None, evaluate: Callable | None = None,
                        errors: dict | None = None, n_confirm: int = 3, n_starts: int = 3,
-                       evaluate_shared: Callable | None = None) -> SearchResult:
+                       evaluate_shared: Callable | None = None, mixes: dict | None = None) -> SearchResult:
     """Lowest-loss configuration with ``layout.file_bytes(cfg) <= budget_bytes``.
 
     ``predict`` overrides the archive's GP surrogate; with neither (fewer than 3 archived records)
     the error table ranks candidates and ``predicted_loss`` is None. ``evaluate`` (real loss of a
     list of configurations; a float, or an array of per-window losses, each) confirms the ``n_confirm``
-    best; with per-window losses a mix replaces the largest uniform file that fits only when it is better by
-    ``CONFIRM_Z`` standard errors of the paired difference. ``evaluate_shared`` (the same with the shared LoRA
+    best; ``mixes`` (file type -> configuration: llama-quantize's own mixes such as Q4_K_M) join the candidates
+    and, like the uniform files, count as llama.cpp's files. With per-window losses a mix of coalora's replaces
+    the largest llama.cpp file that fits only when it is better by ``CONFIRM_Z`` standard errors of the paired
+    difference. ``evaluate_shared`` (the same with the shared LoRA
     instead of each configuration's generated adapter) then measures the pick once more: the generated adapter
     is kept only when it is better than the shared LoRA by ``CONFIRM_Z`` standard errors (at high bits the
     configuration's adjustment is about zero and its noise did not carry over to other text).
@@ -137,11 +140,15 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
             cands.setdefault(r.config(), "archive")
     if errors is not None:
         cands.setdefault(allocate(layout, errors, budget_bytes), "greedy")
-    uniforms = {}  # the uniform files that fit, and their type: the largest always reaches confirmation
-    for t in layout.menu_names:
+    uniforms = {}  # llama.cpp's files that fit (uniform types, llama-quantize's mixes), by file type: the
+    for t in layout.menu_names:  # largest always reaches confirmation
         c = layout.uniform(t)
         if on_menu(c) and layout.file_bytes(c) <= budget_bytes:
             cands.setdefault(c, f"uniform:{t}")
+            uniforms.setdefault(c, t)
+    for t, c in (mixes or {}).items():
+        if on_menu(c) and layout.file_bytes(c) <= budget_bytes:
+            cands.setdefault(c, f"llama.cpp:{t}")
             uniforms.setdefault(c, t)
     cheapest = Configuration({n: min(layout.menu(n), key=lambda q: layout[n].bytes(q)) for n in layout.names()})
     cands.setdefault(cheapest, "cheapest")
@@ -166,8 +173,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     best_cfg, best_src, best_score = ranked[0]
     if evaluate is not None and n_confirm > 0:
         top = ranked[:n_confirm]
-        # the best archived configuration and the largest uniform file that fits (what a user would
-        # otherwise ship) always compete
+        # the best archived configuration and the largest llama.cpp file that fits (uniform or llama-quantize's
+        # mix: what a user would otherwise ship) always compete
         arch = [x for x in ranked if x[1] == "archive"][:1]
         uni = sorted((x for x in ranked if x[0] in uniforms), key=lambda x: -layout.file_bytes(x[0]))[:1]
         for x in arch + uni:
@@ -224,19 +231,32 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     that many of the best candidates, the best archived one and the largest uniform file that fits on
     ``confirm_windows`` held-out windows of the training data (``run.calibration_loss``), then the pick's
     generated adapter against the shared LoRA. ``coalora search`` and ``coalora emit`` both choose through this."""
-    from pathlib import Path
-
     from toolkit.sensitivity import load_error_table
 
+    check_budget(layout, budget_bytes)
     archive = Archive.load(run.archive_path) if Path(run.archive_path).exists() else Archive()
     table = Path(run.path) / "sensitivity.json"
     errors = load_error_table(table, layout)
     if errors is None and table.exists():
         raise CoaloraError(f"{table} is damaged or does not cover the run's tensors; train the run again")
+    mixes = llama_mixes(run, layout)
     measure = shared = None
     if confirm > 0:
         measure = lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)  # noqa: E731
         if run.has_adjustments():
             shared = lambda c: run.calibration_loss([c], confirm_windows, per_window=True, adjusted=False)[0]  # noqa: E731
     return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm,
-                              evaluate_shared=shared)
+                              evaluate_shared=shared, mixes=mixes)
+
+
+def llama_mixes(run, layout: ModelLayout) -> dict:
+    """llama-quantize's mixed file types (Q4_K_M, ...) for the run's model, as llama.cpp's dry run assigns them
+    (with the run's importance matrix when it has one), on ``layout``'s tensors; none when the model is not at hand
+    (a search without confirmation needs only the run folder)."""
+    from converters.gguf_source import open_source
+    from converters.llama_mixes import mix_configurations
+
+    model = Path(run.meta["model"])
+    if not model.exists():
+        return {}
+    return mix_configurations(open_source(model).path, layout, imatrix=run.imatrix())

@@ -40,9 +40,10 @@ def register(cli):
     @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
                   help="Write the configuration JSON here.")
     @click.option("--confirm", type=ranges.CONFIRM, default=0, show_default=True,
-                  help="Measure the best N candidates (plus the best archived one and the largest uniform file "
-                       "that fits) with the run's model, about 8 s each on 2 cores; a mix replaces that uniform "
-                       "file only when better by two standard errors of the per-window difference.")
+                  help="Measure the best N candidates (plus the best archived one and the largest llama.cpp file "
+                       "that fits: a uniform type or a llama-quantize mix such as Q4_K_M) with the run's model, "
+                       "about 8 s each on 2 cores; a mix replaces that file only when better by two standard "
+                       "errors of the per-window difference.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -89,13 +90,13 @@ def register(cli):
 
 def confirmation_table(conf: dict):
     """What a confirmation measured: each candidate's held-out loss and its paired difference to the largest
-    uniform file that fits (shared by search and emit)."""
+    llama.cpp file that fits (uniform type or llama-quantize mix; shared by search and emit)."""
     from rich.table import Table
 
-    uniform = f"uniform {conf['uniform']}" if conf["uniform"] else "the largest uniform file (none fits)"
+    uniform = f"llama.cpp's {conf['uniform']} file" if conf["uniform"] else "the largest llama.cpp file (none fits)"
     t = Table(title=f"confirmation on {conf['windows']} held-out windows: a mix replaces {uniform} only when "
                     f"better by {conf['z']:g} standard errors")
-    for col in ("candidate", "file bytes", "bpw", "held-out loss", "vs uniform", "picked"):
+    for col in ("candidate", "file bytes", "bpw", "held-out loss", f"vs {conf['uniform'] or '-'}", "picked"):
         t.add_column(col)
     for r in conf["candidates"]:
         d, se = r.get("vs_uniform"), r.get("vs_uniform_se")
