@@ -53,8 +53,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--stock", default=",".join(STOCK))
-    ap.add_argument("--pure", default=",".join(PURE), help="llama.cpp pure file types as further baselines")
+    ap.add_argument("--files", default=",".join([*STOCK, *(f"pure:{t}" for t in PURE)]),
+                    help="the baseline files, in the order measured: llama.cpp file types, pure:TYPE for a pure one")
     ap.add_argument("--reuse", action="store_true", help="keep unchanged rows of the previous result")
     ap.add_argument("--work", type=Path, default=Path("bench/work/imatrix_quality"))
     ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
@@ -128,7 +128,7 @@ def main() -> None:
         return [row(stock, m, model, v, reused=i not in todo) for i, (m, v) in enumerate(zip(methods, got))]
 
     goal = []
-    kinds = [(t, False) for t in args.stock.split(",") if t] + [(t, True) for t in args.pure.split(",") if t]
+    kinds = [(t.removeprefix("pure:"), t.startswith("pure:")) for t in args.files.split(",") if t]
     for t, pure in kinds:
         name = f"{t} pure" if pure else t
         stem = f"pure-{t}" if pure else f"stock-{t}"
