@@ -9,7 +9,9 @@ import pytest
 
 
 # ---- SmolLM2: a real CoA run, every shipped profile, and one model file serving two adapters --------
-SMOL_WINDOWS, SMOL_CTX = 4, 512          # small evaluation: 4 windows of 512 tokens
+# 8 windows of 512 tokens: torch and llama.cpp drift apart chaotically by up to ~0.4% on 8 windows (README,
+# exactness); on 4 the phone-6gb pick (llama.cpp's IQ3_S mix + shared LoRA) drifted 0.68%, past the 0.5% verdict
+SMOL_WINDOWS, SMOL_CTX = 8, 512
 MEMORY_TOLERANCE = 0.15                  # measured peak RSS vs the memory model (issue requirement)
 MEASURED_PROFILES = ("rpi4-4gb",)        # full-context measurement is slow on CPU; this one has the
                                          # largest repack buffer and a flash-attention compute buffer
