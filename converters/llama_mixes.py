@@ -45,11 +45,19 @@ def imatrix_param(imatrix, keep: list):
     return ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
 
 
+_CACHE: dict[tuple, dict[str, str]] = {}  # (file, its mtime, ftype, imatrix sha256) -> types: emit asks per profile
+
+
 def mix_types(model_path, ftype: str, imatrix=None) -> dict[str, str]:
     """Tensor name -> quant type name that ``llama_model_quantize`` (file type ``ftype``, e.g. "Q4_K_M"; with the
     importance matrix ``imatrix``, which changes some of its choices) gives every tensor of the GGUF ``model_path``."""
     import llama_cpp
 
+    key = (str(Path(model_path).resolve()), Path(model_path).stat().st_mtime_ns, ftype,
+           None if imatrix is None else imatrix.sha256)
+    cacheable = imatrix is None or bool(imatrix.sha256)  # an imatrix not read from a file has no identity
+    if cacheable and key in _CACHE:
+        return dict(_CACHE[key])
     code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}", None)
     if code is None:
         raise CoaloraError(f"unknown llama.cpp file type {ftype!r}")
@@ -76,7 +84,9 @@ def mix_types(model_path, ftype: str, imatrix=None) -> dict[str, str]:
             types[m.group(1)] = (m.group(3) or m.group(2)).upper()
     if rc != 0 or not types:
         raise CoaloraError(f"llama.cpp's dry run of {ftype} on {model_path} failed")
-    return types
+    if cacheable:
+        _CACHE[key] = types
+    return dict(types)
 
 
 def mix_configurations(model_path, layout, ftypes=MIXES, imatrix=None) -> dict:

@@ -188,9 +188,7 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
                 for i, ((c, src, _), r) in enumerate(zip(top, real))]
         if u is not None:
             for row, r in zip(rows, real):
-                d = r - real[u]
-                row["vs_uniform"] = float(d.mean())
-                row["vs_uniform_se"] = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+                row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
         if u is not None and k != u:
             # Per-window losses: leave the uniform file only for a mix that is better by CONFIRM_Z standard
             # errors of the paired difference (smaller differences did not carry over to other text).
@@ -219,11 +217,16 @@ def _generated_or_shared(generated, shared) -> dict:
     ``generated``: whether the generated adapter is better by ``CONFIRM_Z`` standard errors."""
     generated = np.atleast_1d(np.asarray(generated, dtype=float))
     shared = np.atleast_1d(np.asarray(shared, dtype=float))
-    d = generated - shared
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
-    keep = bool(d.mean() < 0 if se is None else d.mean() < -CONFIRM_Z * se)
+    mean, se = _paired(generated, shared)
+    keep = bool(mean < 0 if se is None else mean < -CONFIRM_Z * se)
     return {"generated_loss": float(generated.mean()), "shared_loss": float(shared.mean()),
-            "vs_shared": float(d.mean()), "vs_shared_se": se, "generated": keep}
+            "vs_shared": mean, "vs_shared_se": se, "generated": keep}
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
+    """Mean and standard error of the per-window difference ``a - b`` (no error from a single window)."""
+    d = a - b
+    return float(d.mean()), (float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None)
 
 
 def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, confirm_windows: int = 16) -> SearchResult:
