@@ -13,7 +13,8 @@ Protocol (SmolLM2-135M-Instruct dequantized to F32; the five training novels; he
   `coalora convert --recipe CFG --imatrix RUN/imatrix.gguf`, with the adapter `coalora adapter` writes for it
   (generated for the mix, or the run's shared LoRA where the confirmation measured the generated one no better).
 - `--reuse`: rows of the previous result with the same run and windows are kept (their provenance is recorded)
-  when their files are unchanged; the coalora adapter rows are always measured again.
+  when their files are unchanged; the coalora adapter rows are always measured again. Budgets of the previous result
+  that `--files` does not name are kept whole, with the provenance of the run that measured them.
 - Floor: the F32 model with the full-precision LoRA.
 - Perplexity by llama.cpp (F32 KV cache) on the first --windows windows of 512 tokens of Pride and Prejudice.
 Writes bench/results/imatrix_quality.{md,json}.
@@ -94,13 +95,21 @@ def main() -> None:
     if not f32.exists():
         cli("convert", assets.smollm2_path(), "--type", "F32", "-o", f32)
     ev = Evaluator(f32, args.windows, 512)
-    prev, earlier = {}, None
+    prev, earlier, kept = {}, None, None
     old = RESULTS / "imatrix_quality.json"
     if args.reuse and old.exists():
         d = json.loads(old.read_text())
         if (d.get("coa_run"), d.get("windows")) == (str(coa), args.windows):
             prev = {(r.get("stock"), r["method"]): r for r in d["rows"]}
             earlier = d.get("earlier_provenance") or d["provenance"]
+            listed = {f"{t.removeprefix('pure:')} pure" if t.startswith("pure:") else t
+                      for t in args.files.split(",") if t}
+            # budgets not asked for this time stay whole, with the provenance of the run that measured them
+            kept = {"goal": [g for g in d["goal"] if g["stock"] not in listed],
+                    "rows": [{**r, "reused": True} for r in d["rows"] if r.get("stock") and r["stock"] not in listed],
+                    "provenance": d["provenance"], "earlier_provenance": d.get("earlier_provenance")}
+            if not kept["goal"]:
+                kept = None
 
     def measured(stock, method, model):
         """The previous result's perplexity of this row, if its file is unchanged (same bytes)."""
@@ -166,16 +175,21 @@ def main() -> None:
                      "coalora_vs_baseline": q_coa / p_base - 1, "coalora_gap_to_floor": q_coa / floor - 1,
                      "imatrix_helps_with_adapter": p_base < plain_row["ppl"],
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget})
-        save(coa, o, args, floor, goal, rows, earlier)  # after every budget: an interrupted run keeps its rows
+        save(coa, o, args, floor, goal, rows, earlier, kept)  # after every budget: an interrupted run keeps its rows
 
 
-def save(coa, o, args, floor, goal, rows, earlier) -> None:
+def save(coa, o, args, floor, goal, rows, earlier, kept=None) -> None:
+    if kept:
+        goal, rows = sorted(goal + kept["goal"], key=lambda g: -g["budget_bytes"]), rows + kept["rows"]
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
     data = {"coa_run": str(coa), "options": o, "windows": args.windows, "note": args.note, "floor": floor,
             "goal": goal, "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
+    if kept:
+        data["kept_budgets"] = {"stocks": [g["stock"] for g in kept["goal"]], "provenance": kept["provenance"],
+                                "earlier_provenance": kept["earlier_provenance"]}
     write_results("imatrix_quality", data, report(data))
 
 
@@ -196,7 +210,10 @@ def report(data: dict) -> str:
             f"{o['seq_len']} tokens, rank {o['rank']}, recipe options as trained, imatrix from its training text); "
             f"full-precision LoRA with the same steps; llama.cpp perplexity on {data['windows']} x 512 tokens of "
             f"Pride and Prejudice. Floor (F32 + full-precision LoRA): {floor:.3f}."
-            + (f" {data['note']}" if data.get("note") else "") + "\n\n"
+            + (f" {data['note']}" if data.get("note") else "")
+            + (f" Budgets {', '.join(data['kept_budgets']['stocks'])}: kept from the result of commit "
+               f"{data['kept_budgets']['provenance']['commit'][:7]} (not measured again)." if data.get("kept_budgets") else "")
+            + "\n\n"
             + markdown_table(goal, [("stock", "stock type"), ("budget_bytes", "budget = stock+imatrix bytes"),
                                     ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),
                                     ("coalora_bytes", "coalora bytes"), ("coalora_bpw", "coalora bpw"),
