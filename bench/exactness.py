@@ -12,7 +12,11 @@ Protocol (fixed; one run of this script produces every number):
 - Residual = llama.cpp perplexity / torch perplexity - 1.
 Writes bench/results/exactness.{md,json} (or ``--name``).
 
-Usage: .venv/bin/python bench/exactness.py [--windows 8] [--only NAME ...] [--name exactness]
+With ``--imatrix FILE`` (an importance matrix of the model, e.g. a demo run's ``imatrix.gguf``) every type is
+quantized with it, the types that need one (IQ1-IQ3) join, only the current emulation is measured, and the result
+is bench/results/exactness-imatrix.{md,json}.
+
+Usage: .venv/bin/python bench/exactness.py [--windows 8] [--only NAME ...] [--name exactness] [--imatrix FILE]
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import markdown_table, provenance, write_results  # noqa: E402
 
+IMATRIX_TYPES = ("Q4_0", "IQ4_NL", "Q3_K", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "Q3_K", "Q2_K")
 # Mixes by tensor kind ("*": every other kind). SmolLM2's 576-wide rows take K-quants only in ffn_down.
 MIXES = {
@@ -58,10 +63,10 @@ def previous_emulation():
         ga._div, ga.q8_1_sum_error, ga.GGMLRMSNorm.forward = saved
 
 
-def configurations(layout) -> dict:
+def configurations(layout, imatrix: bool = False) -> dict:
     from converters.configuration import Configuration
 
-    out = {q: layout.uniform(q) for q in TYPES}
+    out = {q: layout.uniform(q) for q in (IMATRIX_TYPES if imatrix else TYPES)}
     for name, by_kind in MIXES.items():
         out[name] = Configuration({t.name: by_kind.get(t.kind, by_kind["*"]) for t in layout.tensors})
     return out
@@ -71,8 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--only", nargs="*", help="configurations to measure (names as in the table)")
-    ap.add_argument("--name", default="exactness", help="result file name in bench/results")
+    ap.add_argument("--name", help="result file name in bench/results (default: exactness, exactness-imatrix)")
+    ap.add_argument("--imatrix", help="quantize with this importance matrix; adds the IQ1-IQ3 types")
     args = ap.parse_args()
+    args.name = args.name or ("exactness-imatrix" if args.imatrix else "exactness")
 
     from tqdm import tqdm
 
@@ -87,10 +94,16 @@ def main() -> None:
     model_path = assets.smollm2_path()
     loaded = load_model(model_path)
     layout = loaded.layout()
-    bank = WeightBank(loaded, cache_dir=quant_cache_dir(model_fingerprint(model_path)))
+    im = None
+    if args.imatrix:
+        from converters import imatrix as imx
+        from converters.gguf_source import GGUFSource
+        im = imx.load_for(args.imatrix, imx.model_shapes(GGUFSource(model_path)))
+        layout = layout.with_imatrix(im.sums)
+    bank = WeightBank(loaded, cache_dir=quant_cache_dir(model_fingerprint(model_path)), imatrix=im)
     model = CoALoRAModel(loaded, bank, layout, mode="shared", targets=())
     model.eval()
-    cfgs = configurations(layout)
+    cfgs = configurations(layout, imatrix=im is not None)
     names = args.only or list(cfgs)
     text = assets.novel_path(assets.EVAL_NOVEL).read_text()
     rows, windows = [], None
@@ -109,35 +122,46 @@ def main() -> None:
             def logits(ids):
                 return model.base(input_ids=ids, use_cache=False).logits
 
-            with previous_emulation():
-                p_before = evaluation.perplexity(evaluation.torch_window_nll(logits, windows))
+            p_before = None
+            if im is None:
+                with previous_emulation():
+                    p_before = evaluation.perplexity(evaluation.torch_window_nll(logits, windows))
             p_after = evaluation.perplexity(evaluation.torch_window_nll(logits, windows))
             counts = {}
             for q in cfg.types.values():
                 counts[q.name] = counts.get(q.name, 0) + 1
             rows.append({"configuration": name, "types": ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())),
                          "file_bytes": path.stat().st_size, "bpw": layout.bits_per_weight(cfg),
-                         "llama_ppl": p_llama, "torch_before": p_before, "before_pct": 100 * (p_llama / p_before - 1),
+                         "llama_ppl": p_llama, "torch_before": p_before, "before_pct": None if p_before is None else 100 * (p_llama / p_before - 1),
                          "torch_after": p_after, "after_pct": 100 * (p_llama / p_after - 1),
                          "seconds": time.perf_counter() - t0})
-            report(rows, args.windows, windows, args.name)
+            report(rows, args.windows, windows, args.name, im)
 
 
-def report(rows: list[dict], n_windows: int, windows, name: str) -> None:
+def report(rows: list[dict], n_windows: int, windows, name: str, im=None) -> None:
     from toolkit.evaluation import windows_digest
 
-    order = [*TYPES, *MIXES]
+    order = [*(IMATRIX_TYPES if im is not None else TYPES), *MIXES]
     rows = sorted(rows, key=lambda r: order.index(r["configuration"]))
     worst = max(abs(r["after_pct"]) for r in rows)
-    cols = [("configuration", "configuration"), ("types", "tensor types"), ("bpw", "bpw"),
-            ("llama_ppl", "llama.cpp ppl"), ("torch_before", "torch ppl, before"), ("before_pct", "residual before %"),
-            ("torch_after", "torch ppl, after"), ("after_pct", "residual after %")]
+    if im is None:
+        cols = [("configuration", "configuration"), ("types", "tensor types"), ("bpw", "bpw"),
+                ("llama_ppl", "llama.cpp ppl"), ("torch_before", "torch ppl, before"),
+                ("before_pct", "residual before %"), ("torch_after", "torch ppl, after"),
+                ("after_pct", "residual after %")]
+        what = ("llama.cpp (CPU, F32 KV cache) against torch's prediction with the previous activation emulation "
+                "(before) and the current one (after)")
+    else:
+        cols = [("configuration", "configuration"), ("types", "tensor types"), ("bpw", "bpw"),
+                ("llama_ppl", "llama.cpp ppl"), ("torch_after", "torch ppl"), ("after_pct", "residual %")]
+        what = (f"every type quantized with an importance matrix (sha256 {im.sha256[:12]}); llama.cpp (CPU, "
+                "F32 KV cache) against torch's prediction")
     md = (f"Protocol: SmolLM2-135M-Instruct base weights, no adapter; {n_windows} x 512 tokens of Pride and Prejudice; "
-          "llama.cpp (CPU, F32 KV cache) against torch's prediction with the previous activation emulation (before) "
-          f"and the current one (after); residual = llama.cpp / torch - 1. Largest residual after: {worst:.3f}%.\n\n"
+          f"{what}; residual = llama.cpp / torch - 1. Largest residual: {worst:.3f}%.\n\n"
           + markdown_table(rows, cols))
     write_results(name, {"provenance": provenance(), "machine_shared": True, "windows": n_windows,
-                                "n_ctx": 512, "windows_sha256": windows_digest(windows), "rows": rows}, md)
+                         "imatrix_sha256": None if im is None else im.sha256,
+                         "n_ctx": 512, "windows_sha256": windows_digest(windows), "rows": rows}, md)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,8 @@ def test_validate_agrees_with_emit(env):
     assert r["ok"], r["verdicts"]
     assert r["verdicts"]["perplexity_matches_prediction"] is True
     assert abs(r["evaluation"]["relative_difference"]) < 0.005
+    ev = m["evaluation"]
+    assert r["evaluation"]["scored_tokens"] == ev["n_windows"] * (ev["n_ctx"] - 1)  # every token after the first
     assert r["evaluation"]["perplexity_adapter"] != r["evaluation"]["perplexity_base"]
     assert r["reference"]["base"]["top1_agreement"] > 0.9  # Q8_0 vs F16 without adapter
     assert r["memory"]["measured_peak_rss_bytes"] > 0 and r["speed"]["gen_tokens_per_s"] > 0

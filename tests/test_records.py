@@ -195,6 +195,7 @@ def test_emit_and_validate_on_held_out_chats(tiny_model_dir, tmp_path):
     assert abs(ev["relative_difference"]) < 0.005, ev
     _, masks, *_ = emit_mod.eval_set(tmp_path / "dist" / "tiny-test" / "model.gguf", held, 8, 96)
     assert r["reference"]["base"]["positions"] == sum(sum(m[1:]) for m in masks)  # the answer positions only
+    assert ev["scored_tokens"] == sum(sum(m[1:]) for m in masks)
 
 
 def test_resume_on_records_matches_uninterrupted_and_refuses_changed_data(tiny_model_dir, tmp_path):

@@ -135,7 +135,8 @@ def register(cli):
             t.add_column("value")
             t.add_row("perplexity (no adapter)", f"{ev['perplexity_base']:.3f}")
             t.add_row("perplexity (adapter)", f"{ev['perplexity_adapter']:.3f}")
-            t.add_row("predicted perplexity", f"{ev['predicted_perplexity']:.3f} ({ev['relative_difference']:+.3%})")
+            t.add_row("predicted perplexity", f"{ev['predicted_perplexity']:.3f} ({ev['relative_difference']:+.3%}, "
+                      f"{ev['scored_tokens']:,} tokens scored)")
             if ref:
                 for k in ("base", "adapter"):
                     t.add_row(f"KL / top-1 vs F16 ({k})",

@@ -221,8 +221,10 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
             ref.close()
     if masks is None:
         ppl_base, ppl_adapted = perplexity(np.stack(nll_base)), perplexity(np.stack(nll_adapted))
+        scored = sum(len(n) for n in nll_adapted)
     else:  # records: their answer tokens
         ppl_base, ppl_adapted = masked_perplexity(nll_base, masks), masked_perplexity(nll_adapted, masks)
+        scored = sum(int(np.count_nonzero(m[1:len(n) + 1])) for n, m in zip(nll_adapted, masks))
     predicted = ev["predicted_perplexity"]
     rel = ppl_adapted / predicted - 1
 
@@ -248,7 +250,7 @@ def validate(dist_dir, data=None, n_windows: int | None = None, reference=None, 
         "dist": str(dist_dir), "profile": profile.name, "checksums": sums, "source_model_verified": c["source_verified"],
         "adapter": {"rank": info.rank, "alpha": info.alpha, "tensors": len(info.targets)},
         "evaluation": {"n_windows": len(windows), "n_ctx": n_ctx, "data_format": data_format,
-                       "same_windows_as_manifest": same_protocol,
+                       "same_windows_as_manifest": same_protocol, "scored_tokens": scored,
                        "perplexity_base": ppl_base, "perplexity_adapter": ppl_adapted,
                        "predicted_perplexity": predicted, "relative_difference": rel},
         "reference": None if ref is None else {"path": str(ref_path), "base": cmp_base.summary(),
