@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, cli, llama_quantize, markdown_table, write_results  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
+from converters.llama_mixes import NEEDS_IMATRIX  # noqa: E402
 
 # llama.cpp file types from about 8.5 down to about 3.5 bits per weight (on SmolLM2's 576-wide rows the
 # 256-block types fall back on most matrices, so the measured bits per weight are in the table)
@@ -105,11 +106,18 @@ def main() -> None:
             listed = {f"{t.removeprefix('pure:')} pure" if t.startswith("pure:") else t
                       for t in args.files.split(",") if t}
             # budgets not asked for this time stay whole, with the provenance of the run that measured them
-            kept = {"goal": [g for g in d["goal"] if g["stock"] not in listed],
-                    "rows": [{**r, "reused": True} for r in d["rows"] if r.get("stock") and r["stock"] not in listed],
-                    "provenance": d["provenance"], "earlier_provenance": d.get("earlier_provenance")}
-            if not kept["goal"]:
-                kept = None
+            groups = d.get("kept_budgets") or []  # budgets that result kept from earlier ones, and its own
+            groups = [groups] if isinstance(groups, dict) else groups
+            own = [g["stock"] for g in d["goal"] if not any(g["stock"] in k["stocks"] for k in groups)]
+            groups = [*groups, {"stocks": own, "provenance": d["provenance"],
+                                "earlier_provenance": d.get("earlier_provenance")}]
+            groups = [{**k, "stocks": [t for t in k["stocks"] if t not in listed]} for k in groups]
+            groups = [k for k in groups if k["stocks"]]
+            names = {t for k in groups for t in k["stocks"]}
+            if names:
+                kept = {"goal": [g for g in d["goal"] if g["stock"] in names],
+                        "rows": [{**r, "reused": True} for r in d["rows"] if r.get("stock") in names],
+                        "groups": groups}
 
     def measured(stock, method, model):
         """The previous result's perplexity of this row, if its file is unchanged (same bytes)."""
@@ -142,10 +150,11 @@ def main() -> None:
         name = f"{t} pure" if pure else t
         stem = f"pure-{t}" if pure else f"stock-{t}"
         plain, with_im = work / f"{stem}.gguf", work / f"{stem}-imatrix.gguf"
+        plain_ok = t not in NEEDS_IMATRIX  # llama.cpp refuses those without an importance matrix
         for path, im in ((plain, None), (with_im, imx.load(imatrix))):
-            if not path.exists():
+            if not path.exists() and (im is not None or plain_ok):
                 llama_quantize(f32, path, t, imatrix=im, pure=pure)
-        (plain_row,) = ppl(name, ["stock + full-precision LoRA"], plain, [fp_adapter])
+        (plain_row,) = ppl(name, ["stock + full-precision LoRA"], plain, [fp_adapter]) if plain_ok else (None,)
         _, base = ppl(name, ["stock + imatrix, no adapter", BASELINE], with_im, [None, fp_adapter])
 
         budget = with_im.stat().st_size
@@ -173,7 +182,7 @@ def main() -> None:
                      "coalora_bytes": ours["file_bytes"], "coalora_bpw": ours["bpw"], "coalora_ppl": q_coa,
                      "coalora_adapter": kind, "other_adapter_ppl": theirs["ppl"],
                      "coalora_vs_baseline": q_coa / p_base - 1, "coalora_gap_to_floor": q_coa / floor - 1,
-                     "imatrix_helps_with_adapter": p_base < plain_row["ppl"],
+                     "imatrix_helps_with_adapter": None if plain_row is None else p_base < plain_row["ppl"],
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget})
         save(coa, o, args, floor, goal, rows, earlier, kept)  # after every budget: an interrupted run keeps its rows
 
@@ -188,8 +197,7 @@ def save(coa, o, args, floor, goal, rows, earlier, kept=None) -> None:
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
     if kept:
-        data["kept_budgets"] = {"stocks": [g["stock"] for g in kept["goal"]], "provenance": kept["provenance"],
-                                "earlier_provenance": kept["earlier_provenance"]}
+        data["kept_budgets"] = kept["groups"]
     write_results("imatrix_quality", data, report(data))
 
 
@@ -211,8 +219,8 @@ def report(data: dict) -> str:
             f"full-precision LoRA with the same steps; llama.cpp perplexity on {data['windows']} x 512 tokens of "
             f"Pride and Prejudice. Floor (F32 + full-precision LoRA): {floor:.3f}."
             + (f" {data['note']}" if data.get("note") else "")
-            + (f" Budgets {', '.join(data['kept_budgets']['stocks'])}: kept from the result of commit "
-               f"{data['kept_budgets']['provenance']['commit'][:7]} (not measured again)." if data.get("kept_budgets") else "")
+            + "".join(f" Budgets {', '.join(k['stocks'])}: kept from the result of commit "
+                      f"{k['provenance']['commit'][:7]} (not measured again)." for k in data.get("kept_budgets") or [])
             + "\n\n"
             + markdown_table(goal, [("stock", "stock type"), ("budget_bytes", "budget = stock+imatrix bytes"),
                                     ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),
