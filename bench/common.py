@@ -90,9 +90,12 @@ def llama_quantize(src, dst, ftype: int | str, *, pure: bool = False, overrides=
         from converters.llama_mixes import imatrix_param
         p.imatrix = imatrix_param(imatrix, keep)
     t = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    part = Path(dst).with_name(Path(dst).name + ".part")  # an interrupted call leaves no file that looks complete
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), ctypes.byref(p))
     if rc != 0:
+        part.unlink(missing_ok=True)
         raise RuntimeError(f"llama_model_quantize {ftype} of {src} failed ({rc})")
+    os.replace(part, dst)
     return time.perf_counter() - t
 
 
