@@ -38,7 +38,7 @@ from converters.llama_mixes import NEEDS_IMATRIX  # noqa: E402
 # llama.cpp file types from about 8.5 down to about 3.5 bits per weight (on SmolLM2's 576-wide rows the
 # 256-block types fall back on most matrices, so the measured bits per weight are in the table)
 STOCK = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "IQ3_M")
-PURE = ("IQ4_NL", "IQ3_S", "IQ2_S")  # llama.cpp's pure files: 4.5, 4.29 and 4.12 bits per weight on SmolLM2
+PURE = ("IQ4_NL", "IQ3_S", "IQ2_S")  # llama.cpp's pure files (file types: IQ2_S's tensors are IQ2_XS): 4.5, 4.29, 4.07 bpw
 
 
 FLOOR = "F32 + full-precision LoRA (floor)"
