@@ -107,7 +107,6 @@ def main() -> None:
                       for t in args.files.split(",") if t}
             # budgets not asked for this time stay whole, with the provenance of the run that measured them
             groups = d.get("kept_budgets") or []  # budgets that result kept from earlier ones, and its own
-            groups = [groups] if isinstance(groups, dict) else groups
             own = [g["stock"] for g in d["goal"] if not any(g["stock"] in k["stocks"] for k in groups)]
             groups = [*groups, {"stocks": own, "provenance": d["provenance"],
                                 "earlier_provenance": d.get("earlier_provenance")}]
