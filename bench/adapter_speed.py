@@ -1,15 +1,19 @@
 """How long a new configuration's adapter takes: CoA-LoRA generation vs one per-configuration fine-tune.
 
-Uses the runs that bench/quality.py trained (bench/work/quality/runs/coa and ft-Q4_0). For 20 random
-configurations of SmolLM2 (each tensor a random type of its menu) it times the generation of the
-adapter tensors (configuration-aware model + folding (I + M) into A; no file I/O), and separately the
-GGUF write. Writes bench/results/adapter_speed.{md,json}.
+A CoA-LoRA run (`--run`) and a per-configuration fine-tune with the same steps, batch, sequence length, rank
+and data (`--finetune-run`; trained here with `coalora finetune --config Q4_0` and the run's settings when it
+does not exist yet). For 20 random configurations of the run's model (each tensor a random type of its menu)
+it times the generation of the adapter tensors (configuration-aware model + folding (I + M) into A; no file
+I/O), and separately the GGUF write. Writes bench/results/adapter_speed.{md,json}.
+
+    python bench/adapter_speed.py --run DEMO/run --finetune-run bench/work/adapter_speed/ft-Q4_0
 """
 from __future__ import annotations
 
 import argparse
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +27,7 @@ from bench.common import markdown_table, write_results  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", type=Path, default=Path("bench/work/quality/runs/coa"))
-    ap.add_argument("--finetune-run", type=Path, default=Path("bench/work/quality/runs/ft-Q4_0"))
+    ap.add_argument("--finetune-run", type=Path, default=Path("bench/work/adapter_speed/ft-Q4_0"))
     ap.add_argument("--n", type=int, default=20)
     args = ap.parse_args()
     from converters.configuration import Configuration
@@ -42,15 +46,32 @@ def main() -> None:
             t = time.perf_counter()
             run.write_adapter(cfg, Path(tmp) / f"a{i}.gguf")
             write.append((time.perf_counter() - t) * 1e3)
-    ft = Run.open(args.finetune_run).meta["train_seconds"]
+    if not (args.finetune_run / "run.json").exists():
+        o = run.meta["options"]
+        cmd = [str(Path(sys.executable).parent / "coalora"), "finetune", run.meta["model"], "--config", "Q4_0",
+               "-o", str(args.finetune_run), "--steps", str(o["steps"]), "--seq-len", str(o["seq_len"]),
+               "--batch", str(o["batch"]), "--rank", str(o["rank"]), "--alpha", str(o["alpha"]),
+               "--lr", str(o["lr"]), "--seed", str(o["seed"]), "--json"]
+        for d in run.meta.get("data", []):
+            cmd += ["--data", str(d)]
+        if not run.meta.get("imatrix_sha256"):
+            cmd.append("--no-imatrix")
+        print("training the per-configuration baseline:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    ft_meta = Run.open(args.finetune_run).meta
+    ft = ft_meta["train_seconds"]
     rows = [{"what": "generate adapter tensors (median)", "ms": round(statistics.median(gen), 2)},
             {"what": "generate adapter tensors (max)", "ms": round(max(gen), 2)},
             {"what": "generate + write adapter GGUF (median)", "ms": round(statistics.median(write), 2)},
             {"what": "one per-configuration fine-tune (same steps)", "ms": round(ft * 1e3, 0)}]
     md = markdown_table(rows, [("what", "what"), ("ms", "milliseconds")])
-    md += f"\n\n{args.n} random SmolLM2 configurations; speed-up of generation over fine-tuning: " \
-          f"{ft * 1e3 / statistics.median(gen):,.0f}x."
-    write_results("adapter_speed", {"generation_ms": gen, "write_ms": write, "finetune_s": ft, "rows": rows}, md)
+    fo = ft_meta["options"]
+    md += (f"\n\nRun {args.run}; {args.n} random configurations of its model; the fine-tune: "
+           f"{fo['steps']} steps x {fo['batch']} x {fo['seq_len']} tokens, rank {fo['rank']} ({args.finetune_run}). "
+           f"Speed-up of generation over fine-tuning: {ft * 1e3 / statistics.median(gen):,.0f}x.")
+    write_results("adapter_speed", {"run": str(args.run), "finetune_run": str(args.finetune_run),
+                                    "finetune_options": {k: fo[k] for k in ("steps", "batch", "seq_len", "rank")},
+                                    "generation_ms": gen, "write_ms": write, "finetune_s": ft, "rows": rows}, md)
 
 
 if __name__ == "__main__":
