@@ -38,9 +38,9 @@ test-fast: setup
 
 bench: assets
 	$(PY) bench/convert.py
-	$(PY) bench/quality.py          # trains the runs the next three use
+	$(PY) bench/quality.py --seeds 0,1,2  # trains the runs the next three use (seed 0's)
 	$(PY) bench/ladder.py
-	$(PY) bench/search.py --run bench/work/quality/runs/coa
+	$(PY) bench/search.py --run bench/work/quality/runs/seed-0/coa
 	$(PY) bench/adapter_speed.py
 
 clean:

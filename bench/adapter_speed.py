@@ -26,7 +26,7 @@ from bench.common import markdown_table, write_results  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", type=Path, default=Path("bench/work/quality/runs/coa"))
+    ap.add_argument("--run", type=Path, default=Path("bench/work/quality/runs/seed-0/coa"))
     ap.add_argument("--finetune-run", type=Path, default=Path("bench/work/adapter_speed/ft-Q4_0"))
     ap.add_argument("--n", type=int, default=20)
     args = ap.parse_args()

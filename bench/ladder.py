@@ -31,7 +31,7 @@ from bench.common import RESULTS, markdown_table, perplexity_plot, write_results
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", type=Path, default=Path("bench/work/quality/runs/coa"))
+    ap.add_argument("--run", type=Path, default=Path("bench/work/quality/runs/seed-0/coa"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--confirm", type=int, default=2, help="best candidates whose calibration loss is measured")
     ap.add_argument("--confirm-windows", type=int, default=16, help="held-out windows of the training text per confirmation")

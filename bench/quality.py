@@ -85,36 +85,43 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/work/quality"))
     ap.add_argument("--budgets", default=",".join(BUDGET_FROM),
                     help="Stock types whose file sizes are the budgets of rows 3-6.")
+    ap.add_argument("--seeds", default="0",
+                    help="Comma-separated training seeds: every LoRA and search is made once per seed and the table "
+                         "shows each row's mean, standard deviation and per-seed values.")
     args = ap.parse_args()
     from toolkit import assets
     from converters.configuration import Configuration
     from toolkit.run import Run
 
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        sys.exit("--seeds: give distinct integers, e.g. 0,1,2")
     work = args.work.resolve()
     (work / "runs").mkdir(parents=True, exist_ok=True)
     train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch, "--json"]
 
     walls = {}
 
-    def trained(name, *cmd):
+    def trained(name, seed, *cmd):
         """Training seconds of the run (the loop and its search rounds); the whole process's wall time,
         start-up, sensitivity table and final search round included, goes to ``walls``."""
-        run = work / "runs" / name
+        run = work / "runs" / f"seed-{seed}" / name
         meta = run / "run.json"
-        record, command = run / "bench-wall.json", [str(c) for c in (*cmd, *train)]
+        command = [str(c) for c in (*cmd, *train, "--seed", seed)]
+        record = run / "bench-wall.json"
         if not (meta.exists() and json.loads(meta.read_text()).get("status") == "trained"):
-            _, wall = cli(*cmd, "-o", run, *train)
+            _, wall = cli(*command[:len(cmd)], "-o", run, *command[len(cmd):])
             record.write_text(json.dumps({"wall_s": round(wall, 1), "command": command}))
-            print(f"  trained {name} in {wall:.0f} s", flush=True)
+            print(f"  trained {name} (seed {seed}) in {wall:.0f} s", flush=True)
         bench = json.loads(record.read_text()) if record.exists() else {}
         if bench.get("command") != command:
             sys.exit(f"{run} was trained with another command; remove it (or --work elsewhere) to re-run")
-        walls[name] = bench["wall_s"]
+        walls[f"{name} seed {seed}"] = bench["wall_s"]
         return json.loads(meta.read_text())["train_seconds"]
 
-    def adapter(run_name, cfg_arg, out):
+    def adapter(run_dir, cfg_arg, out):
         if not out.exists():
-            cli("adapter", work / "runs" / run_name, "--config", cfg_arg, "-o", out, "--json")
+            cli("adapter", run_dir, "--config", cfg_arg, "-o", out, "--json")
         return out
 
     print("converting SmolLM2 to F32 and to llama.cpp's stock types ...", flush=True)
@@ -127,76 +134,127 @@ def main() -> None:
         if not stock[t].exists():
             llama_quantize(f32, stock[t], t)
 
-    print("training: full-precision LoRA, shared LoRA, CoA-LoRA ...", flush=True)
-    seconds = {"fp": trained("fp", "finetune", "smollm2", "--config", "F32"),
-               "shared": trained("shared", "train", "smollm2", "--mode", "shared"),
-               "coa": trained("coa", "train", "smollm2", "--mode", "coa", *COA_OPTIONS)}
-    fp_adapter = adapter("fp", "F32", work / "fp-adapter.gguf")
-
     ev = Evaluator(f32, args.windows, 512)
     rows = []
 
-    def row(label, method, model, ppl, tuned_s, budget=None):
+    def row(seed, label, method, model, ppl, tuned_s, budget=None):
         from converters.gguf_inspect import inspect_gguf
         info = inspect_gguf(model)
-        rows.append({"budget": budget, "row": label, "method": method, "file_bytes": model.stat().st_size,
+        rows.append({"seed": seed, "budget": budget, "row": label, "method": method, "file_bytes": model.stat().st_size,
                      "bpw": round(info["bits_per_weight"], 3), "ppl": round(ppl, 4), "finetune_s": tuned_s})
 
-    print("evaluating with llama.cpp ...", flush=True)
-    base_f32, floor = ev.ppl(f32, [None, fp_adapter])
-    row("0", "F32, no adapter", f32, base_f32, 0.0)
-    row("1", "F32 + full-precision LoRA (floor)", f32, floor, seconds["fp"])
-    for t in STOCK:
-        (p,) = ev.ppl(stock[t], [fp_adapter])
-        row("2", f"stock {t} + full-precision LoRA", stock[t], p, seconds["fp"])
-
-    coa = Run.open(work / "runs" / "coa")
+    (base_f32,) = ev.ppl(f32, [None])
+    row(None, "0", "F32, no adapter", f32, base_f32, 0.0)
     budgets = [t for t in args.budgets.split(",") if t]
-    for t in budgets:
-        budget = stock[t].stat().st_size
-        cfg_path = work / f"cfg-{t}.json"
-        if not cfg_path.exists():
-            cli("search", work / "runs" / "coa", "--budget-bytes", budget, "--confirm", 3, "-o", cfg_path, "--json")
-        cfg = Configuration.load(cfg_path)
-        mixed = work / f"mixed-{t}.gguf"
-        if not mixed.exists():
-            cli("convert", assets.smollm2_path(), "--recipe", cfg_path, "-o", mixed)
-        assert mixed.stat().st_size == coa.layout.file_bytes(cfg) <= budget
-        ft_s = trained(f"ft-{t}", "finetune", "smollm2", "--config", cfg_path)
-        ads = [None, adapter("shared", cfg_path, work / f"shared-{t}.gguf"),
-               adapter(f"ft-{t}", cfg_path, work / f"ft-{t}.gguf"), adapter("coa", cfg_path, work / f"coa-{t}.gguf")]
-        p_none, p_shared, p_ft, p_coa = ev.ppl(mixed, ads)
-        label = f"<= {t} size"
-        row("3", "searched mix, no adapter", mixed, p_none, 0.0, label)
-        row("4", "searched mix + shared LoRA", mixed, p_shared, seconds["shared"], label)
-        row("5", "searched mix + per-configuration LoRA", mixed, p_ft, ft_s, label)
-        row("6", "searched mix + CoA-LoRA adapter", mixed, p_coa, seconds["coa"], label)
-        print(f"  {label}: none {p_none:.3f}  shared {p_shared:.3f}  per-config {p_ft:.3f}  coa {p_coa:.3f}",
-              flush=True)
+    seconds, per_config_total = {}, {}
+    for seed in seeds:
+        sw = work / "runs" / f"seed-{seed}"
+        print(f"seed {seed}: training the full-precision LoRA, shared LoRA, CoA-LoRA ...", flush=True)
+        sec = {"fp": trained("fp", seed, "finetune", "smollm2", "--config", "F32"),
+               "shared": trained("shared", seed, "train", "smollm2", "--mode", "shared"),
+               "coa": trained("coa", seed, "train", "smollm2", "--mode", "coa", *COA_OPTIONS)}
+        fp_adapter = adapter(sw / "fp", "F32", sw / "fp-adapter.gguf")
+        print(f"seed {seed}: evaluating with llama.cpp ...", flush=True)
+        (floor,) = ev.ppl(f32, [fp_adapter])
+        row(seed, "1", "F32 + full-precision LoRA (floor)", f32, floor, sec["fp"])
+        for t in STOCK:
+            (p,) = ev.ppl(stock[t], [fp_adapter])
+            row(seed, "2", f"stock {t} + full-precision LoRA", stock[t], p, sec["fp"])
+        coa = Run.open(sw / "coa")
+        ft_total = 0.0
+        for t in budgets:
+            budget = stock[t].stat().st_size
+            cfg_path = sw / f"cfg-{t}.json"
+            if not cfg_path.exists():
+                cli("search", sw / "coa", "--budget-bytes", budget, "--confirm", 3, "-o", cfg_path, "--json")
+            cfg = Configuration.load(cfg_path)
+            mixed = sw / f"mixed-{t}.gguf"
+            if not mixed.exists():
+                cli("convert", assets.smollm2_path(), "--recipe", cfg_path, "-o", mixed)
+            assert mixed.stat().st_size == coa.layout.file_bytes(cfg) <= budget
+            ft_s = trained(f"ft-{t}", seed, "finetune", "smollm2", "--config", cfg_path)
+            ft_total += ft_s
+            ads = [None, adapter(sw / "shared", cfg_path, sw / f"shared-{t}.gguf"),
+                   adapter(sw / f"ft-{t}", cfg_path, sw / f"ft-{t}.gguf"),
+                   adapter(sw / "coa", cfg_path, sw / f"coa-{t}.gguf")]
+            p_none, p_shared, p_ft, p_coa = ev.ppl(mixed, ads)
+            label = f"<= {t} size"
+            row(seed, "3", "searched mix, no adapter", mixed, p_none, 0.0, label)
+            row(seed, "4", "searched mix + shared LoRA", mixed, p_shared, sec["shared"], label)
+            row(seed, "5", "searched mix + per-configuration LoRA", mixed, p_ft, ft_s, label)
+            row(seed, "6", "searched mix + CoA-LoRA adapter", mixed, p_coa, sec["coa"], label)
+            print(f"  seed {seed} {label}: none {p_none:.3f}  shared {p_shared:.3f}  per-config {p_ft:.3f}  "
+                  f"coa {p_coa:.3f}", flush=True)
+        seconds[seed], per_config_total[seed] = sec, ft_total
 
+    floors = {r["seed"]: r["ppl"] for r in rows if r["row"] == "1"}
     for r in rows:
-        r["gap_to_floor_pct"] = round(100 * (r["ppl"] / floor - 1), 2)
-    per_config_total = sum(json.loads((work / "runs" / f"ft-{t}" / "run.json").read_text())["train_seconds"]
-                           for t in budgets)
+        if r["seed"] is not None:
+            r["gap_to_floor_pct"] = round(100 * (r["ppl"] / floors[r["seed"]] - 1), 2)
+    table = summary(rows)
     cols = [("row", "row"), ("budget", "budget"), ("method", "method"), ("file_bytes", "file bytes"),
-            ("bpw", "bpw"), ("ppl", "perplexity"), ("gap_to_floor_pct", "gap to floor %"),
-            ("finetune_s", "fine-tuning s")]
+            ("bpw", "bpw"), ("ppl", "perplexity (mean)"), ("ppl_sd", "sd"), ("ppl_seeds", "per seed"),
+            ("gap_to_floor_pct", "gap to floor % (mean)"), ("finetune_s", "fine-tuning s (mean)")]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     md = (f"Protocol: {args.steps} steps x {args.batch} x {args.seq_len} tokens per LoRA, rank 8; "
           f"{args.windows} windows x 512 tokens of Pride and Prejudice; perplexity by llama.cpp; "
-          f"CoA-LoRA run: `coalora train --mode coa {' '.join(COA_OPTIONS)}`.\n\n"
-          + markdown_table(rows, cols)
-          + f"\n\nTraining time: one CoA-LoRA run {seconds['coa']:.0f} s serves every budget; "
-            f"the per-configuration LoRAs for {len(budgets)} budgets took {per_config_total:.0f} s together. "
-            f"Wall time of each whole training process (start-up, sensitivity table and search rounds "
-            f"included): {', '.join(f'{k} {v:.0f} s' for k, v in walls.items())}. "
+          f"CoA-LoRA run: `coalora train --mode coa {' '.join(COA_OPTIONS)}`; seeds {', '.join(map(str, seeds))} "
+          f"(every LoRA, CoA-LoRA run and search once per seed; searched files can differ between seeds, "
+          f"file bytes and bpw are their largest and mean).\n\n"
+          + markdown_table(table, cols)
+          + f"\n\n{orderings(rows, budgets)}\n\nTraining time (mean over seeds): one CoA-LoRA run "
+            f"{mean([s['coa'] for s in seconds.values()]):.0f} s serves every budget; the per-configuration LoRAs "
+            f"for {len(budgets)} budgets took {mean(list(per_config_total.values())):.0f} s together. "
             f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB.")
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-                                           "windows": args.windows, "n_ctx": 512,
+                                           "windows": args.windows, "n_ctx": 512, "seeds": seeds,
                                            "coa_options": list(COA_OPTIONS)},
-                              "rows": rows, "train_seconds": seconds, "per_config_total_s": per_config_total,
-                              "train_wall_s": walls,
+                              "table": table, "rows": rows, "train_seconds": seconds,
+                              "per_config_total_s": per_config_total, "train_wall_s": walls,
                               "peak_child_rss_mb": peak_child_rss_mb()}, md)
-    plot(rows, RESULTS / "quality.png")
+    plot(table, RESULTS / "quality.png")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per (row, budget, method): the mean over seeds, its standard deviation and the per-seed values."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["row"], r["budget"], r["method"]), []).append(r)
+    out = []
+    for (label, budget, method), rs in groups.items():
+        ppl = [r["ppl"] for r in rs]
+        out.append({"row": label, "budget": budget, "method": method, "file_bytes": max(r["file_bytes"] for r in rs),
+                    "bpw": round(statistics.fmean(r["bpw"] for r in rs), 3), "ppl": round(statistics.fmean(ppl), 4),
+                    "ppl_sd": round(statistics.stdev(ppl), 4) if len(ppl) > 1 else None,
+                    "ppl_seeds": " / ".join(f"{p:.3f}" for p in ppl), "n": len(ppl),
+                    "gap_to_floor_pct": (round(statistics.fmean(r["gap_to_floor_pct"] for r in rs), 2)
+                                         if "gap_to_floor_pct" in rs[0] else None),
+                    "finetune_s": round(statistics.fmean(r["finetune_s"] for r in rs), 1)})
+    return out
+
+
+def orderings(rows: list[dict], budgets: list[str]) -> str:
+    """At each budget, in how many seeds the CoA-LoRA adapter beats each other adapter on the same searched file
+    and the stock file of that type + full-precision LoRA, and its mean gap to the per-configuration LoRA."""
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    parts = []
+    for t in budgets:
+        label = f"<= {t} size"
+        wins = {"shared LoRA": 0, "stock + fp LoRA": 0}
+        gaps = []
+        for s in seeds:
+            get = lambda row, method=None: next(r["ppl"] for r in rows if r["seed"] == s and r["row"] == row  # noqa: E731
+                                                 and (r["budget"] == label if method is None else r["method"] == method))
+            coa = get("6")
+            wins["shared LoRA"] += coa < get("4")
+            wins["stock + fp LoRA"] += coa < get("2", f"stock {t} + full-precision LoRA")
+            gaps.append(100 * (coa / get("5") - 1))
+        parts.append(f"at the {t} size the CoA-LoRA adapter beats the shared LoRA in {wins['shared LoRA']} of "
+                     f"{len(seeds)} seeds and stock {t} + full-precision LoRA in {wins['stock + fp LoRA']}; it is "
+                     f"{', '.join(f'{g:+.2f}%' for g in gaps)} from the per-configuration LoRA")
+    return "Per seed: " + "; ".join(parts) + "." if parts else ""
 
 
 def plot(rows, path: Path) -> None:

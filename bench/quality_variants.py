@@ -1,7 +1,7 @@
 """Training variants against the quality benchmark's files: the rows of the README's "What we tried" table.
 
-Needs a finished `bench/quality.py` run (its F32 file, stock files, searched mixes and configurations in
-bench/work/quality). One variant per call:
+Needs a finished `bench/quality.py` run (its F32 and stock files in bench/work/quality, seed 0's searched mixes
+and configurations in bench/work/quality/runs/seed-0). One variant per call:
 
     python bench/quality_variants.py NAME coa [coalora train options...]     # adapters on the three searched mixes
     python bench/quality_variants.py NAME fp  [coalora finetune options...]  # full-precision LoRA on stock Q8_0
@@ -23,6 +23,7 @@ from bench.common import RESULTS, ROOT, cli  # noqa: E402
 from bench.quality import BUDGET_FROM, Evaluator  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "quality"
+SEED0 = WORK / "runs" / "seed-0"  # the searched mixes and their configurations of quality.py's seed 0
 OUT = ROOT / "bench" / "work" / "variants"
 STEPS = ("--steps", 60, "--seq-len", 128, "--batch", 4)
 
@@ -44,12 +45,12 @@ def main(name: str, kind: str, extra: list[str]) -> None:
     ppl = {}
     for t in BUDGET_FROM[:1] if kind == "fp" else BUDGET_FROM:
         adapter = OUT / f"{name}-{t}.gguf"
-        cli("adapter", run_dir, "--config", "F32" if kind == "fp" else WORK / f"cfg-{t}.json", "-o", adapter, "--json")
-        model = WORK / (f"stock-{t}.gguf" if kind == "fp" else f"mixed-{t}.gguf")
+        cli("adapter", run_dir, "--config", "F32" if kind == "fp" else SEED0 / f"cfg-{t}.json", "-o", adapter, "--json")
+        model = WORK / f"stock-{t}.gguf" if kind == "fp" else SEED0 / f"mixed-{t}.gguf"
         ppl[t] = round(ev.ppl(model, [adapter])[0], 4)
         print(f"{name} {t} ({model.name}): {ppl[t]}", flush=True)
     run = Run.open(run_dir)
-    cfg = run.layout.uniform("F32") if kind == "fp" else Configuration.load(WORK / "cfg-Q8_0.json")
+    cfg = run.layout.uniform("F32") if kind == "fp" else Configuration.load(SEED0 / "cfg-Q8_0.json")
     val = run.calibration_loss([cfg], 32)[0]
     print(f"{name} validation loss: {val:.4f}")
     rec = {"name": name, "kind": kind, "options": extra, "ppl": ppl, "validation_loss": round(val, 4),
