@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--confirm", type=int, default=2, help="best candidates whose calibration loss is measured")
     ap.add_argument("--confirm-windows", type=int, default=16, help="held-out windows of the training text per confirmation")
     ap.add_argument("--work", type=Path, default=Path("bench/work/ladder"))
+    ap.add_argument("--rungs", default="", help="Comma-separated uniform types to measure (default: every rung but the top).")
     ap.add_argument("--note", default="", help="A sentence about the run, recorded in the result.")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table and plot from ladder.json")
     args = ap.parse_args()
@@ -73,9 +74,15 @@ def main() -> None:
             run.write_adapter(cfg, paths[name], adjusted=adjusted)
         return model, paths
 
+    wanted = [t for t in args.rungs.split(",") if t]
+    unknown = set(wanted) - {t for _, t in ladder[:-1]}
+    if unknown:
+        sys.exit(f"--rungs: {', '.join(sorted(unknown))} not among the rungs below the top")
     ev = None
     rows = []
     for cfg_u, t in ladder[:-1]:
+        if wanted and t not in wanted:
+            continue
         budget = layout.file_bytes(cfg_u)
         ts = time.perf_counter()
         res = search_run(run, layout, budget, args.confirm, args.confirm_windows)
@@ -105,7 +112,7 @@ def main() -> None:
     top_cfg, top_t = ladder[-1]
     report({"run": str(run.path), "imatrix_sha256": run.meta.get("imatrix_sha256"), "note": args.note,
             "windows": args.windows, "confirm": args.confirm, "confirm_windows": args.confirm_windows,
-            "rows": rows, "top_rung": top_t, "top_bytes": layout.file_bytes(top_cfg),
+            "rows": rows, "rungs_measured": len(rows), "rungs": len(ladder) - 1, "top_rung": top_t, "top_bytes": layout.file_bytes(top_cfg),
             "wall_s": round(time.perf_counter() - t0, 1)})
 
 
@@ -133,6 +140,8 @@ def report(payload: dict) -> None:
     wall = f" Wall time {payload['wall_s']:.0f} s." if "wall_s" in payload else ""
     imx = " with its importance matrix" if payload.get("imatrix_sha256") else ""
     note = f" {payload['note']}" if payload.get("note") else ""
+    if payload.get("rungs_measured", len(rows)) < payload.get("rungs", len(rows)):
+        note += f" {payload['rungs_measured']} of the {payload['rungs']} rungs below the top measured (`--rungs`)."
     md = (f"Run {payload['run']}{imx}; {payload['windows']} windows x 512 tokens of Pride and Prejudice; "
           f"perplexity by llama.cpp; search as `coalora search --confirm {payload['confirm']}` on "
           f"{payload.get('confirm_windows', 4)} held-out windows of the training text.{note}\n\n"
