@@ -139,6 +139,7 @@ def report(payload: dict) -> None:
     top = f" ({payload['top_bytes']:,} bytes)" if "top_bytes" in payload else ""
     wall = f" Wall time {payload['wall_s']:.0f} s." if "wall_s" in payload else ""
     imx = " with its importance matrix" if payload.get("imatrix_sha256") else ""
+    measured = "measured " if payload.get("rungs_measured", len(rows)) < payload.get("rungs", len(rows)) else ""
     note = f" {payload['note']}" if payload.get("note") else ""
     if payload.get("rungs_measured", len(rows)) < payload.get("rungs", len(rows)):
         note += f" {payload['rungs_measured']} of the {payload['rungs']} rungs below the top measured (`--rungs`)."
@@ -147,8 +148,8 @@ def report(payload: dict) -> None:
           f"{payload.get('confirm_windows', 4)} held-out windows of the training text.{note}\n\n"
           + markdown_table(rows, cols)
           + f"\n\nThe searched file + its adapter has lower perplexity than the uniform file + the better of its two "
-            f"adapters at {wins} of {len(rows)} budgets, and than the best uniform-type file of no greater size at "
-            f"{wins_best}; at {ties} the search kept the uniform configuration itself. The top "
+            f"adapters at {wins} of {len(rows)} budgets, and than the best {measured}uniform-type file of no greater "
+            f"size at {wins_best}; at {ties} the search kept the uniform configuration itself. The top "
             f"rung, {payload['top_rung']}{top}, is the largest configuration of the menu, so no other "
             f"configuration fits its budget.{wall}")
     write_results("ladder", payload, md)
