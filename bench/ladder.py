@@ -5,8 +5,8 @@ Protocol (fixed; one run of this script produces every number):
   with it and the IQ types are rungs).
 - Ladder: every distinct uniform configuration of the run's menu (llama.cpp's fallback where rows do not
   allow a type; the token embedding / tied output head follows the same rule), ordered by file size.
-- For each rung except the largest (at the top of the menu nothing else fits), the budget is that uniform
-  file's exact size in bytes, and coalora's search picks a configuration exactly as `coalora search --confirm N`
+- For each rung except the largest (at the top of the menu nothing else fits), or those `--rungs` names, the
+  budget is that uniform file's exact size in bytes, and coalora's search picks a configuration exactly as `coalora search --confirm N`
   and `coalora emit` do (never over the budget; llama-quantize's mixes compete; the pick keeps the generated
   adapter or the shared LoRA, whichever the confirmation measured better).
 - Both files are written with the run's cached ggml bytes. The uniform file is measured with its generated
@@ -112,7 +112,8 @@ def main() -> None:
     top_cfg, top_t = ladder[-1]
     report({"run": str(run.path), "imatrix_sha256": run.meta.get("imatrix_sha256"), "note": args.note,
             "windows": args.windows, "confirm": args.confirm, "confirm_windows": args.confirm_windows,
-            "rows": rows, "rungs_measured": len(rows), "rungs": len(ladder) - 1, "top_rung": top_t, "top_bytes": layout.file_bytes(top_cfg),
+            "rows": rows, "rungs_measured": len(rows), "rungs": len(ladder) - 1,
+            "top_rung": top_t, "top_bytes": layout.file_bytes(top_cfg),
             "wall_s": round(time.perf_counter() - t0, 1)})
 
 

@@ -107,10 +107,11 @@ def main() -> None:
         start-up, sensitivity table and final search round included, goes to ``walls``."""
         run = work / "runs" / f"seed-{seed}" / name
         meta = run / "run.json"
-        command = [str(c) for c in (*cmd, *train, "--seed", seed)]
+        options = (*train, "--seed", seed)
+        command = [str(c) for c in (*cmd, *options)]
         record = run / "bench-wall.json"
         if not (meta.exists() and json.loads(meta.read_text()).get("status") == "trained"):
-            _, wall = cli(*command[:len(cmd)], "-o", run, *command[len(cmd):])
+            _, wall = cli(*cmd, "-o", run, *options)
             record.write_text(json.dumps({"wall_s": round(wall, 1), "command": command}))
             print(f"  trained {name} (seed {seed}) in {wall:.0f} s", flush=True)
         bench = json.loads(record.read_text()) if record.exists() else {}
