@@ -6,9 +6,9 @@ Protocol (fixed; one run of this script produces every number):
 - Ladder: every distinct uniform configuration of the run's menu (llama.cpp's fallback where rows do not
   allow a type; the token embedding / tied output head follows the same rule), ordered by file size.
 - For each rung except the largest (at the top of the menu nothing else fits), or those `--rungs` names, the
-  budget is that uniform file's exact size in bytes, and coalora's search picks a configuration exactly as `coalora search --confirm N`
-  and `coalora emit` do (never over the budget; llama-quantize's mixes compete; the pick keeps the generated
-  adapter or the shared LoRA, whichever the confirmation measured better).
+  budget is that uniform file's exact size in bytes, and coalora's search picks a configuration exactly as
+  `coalora search --confirm N` and `coalora emit` do (never over the budget; llama-quantize's mixes compete; the
+  pick keeps the generated adapter or the shared LoRA, whichever the confirmation measured better).
 - Both files are written with the run's cached ggml bytes. The uniform file is measured with its generated
   adapter and with the shared LoRA (the better of the two is the rung's reference), the searched file with the
   adapter the search picked. Perplexity by llama.cpp (llama-cpp-python, CPU, F32 KV cache) on held-out
