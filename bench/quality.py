@@ -205,7 +205,7 @@ def main() -> None:
           + markdown_table(table, cols)
           + f"\n\n{orderings(rows, budgets)}\n\nTraining time (mean over seeds): one CoA-LoRA run "
             f"{mean([s['coa'] for s in seconds.values()]):.0f} s serves every budget; the per-configuration LoRAs "
-            f"for {len(budgets)} budgets took {mean(list(per_config_total.values())):.0f} s together. "
+            f"for {len(budgets)} budget{'s' if len(budgets) != 1 else ''} took {mean(list(per_config_total.values())):.0f} s together. "
             f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB.")
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
                                            "windows": args.windows, "n_ctx": 512, "seeds": seeds,
