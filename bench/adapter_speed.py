@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table, write_results  # noqa: E402
+from bench.common import cli, markdown_table, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -48,16 +47,12 @@ def main() -> None:
             write.append((time.perf_counter() - t) * 1e3)
     if not (args.finetune_run / "run.json").exists():
         o = run.meta["options"]
-        cmd = [str(Path(sys.executable).parent / "coalora"), "finetune", run.meta["model"], "--config", "Q4_0",
-               "-o", str(args.finetune_run), "--steps", str(o["steps"]), "--seq-len", str(o["seq_len"]),
-               "--batch", str(o["batch"]), "--rank", str(o["rank"]), "--alpha", str(o["alpha"]),
-               "--lr", str(o["lr"]), "--seed", str(o["seed"]), "--json"]
-        for d in run.meta.get("data", []):
-            cmd += ["--data", str(d)]
-        if not run.meta.get("imatrix_sha256"):
-            cmd.append("--no-imatrix")
-        print("training the per-configuration baseline:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        data = [a for d in run.meta.get("data", []) for a in ("--data", d)]
+        print("training the per-configuration baseline in", args.finetune_run, flush=True)
+        cli("finetune", run.meta["model"], "--config", "Q4_0", "-o", args.finetune_run, "--steps", o["steps"],
+            "--seq-len", o["seq_len"], "--batch", o["batch"], "--rank", o["rank"], "--alpha", o["alpha"],
+            "--lr", o["lr"], "--seed", o["seed"], *data, *([] if run.meta.get("imatrix_sha256") else ["--no-imatrix"]),
+            "--json")
     ft_meta = Run.open(args.finetune_run).meta
     ft = ft_meta["train_seconds"]
     rows = [{"what": "generate adapter tensors (median)", "ms": round(statistics.median(gen), 2)},

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -102,10 +103,13 @@ def main() -> None:
 
     walls = {}
 
+    def seed_dir(seed) -> Path:
+        return work / "runs" / f"seed-{seed}"
+
     def trained(name, seed, *cmd):
         """Training seconds of the run (the loop and its search rounds); the whole process's wall time,
         start-up, sensitivity table and final search round included, goes to ``walls``."""
-        run = work / "runs" / f"seed-{seed}" / name
+        run = seed_dir(seed) / name
         meta = run / "run.json"
         options = (*train, "--seed", seed)
         command = [str(c) for c in (*cmd, *options)]
@@ -149,7 +153,7 @@ def main() -> None:
     budgets = [t for t in args.budgets.split(",") if t]
     seconds, per_config_total = {}, {}
     for seed in seeds:
-        sw = work / "runs" / f"seed-{seed}"
+        sw = seed_dir(seed)
         print(f"seed {seed}: training the full-precision LoRA, shared LoRA, CoA-LoRA ...", flush=True)
         sec = {"fp": trained("fp", seed, "finetune", "smollm2", "--config", "F32"),
                "shared": trained("shared", seed, "train", "smollm2", "--mode", "shared"),
@@ -196,7 +200,6 @@ def main() -> None:
     cols = [("row", "row"), ("budget", "budget"), ("method", "method"), ("file_bytes", "file bytes"),
             ("bpw", "bpw"), ("ppl", "perplexity (mean)"), ("ppl_sd", "sd"), ("ppl_seeds", "per seed"),
             ("gap_to_floor_pct", "gap to floor % (mean)"), ("finetune_s", "fine-tuning s (mean)")]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     md = (f"Protocol: {args.steps} steps x {args.batch} x {args.seq_len} tokens per LoRA, rank 8; "
           f"{args.windows} windows x 512 tokens of Pride and Prejudice; perplexity by llama.cpp; "
           f"CoA-LoRA run: `coalora train --mode coa {' '.join(COA_OPTIONS)}`; seeds {', '.join(map(str, seeds))} "
@@ -204,8 +207,9 @@ def main() -> None:
           f"file bytes and bpw are their largest and mean).\n\n"
           + markdown_table(table, cols)
           + f"\n\n{orderings(rows, budgets)}\n\nTraining time (mean over seeds): one CoA-LoRA run "
-            f"{mean([s['coa'] for s in seconds.values()]):.0f} s serves every budget; the per-configuration LoRAs "
-            f"for {len(budgets)} budget{'s' if len(budgets) != 1 else ''} took {mean(list(per_config_total.values())):.0f} s together. "
+            f"{statistics.fmean(s['coa'] for s in seconds.values()):.0f} s serves every budget; the "
+            f"per-configuration LoRAs for {len(budgets)} budget{'s' if len(budgets) != 1 else ''} took "
+            f"{statistics.fmean(per_config_total.values()):.0f} s together. "
             f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB.")
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
                                            "windows": args.windows, "n_ctx": 512, "seeds": seeds,
@@ -218,8 +222,6 @@ def main() -> None:
 
 def summary(rows: list[dict]) -> list[dict]:
     """One row per (row, budget, method): the mean over seeds, its standard deviation and the per-seed values."""
-    import statistics
-
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["row"], r["budget"], r["method"]), []).append(r)
@@ -238,7 +240,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def orderings(rows: list[dict], budgets: list[str]) -> str:
     """At each budget, in how many seeds the CoA-LoRA adapter beats each other adapter on the same searched file
-    and the stock file of that type + full-precision LoRA, and its mean gap to the per-configuration LoRA."""
+    and the stock file of that type + full-precision LoRA, and its gap to the per-configuration LoRA in each seed."""
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     parts = []
     for t in budgets:
