@@ -9,9 +9,12 @@ Protocol (fixed; one run of this script produces every number):
 - Rows:
   1. floor: the F32 model with a LoRA fine-tuned on it;
   2. llama.cpp's stock types made by llama.cpp's own `llama_model_quantize` (Q8_0, Q5_0, Q4_K_M, IQ4_NL,
-     Q4_0) from the F32 GGUF, with that same full-precision LoRA (what users do today);
+     Q4_0) from the F32 GGUF, with that same full-precision LoRA (what users do today); 2i. the same types
+     quantized with the CoA-LoRA run's importance matrix (from the same training text), as `llama-quantize
+     --imatrix` makes them, with that LoRA (what careful GGUF publishers ship);
   then at the byte size of the Q8_0, Q5_0 and Q4_0 files (budgets), the configuration coalora's search
-  picks from the CoA-LoRA run (`coalora search --confirm 3`), as a mixed-precision GGUF:
+  picks from the CoA-LoRA run (`coalora search --confirm 3`), as a mixed-precision GGUF quantized with the run's
+  importance matrix (the bytes the run trained against):
   3. without adapter; 4. with the shared-LoRA baseline; 5. with a LoRA fine-tuned for that very
   configuration (the expensive baseline); 6. with the CoA-LoRA generated adapter.
 - The CoA-LoRA run (rows 3-6 come from its search) is `coalora train --mode coa` with COA_OPTIONS below: every
@@ -166,6 +169,16 @@ def main() -> None:
             (p,) = ev.ppl(stock[t], [fp_adapter])
             row(seed, "2", f"stock {t} + full-precision LoRA", stock[t], p, sec["fp"])
         coa = Run.open(sw / "coa")
+        imatrix = coa.imatrix_path if coa.meta.get("imatrix_sha256") else None
+        if imatrix is not None:
+            from converters import imatrix as imx
+            for t in STOCK:
+                with_im = sw / f"stock-{t}-imatrix.gguf"
+                if not with_im.exists():
+                    llama_quantize(f32, with_im, t, imatrix=imx.load(imatrix))
+                (p,) = ev.ppl(with_im, [fp_adapter])
+                row(seed, "2i", f"stock {t} + imatrix + full-precision LoRA", with_im, p, sec["fp"])
+        with_imatrix = ("--imatrix", imatrix) if imatrix is not None else ()
         ft_total = 0.0
         for t in budgets:
             budget = stock[t].stat().st_size
@@ -175,9 +188,9 @@ def main() -> None:
             cfg = Configuration.load(cfg_path)
             mixed = sw / f"mixed-{t}.gguf"
             if not mixed.exists():
-                cli("convert", assets.smollm2_path(), "--recipe", cfg_path, "-o", mixed)
+                cli("convert", assets.smollm2_path(), "--recipe", cfg_path, *with_imatrix, "-o", mixed)
             assert mixed.stat().st_size == coa.layout.file_bytes(cfg) <= budget
-            ft_s = trained(f"ft-{t}", seed, "finetune", "smollm2", "--config", cfg_path)
+            ft_s = trained(f"ft-{t}", seed, "finetune", "smollm2", "--config", cfg_path, *with_imatrix)
             ft_total += ft_s
             ads = [None, adapter(sw / "shared", cfg_path, sw / f"shared-{t}.gguf"),
                    adapter(sw / f"ft-{t}", cfg_path, sw / f"ft-{t}.gguf"),
@@ -245,30 +258,36 @@ def orderings(rows: list[dict], budgets: list[str]) -> str:
     parts = []
     for t in budgets:
         label = f"<= {t} size"
-        wins = {"shared LoRA": 0, "stock + fp LoRA": 0}
+        rivals = {"the shared LoRA": ("4", None), f"stock {t} + full-precision LoRA":
+                  ("2", f"stock {t} + full-precision LoRA"), f"stock {t} + imatrix + full-precision LoRA":
+                  ("2i", f"stock {t} + imatrix + full-precision LoRA")}
+        rivals = {k: v for k, v in rivals.items() if v[1] is None or any(r["method"] == v[1] for r in rows)}
+        wins = dict.fromkeys(rivals, 0)
         gaps = []
         for s in seeds:
-            get = lambda row, method=None: next(r["ppl"] for r in rows if r["seed"] == s and r["row"] == row  # noqa: E731
-                                                 and (r["budget"] == label if method is None else r["method"] == method))
+            def get(row, method=None):
+                return next(r["ppl"] for r in rows if r["seed"] == s and r["row"] == row
+                            and (r["budget"] == label if method is None else r["method"] == method))
             coa = get("6")
-            wins["shared LoRA"] += coa < get("4")
-            wins["stock + fp LoRA"] += coa < get("2", f"stock {t} + full-precision LoRA")
+            for name, (row, method) in rivals.items():
+                wins[name] += coa < get(row, method)
             gaps.append(100 * (coa / get("5") - 1))
-        parts.append(f"at the {t} size the CoA-LoRA adapter beats the shared LoRA in {wins['shared LoRA']} of "
-                     f"{len(seeds)} seeds and stock {t} + full-precision LoRA in {wins['stock + fp LoRA']}; it is "
+        beats = ", ".join(f"{name} in {n}" for name, n in wins.items())
+        parts.append(f"at the {t} size the CoA-LoRA adapter beats (of {len(seeds)} seeds) {beats}; it is "
                      f"{', '.join(f'{g:+.2f}%' for g in gaps)} from the per-configuration LoRA")
     return "Per seed: " + "; ".join(parts) + "." if parts else ""
 
 
 def plot(rows, path: Path) -> None:
-    styles = {"2": ("s", "stock + fp LoRA"), "3": ("x", "searched, no adapter"), "4": ("^", "searched + shared"),
+    styles = {"2": ("s", "stock + fp LoRA"), "2i": ("P", "stock + imatrix + fp LoRA"),
+              "3": ("x", "searched, no adapter"), "4": ("^", "searched + shared"),
               "5": ("D", "searched + per-config LoRA"), "6": ("o", "searched + CoA-LoRA")}
 
     def draw(ax):
         for key, (marker, label) in styles.items():
             pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["row"] == key)
             if pts:
-                ax.plot(*zip(*pts), marker=marker, label=label, linestyle="-" if key != "2" else "none")
+                ax.plot(*zip(*pts), marker=marker, label=label, linestyle="none" if key.startswith("2") else "-")
         floor = next(r["ppl"] for r in rows if r["row"] == "1")
         ax.axhline(floor, color="gray", linestyle="--", label="F32 + LoRA (floor)")
 
