@@ -13,9 +13,12 @@ Protocol (fixed; one run of this script produces every number):
   adapter and with the shared LoRA (the better of the two is the rung's reference), the searched file with the
   adapter the search picked. Perplexity by llama.cpp (llama-cpp-python, CPU, F32 KV cache) on held-out
   *Pride and Prejudice*, the first W windows of 512 tokens.
+- `--merge`: the rungs of the previous result (same run, imatrix, windows and confirmation) that this invocation
+  does not measure are kept, each with the commit and date that measured it, so a ladder can be measured in parts.
 Writes bench/results/ladder.{md,json,png}.
 
 Usage: .venv/bin/python bench/ladder.py --run RUN [--windows 16] [--confirm 2] [--confirm-windows 16]
+       .venv/bin/python bench/ladder.py --run RUN --rungs Q3_K,Q4_K --merge   # add two rungs to the last result
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/work/ladder"))
     ap.add_argument("--rungs", default="", help="Comma-separated uniform types to measure (default: every rung but the top).")
     ap.add_argument("--note", default="", help="A sentence about the run, recorded in the result.")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the previous result's rungs (same run and protocol) that this run does not measure")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table and plot from ladder.json")
     args = ap.parse_args()
     if args.report_only:
@@ -78,6 +83,9 @@ def main() -> None:
     unknown = set(wanted) - {t for _, t in ladder[:-1]}
     if unknown:
         sys.exit(f"--rungs: {', '.join(sorted(unknown))} not among the rungs below the top")
+    protocol = {"run": str(run.path), "imatrix_sha256": run.meta.get("imatrix_sha256"), "windows": args.windows,
+                "confirm": args.confirm, "confirm_windows": args.confirm_windows}
+    kept = previous_rows(protocol, {t for _, t in ladder[:-1] if not wanted or t in wanted}) if args.merge else []
     ev = None
     rows = []
     for cfg_u, t in ladder[:-1]:
@@ -110,11 +118,26 @@ def main() -> None:
             p.unlink()
 
     top_cfg, top_t = ladder[-1]
-    report({"run": str(run.path), "imatrix_sha256": run.meta.get("imatrix_sha256"), "note": args.note,
-            "windows": args.windows, "confirm": args.confirm, "confirm_windows": args.confirm_windows,
+    rows = sorted(rows + kept, key=lambda r: r["budget_bytes"])
+    report({**protocol, "note": args.note,
             "rows": rows, "rungs_measured": len(rows), "rungs": len(ladder) - 1,
             "top_rung": top_t, "top_bytes": layout.file_bytes(top_cfg),
             "wall_s": round(time.perf_counter() - t0, 1)})
+
+
+def previous_rows(protocol: dict, measuring: set[str]) -> list[dict]:
+    """The rows of bench/results/ladder.json measured under ``protocol`` for rungs not in ``measuring``, each with
+    ``kept_from``: the provenance of the result that measured it."""
+    import json
+
+    old = RESULTS / "ladder.json"
+    if not old.exists():
+        return []
+    d = json.loads(old.read_text())
+    if any(d.get(k) != v for k, v in protocol.items()):
+        sys.exit(f"--merge: {old} was measured with another run or protocol; measure every rung instead")
+    own = {k: d["provenance"].get(k) for k in ("commit", "dirty", "date")}
+    return [{**r, "kept_from": r.get("kept_from") or own} for r in d["rows"] if r["rung"] not in measuring]
 
 
 def report(payload: dict) -> None:
@@ -138,12 +161,21 @@ def report(payload: dict) -> None:
             ("gain_vs_best_uniform_pct", "gain vs it %"), ("same", "search kept the uniform file"),
             ("searched_source", "search source"), ("search_s", "search s")]
     top = f" ({payload['top_bytes']:,} bytes)" if "top_bytes" in payload else ""
-    wall = f" Wall time {payload['wall_s']:.0f} s." if "wall_s" in payload else ""
+    wall = (f" Wall time {payload['wall_s']:.0f} s" + (" (this invocation's rungs)." if any(r.get("kept_from")
+            for r in rows) else ".")) if "wall_s" in payload else ""
     imx = " with its importance matrix" if payload.get("imatrix_sha256") else ""
     measured = "measured " if payload.get("rungs_measured", len(rows)) < payload.get("rungs", len(rows)) else ""
     note = f" {payload['note']}" if payload.get("note") else ""
     if payload.get("rungs_measured", len(rows)) < payload.get("rungs", len(rows)):
         note += f" {payload['rungs_measured']} of the {payload['rungs']} rungs below the top measured (`--rungs`)."
+    earlier: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.get("kept_from"):
+            k = r["kept_from"]
+            earlier.setdefault((k["commit"][:10], k["date"], k.get("dirty")), []).append(r["rung"])
+    for (commit, date, dirty), names in earlier.items():
+        changes = " with uncommitted changes" if dirty else ""
+        note += f" Rungs {', '.join(names)}: kept from the result of commit {commit}{changes} ({date}; `--merge`)."
     md = (f"Run {payload['run']}{imx}; {payload['windows']} windows x 512 tokens of Pride and Prejudice; "
           f"perplexity by llama.cpp; search as `coalora search --confirm {payload['confirm']}` on "
           f"{payload.get('confirm_windows', 4)} held-out windows of the training text.{note}\n\n"
