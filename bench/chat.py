@@ -3,12 +3,14 @@
 The chat data is built reproducibly from the Austen novels (public domain; ``toolkit.assets.austen_chats``):
 paragraphs holding quoted speech, in order, are conversation turns; the quoted words of four consecutive such
 paragraphs make one conversation (user, assistant, user, assistant), stride four. The five training novels give the training chats, *Pride
-and Prejudice* the held-out ones. Training: `coalora train --mode coa` (plain defaults) and the
-full-precision LoRA (`coalora finetune --config F32`), same steps / batch / sequence length, loss on the
-assistant turns only. Evaluation: llama.cpp (CPU, F32 KV cache) perplexity of the held-out chats' answer
-tokens, with the GGUF's chat template applied (what `coalora validate --data held.jsonl` measures), per
-budget: the searched mix without adapter, llama.cpp's stock file of that size with the full-precision LoRA,
-the searched mix with the CoA-LoRA adapter.
+and Prejudice* the held-out ones. Training: `coalora train --mode coa` (its defaults: the anchored recipe and an
+importance matrix from the training chats) and the full-precision LoRA (`coalora finetune --config F32`), same
+steps / batch / sequence length, loss on the assistant turns only. Evaluation: llama.cpp (CPU, F32 KV cache)
+perplexity of the held-out chats' answer tokens, with the GGUF's chat template applied (what `coalora validate
+--data held.jsonl` measures), per budget: the searched mix (quantized with the run's importance matrix) without
+adapter, llama.cpp's stock file of that size with the full-precision LoRA, the same made with the run's importance
+matrix (`llama-quantize --imatrix`) with that LoRA, the searched mix with its CoA-LoRA generated adapter and
+with the adapter the search's confirmation kept (the generated one or the run's shared LoRA).
 
     .venv/bin/python bench/chat.py [--steps 60] [--budgets Q8_0,Q5_0]
 Writes bench/results/chat.{md,json}.
@@ -77,27 +79,46 @@ def main() -> None:
     rows = [{"budget": "", "method": "F32, no adapter", "file_bytes": f32.stat().st_size, "ppl": ppl(f32, None)},
             {"budget": "", "method": "F32 + full-precision LoRA (floor)", "file_bytes": f32.stat().st_size,
              "ppl": ppl(f32, fp_adapter)}]
+    coa_run = work / "runs" / "coa"
+    imatrix = coa_run / "imatrix.gguf" if runs["coa"].get("imatrix_sha256") else None
+    with_imatrix = ("--imatrix", imatrix) if imatrix is not None else ()
     for t in [b for b in args.budgets.split(",") if b]:
         stock = work / f"stock-{t}.gguf"
         if not stock.exists():
             llama_quantize(f32, stock, t)
         budget = stock.stat().st_size
-        cfg_path, mixed, coa_adapter = work / f"cfg-{t}.json", work / f"mixed-{t}.gguf", work / f"coa-{t}.gguf"
+        cfg_path, mixed = work / f"cfg-{t}.json", work / f"mixed-{t}.gguf"
         if not cfg_path.exists():
-            cli("search", work / "runs" / "coa", "--budget-bytes", budget, "--confirm", 3, "-o", cfg_path, "--json")
+            cli("search", coa_run, "--budget-bytes", budget, "--confirm", 3, "-o", cfg_path, "--json")
         if not mixed.exists():
-            cli("convert", assets.smollm2_path(), "--recipe", cfg_path, "-o", mixed)
-        if not coa_adapter.exists():
-            cli("adapter", work / "runs" / "coa", "--config", cfg_path, "-o", coa_adapter)
+            cli("convert", assets.smollm2_path(), "--recipe", cfg_path, *with_imatrix, "-o", mixed)
+        adapters = {}
+        for kind in ("generated", "shared"):
+            adapters[kind] = work / f"coa-{t}-{kind}.gguf"
+            if not adapters[kind].exists():
+                cli("adapter", coa_run, "--config", cfg_path, f"--{kind}", "-o", adapters[kind])
+        kept = json.loads(cfg_path.read_text()).get("adapter") or "generated"
         label = f"<= {t} size ({budget:,} B)"
         hist = ", ".join(f"{k} x{v}" for k, v in Configuration.load(cfg_path).histogram().items())
+        mix_ppl = dict(zip((None, "generated", "shared"), ev.ppl(mixed, [None, adapters["generated"],
+                                                                          adapters["shared"]])))
+        n = len(rows)
         rows += [{"budget": label, "method": "searched mix, no adapter", "file_bytes": mixed.stat().st_size,
-                  "ppl": ppl(mixed, None), "mix": hist},
+                  "ppl": mix_ppl[None], "mix": hist},
                  {"budget": label, "method": f"stock {t} + full-precision LoRA", "file_bytes": budget,
-                  "ppl": ppl(stock, fp_adapter)},
-                 {"budget": label, "method": "searched mix + CoA-LoRA adapter", "file_bytes": mixed.stat().st_size,
-                  "ppl": ppl(mixed, coa_adapter), "mix": hist}]
-        print("  " + "  ".join(f"{r['method']}: {r['ppl']:.3f}" for r in rows[-3:]), flush=True)
+                  "ppl": ppl(stock, fp_adapter)}]
+        if imatrix is not None:
+            from converters import imatrix as imx
+            stock_im = work / f"stock-{t}-imatrix.gguf"
+            if not stock_im.exists():
+                llama_quantize(f32, stock_im, t, imatrix=imx.load(imatrix))
+            rows.append({"budget": label, "method": f"stock {t} + imatrix + full-precision LoRA",
+                         "file_bytes": stock_im.stat().st_size, "ppl": ppl(stock_im, fp_adapter)})
+        rows += [{"budget": label, "method": "searched mix + CoA-LoRA generated adapter",
+                  "file_bytes": mixed.stat().st_size, "ppl": mix_ppl["generated"], "mix": hist},
+                 {"budget": label, "method": f"searched mix + the adapter the confirmation kept ({kept})",
+                  "file_bytes": mixed.stat().st_size, "ppl": mix_ppl[kept], "mix": hist}]
+        print("  " + "  ".join(f"{r['method']}: {r['ppl']:.3f}" for r in rows[n:]), flush=True)
     for r in rows:
         r["ppl"] = round(r["ppl"], 4)
     cols = [("budget", "budget"), ("method", "method"), ("file_bytes", "file bytes"),
