@@ -268,15 +268,14 @@ def orderings(rows: list[dict], budgets: list[str]) -> str:
         wins = dict.fromkeys(rivals, 0)
         gaps, kept = [], 0
         for s in seeds:
-            def get(row, method=None):
-                return next(r["ppl"] for r in rows if r["seed"] == s and r["row"] == row
+            def find(row, method=None):
+                return next(r for r in rows if r["seed"] == s and r["row"] == row
                             and (r["budget"] == label if method is None else r["method"] == method))
-            coa = get("6")
-            kept += next(r.get("kept_by_confirmation", True) for r in rows
-                         if r["seed"] == s and r["row"] == "6" and r["budget"] == label)
+            coa = find("6")
+            kept += coa.get("kept_by_confirmation", True)
             for name, (row, method) in rivals.items():
-                wins[name] += coa < get(row, method)
-            gaps.append(100 * (coa / get("5") - 1))
+                wins[name] += coa["ppl"] < find(row, method)["ppl"]
+            gaps.append(100 * (coa["ppl"] / find("5")["ppl"] - 1))
         beats = ", ".join(f"{name} in {n}" for name, n in wins.items())
         parts.append(f"at the {t} size the CoA-LoRA adapter beats (of {len(seeds)} seeds) {beats}; it is "
                      f"{', '.join(f'{g:+.2f}%' for g in gaps)} from the per-configuration LoRA, and the search's "
