@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cli, markdown_table, provenance, write_results  # noqa: E402
-from bench.common import llama_quantize  # noqa: E402
+from bench.common import llama_quantize, stock_with_imatrix  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
 
 
@@ -108,10 +108,7 @@ def main() -> None:
                  {"budget": label, "method": f"stock {t} + full-precision LoRA", "file_bytes": budget,
                   "ppl": ppl(stock, fp_adapter)}]
         if imatrix is not None:
-            from converters import imatrix as imx
-            stock_im = work / f"stock-{t}-imatrix.gguf"
-            if not stock_im.exists():
-                llama_quantize(f32, stock_im, t, imatrix=imx.load(imatrix))
+            stock_im = stock_with_imatrix(f32, work / f"stock-{t}-imatrix.gguf", t, imatrix)
             rows.append({"budget": label, "method": f"stock {t} + imatrix + full-precision LoRA",
                          "file_bytes": stock_im.stat().st_size, "ppl": ppl(stock_im, fp_adapter)})
         rows += [{"budget": label, "method": "searched mix + CoA-LoRA generated adapter",

@@ -140,6 +140,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def stock_with_imatrix(f32, out: Path, ftype: str, imatrix_path) -> Path:
+    """``out``: llama.cpp's file type ``ftype`` of ``f32`` quantized with the importance matrix file
+    ``imatrix_path`` (as ``llama-quantize --imatrix``), made unless it exists."""
+    if not Path(out).exists():
+        from converters import imatrix as imx
+        llama_quantize(f32, out, ftype, imatrix=imx.load(imatrix_path))
+    return Path(out)
+
+
 def write_results(name: str, payload: dict, markdown: str, results_dir: Path | None = None) -> None:
     """NAME.json (with provenance(), unless the payload brings its own) and NAME.md; the README's tables are made
     from these by bench/readme_tables.py."""

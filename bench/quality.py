@@ -38,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, cli, llama_quantize, markdown_table, peak_child_rss_mb, perplexity_plot, write_results  # noqa: E402
+from bench.common import (RESULTS, cli, llama_quantize, markdown_table, peak_child_rss_mb,  # noqa: E402
+                          perplexity_plot, stock_with_imatrix, write_results)
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
@@ -173,11 +174,8 @@ def main() -> None:
         coa = Run.open(sw / "coa")
         imatrix = coa.imatrix_path if coa.meta.get("imatrix_sha256") else None
         if imatrix is not None:
-            from converters import imatrix as imx
             for t in STOCK:
-                with_im = sw / f"stock-{t}-imatrix.gguf"
-                if not with_im.exists():
-                    llama_quantize(f32, with_im, t, imatrix=imx.load(imatrix))
+                with_im = stock_with_imatrix(f32, sw / f"stock-{t}-imatrix.gguf", t, imatrix)
                 (p,) = ev.ppl(with_im, [fp_adapter])
                 row(seed, "2i", f"stock {t} + imatrix + full-precision LoRA", with_im, p, sec["fp"])
         with_imatrix = ("--imatrix", imatrix) if imatrix is not None else ()
