@@ -164,9 +164,10 @@ def report(payload: dict) -> None:
     wall = (f" Wall time {payload['wall_s']:.0f} s" + (" (this invocation's rungs)." if any(r.get("kept_from")
             for r in rows) else ".")) if "wall_s" in payload else ""
     imx = " with its importance matrix" if payload.get("imatrix_sha256") else ""
-    measured = "measured " if payload.get("rungs_measured", len(rows)) < payload.get("rungs", len(rows)) else ""
+    partial = payload.get("rungs_measured", len(rows)) < payload.get("rungs", len(rows))
+    measured = "measured " if partial else ""
     note = f" {payload['note']}" if payload.get("note") else ""
-    if payload.get("rungs_measured", len(rows)) < payload.get("rungs", len(rows)):
+    if partial:
         note += f" {payload['rungs_measured']} of the {payload['rungs']} rungs below the top measured (`--rungs`)."
     earlier: dict[tuple, list[str]] = {}
     for r in rows:
