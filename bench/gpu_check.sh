@@ -17,10 +17,5 @@ COALORA_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -rs tests/test
     | tee "$OUT/gpu_distributed_pytest.log" | tail -15
 python3 bench/train_speed.py --devices cpu,cuda --steps "${STEPS:-30}" --batch "${BATCH:-8}" --seq-len "${SEQ:-512}" \
     --results-dir "$OUT" 2>&1 | tail -12
-SYN1B=$(mktemp -d)/synthetic-1b
-python3 -c "
-from tests.conftest import build_tiny_llama
-build_tiny_llama('$SYN1B', hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                 num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True)"
-python3 bench/train_speed.py --model "$SYN1B" --devices cuda --steps "${STEPS:-30}" --batch "${BATCH:-8}" \
-    --seq-len "${SEQ:-512}" --results-dir "$OUT/synthetic-1b" 2>&1 | tail -8
+python3 bench/train_speed.py --model synthetic-1b --devices cuda --steps "${STEPS:-30}" --batch "${BATCH:-8}" \
+    --seq-len "${SEQ:-512}" --results-dir "$OUT" --name train_speed_1b 2>&1 | tail -8

@@ -5,8 +5,9 @@ rounds) for --steps steps of --batch x --seq-len tokens on each device of --devi
 'synthetic' by default: SmolLM2-135M's block shapes (30 blocks, hidden 576, FFN 1536, 9 heads, 3 KV
 heads, tied embeddings) with random weights and a small test vocabulary, so the script runs anywhere
 without the real assets (the real model's vocabulary, 49152, adds the output-head matmul on top);
+'synthetic-1b' has Llama 3.2 1B's block shapes (16 blocks, hidden 2048, FFN 8192, 32 heads, 8 KV heads);
 'smollm2' trains the real model. The training text is the tiny test corpus repeated, or --data.
-Writes bench/results/train_speed.{md,json} (or --results-dir).
+Writes bench/results/NAME.{md,json} (--name, default train_speed; or --results-dir).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from bench.common import cli, markdown_table, write_results  # noqa: E402
 
 SMOLLM2_BLOCKS = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+LLAMA_1B_BLOCKS = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True)
+SYNTHETIC = {"synthetic": SMOLLM2_BLOCKS, "synthetic-1b": LLAMA_1B_BLOCKS}
 
 
 def main() -> None:
@@ -33,6 +37,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--name", default="train_speed", help="result file name (NAME.json, NAME.md)")
     args = ap.parse_args()
     import torch
 
@@ -42,8 +47,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = args.model
-        if model == "synthetic":
-            model = build_tiny_llama(tmp / "synthetic", **SMOLLM2_BLOCKS)
+        if model in SYNTHETIC:
+            model = build_tiny_llama(tmp / model, **SYNTHETIC[model])
         data = args.data
         if data is None:
             data = tmp / "corpus.txt"
@@ -67,7 +72,7 @@ def main() -> None:
             ("process_wall_s", "process wall s")]
     md = (f"Model: {args.model}; `coalora finetune --config Q8_0`, {args.steps} steps x {args.batch} x "
           f"{args.seq_len} tokens.\n\n" + markdown_table(rows, cols))
-    write_results("train_speed", {"model": args.model, "rows": rows}, md, results_dir=args.results_dir)
+    write_results(args.name, {"model": args.model, "rows": rows}, md, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":
