@@ -8,6 +8,8 @@ set -uo pipefail
 OUT=${OUT:-bench/results}
 export COALORA_HOME=${COALORA_HOME:-/tmp/coalora-home} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# llama.cpp's converter as `make setup` puts it, when it travelled with the tree (carry .venv/llama.cpp)
+[ -d .venv/llama.cpp ] && export COALORA_LLAMA_CPP_CONVERTER=${COALORA_LLAMA_CPP_CONVERTER:-$PWD/.venv/llama.cpp}
 mkdir -p "$OUT" "$COALORA_HOME"
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'GPUs', torch.cuda.device_count())"

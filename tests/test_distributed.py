@@ -190,3 +190,17 @@ def test_memory_plan_refuses_what_the_device_cannot_hold():
     roomy = memory_plan.plan(shape, **args, available=2 * full.needed + (8 << 30))
     roomy.check()
     assert roomy.bank == 8 << 30  # everything the training set uses fits
+
+
+@pytest.mark.parametrize("world, local_rank, current, expected", [(1, 0, 1, 1), (2, 3, 0, 1)])
+def test_bare_cuda_device_gets_an_index(monkeypatch, world, local_rank, current, expected):
+    """torch.cuda.set_device refuses a bare ``cuda``: one process takes the current GPU, a rank its local one."""
+    from toolkit.distributed import Group
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(d))
+    got = Group(world=world, rank=local_rank, local_rank=local_rank).device(torch.device("cuda"))
+    assert got == torch.device("cuda", expected) and seen == [got]
+    assert Group().device(torch.device("cpu")) == torch.device("cpu") and len(seen) == 1
