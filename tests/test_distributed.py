@@ -162,7 +162,8 @@ def test_memory_options_activation_checkpointing_and_16_bit_weights(tiny_model_d
         logs[name] = []
         runs[name] = train(tmp_path / name, tiny_model_dir, [text_file], TrainOptions(**opts, **extra),
                            progress=False, log=logs[name].append)
-    assert runs["ckpt"].model().base.is_activation_checkpointing
+    base = runs["ckpt"].model().base  # the attribute's name before transformers renamed it: is_gradient_checkpointing
+    assert getattr(base, "is_activation_checkpointing", getattr(base, "is_gradient_checkpointing", False))
     assert max_relative_difference(runs["ckpt"].model().lora_state(), runs["plain"].model().lora_state()) <= 1e-5
     assert {t.dtype for t in runs["bf16"].bank()._deq.values()} == {torch.bfloat16}
     assert abs(runs["bf16"].meta["final_loss"] / runs["plain"].meta["final_loss"] - 1) < 0.01

@@ -552,7 +552,10 @@ def _plan_memory(run: Run, model, opts: TrainOptions, cfgs: list[Configuration],
     room = shape.n_quantized * width + plan.bank  # the bank holds the current configuration too
     bank.ram_limit = room if run.device.type == "cuda" else min(bank.ram_limit, max(room, shape.n_quantized * width))
     if opts.activation_checkpointing:
-        model.base.activation_checkpointing_enable({"use_reentrant": False})
+        # newer transformers name it activation_checkpointing_enable; 5.17 has only gradient_checkpointing_enable
+        enable = (getattr(model.base, "activation_checkpointing_enable", None)
+                  or model.base.gradient_checkpointing_enable)
+        enable({"use_reentrant": False})
     if dtype == "float32":
         return contextlib.nullcontext
     return functools.partial(torch.autocast, run.device.type, dtype=bank.dtype)
