@@ -19,12 +19,12 @@ def _git_state() -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
     # dirty: the code differs from the commit (result files other benchmarks are writing and the README they
     # feed do not count)
-    commit = git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("COALORA_BENCH_COMMIT"):
-        # a copy of the tree without .git (a lent GPU machine): the caller names the clean commit it copied
+    if os.environ.get("COALORA_BENCH_COMMIT"):
+        # a copy of a clean checkout on another machine (a lent GPU machine), whose .git may be missing or stale:
+        # the caller names the commit it copied
         return {"commit": os.environ["COALORA_BENCH_COMMIT"], "dirty": False, "commit_from": "COALORA_BENCH_COMMIT"}
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!README.md")
-    return {"commit": commit, "dirty": bool(status)}
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
 
 
 _STARTED = _git_state()  # the code a benchmark runs is the code it started with, whatever is committed meanwhile
