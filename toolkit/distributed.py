@@ -42,12 +42,10 @@ class Group:
         """A bare ``cuda`` means this rank's GPU (``LOCAL_RANK``) under a launcher."""
         import torch
 
-        if device.type == "cuda" and device.index is None:
-            # torch.cuda.set_device refuses an index-less device: name the GPU
-            index = (self.local_rank % max(1, torch.cuda.device_count()) if self.parallel
-                     else torch.cuda.current_device())
-            device = torch.device("cuda", index)
         if device.type == "cuda":
+            if device.index is None:  # torch.cuda.set_device refuses an index-less device: name the GPU
+                device = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()) if self.parallel
+                                      else torch.cuda.current_device())
             torch.cuda.set_device(device)
         return device
 
