@@ -31,6 +31,7 @@ Writes bench/results/quality.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -47,11 +48,17 @@ COA_OPTIONS = ("--anchor", "F32", "--anchor-lora-weight", "0", "--cam-lr", "5e-3
                "--delta-error-power", "0.5")
 
 
+def _plain(o):
+    """JSON for numpy arrays and other sequences of tokens."""
+    return o.tolist() if hasattr(o, "tolist") else list(o)
+
+
 class Evaluator:
     """llama.cpp perplexity of model files with and without adapters, on fixed windows: the first windows of
     Pride and Prejudice, or given ``windows`` scored where ``masks`` say (chat answers)."""
 
-    def __init__(self, reference_model: Path, n_windows: int, n_ctx: int, windows=None, masks=None):
+    def __init__(self, reference_model: Path, n_windows: int, n_ctx: int, windows=None, masks=None,
+                 cache: Path | None = None):
         from toolkit import assets, evaluation, llama_runtime
 
         self.ev, self.rt = evaluation, llama_runtime
@@ -62,6 +69,17 @@ class Evaluator:
             self.windows = evaluation.eval_windows(llm, text, n_windows=n_windows, n_ctx=n_ctx,
                                                    bos=evaluation.model_bos(llm))
             llm.close()
+        # cache: a JSON file of perplexities already measured, keyed by the files (path, size, mtime), the windows
+        # and the masks, so that an interrupted benchmark resumes without measuring again
+        self.cache, self.cache_hits = cache, 0
+        self._measured = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+        if cache is not None:
+            self._windows_id = hashlib.sha256(json.dumps([self.windows, masks, n_ctx], default=_plain).encode()
+                                              ).hexdigest()
+
+    def _key(self, model: Path, adapter: Path | None) -> str:
+        files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) if f else None for f in (Path(model), adapter)]
+        return json.dumps([files, self._windows_id])
 
     def _ppl(self, llm) -> float:
         if self.masks is None:
@@ -70,15 +88,27 @@ class Evaluator:
         return self.ev.masked_perplexity(nll, self.masks)
 
     def ppl(self, model: Path, adapters: list[Path | None]) -> list[float]:
+        keys = [self._key(model, a) if self.cache is not None else None for a in adapters]
+        if self.cache is not None and all(k in self._measured for k in keys):
+            self.cache_hits += len(keys)
+            return [self._measured[k] for k in keys]
         llm = self.rt.open_model(model, n_ctx=self.n_ctx)
         out = []
-        for a in adapters:
+        for a, key in zip(adapters, keys):
+            if key in self._measured:
+                self.cache_hits += 1
+                out.append(self._measured[key])
+                continue
             handle = self.rt.load_adapter(llm, a, model) if a else None
             self.rt.set_adapter(llm, handle)
             out.append(self._ppl(llm))
             if handle:
                 self.rt.set_adapter(llm, None)
                 handle.close()
+            if self.cache is not None:
+                from converters.fileio import write_json
+                self._measured[key] = out[-1]
+                write_json(self.cache, self._measured)
         llm.close()
         return out
 
@@ -145,7 +175,7 @@ def main() -> None:
         if not stock[t].exists():
             llama_quantize(f32, stock[t], t)
 
-    ev = Evaluator(f32, args.windows, 512)
+    ev = Evaluator(f32, args.windows, 512, cache=work / "ppl-cache.json")
     rows = []
 
     def row(seed, label, method, model, ppl, tuned_s, budget=None):
@@ -230,7 +260,8 @@ def main() -> None:
                                            "coa_options": list(COA_OPTIONS)},
                               "table": table, "rows": rows, "train_seconds": seconds,
                               "per_config_total_s": per_config_total, "train_wall_s": walls,
-                              "peak_child_rss_mb": peak_child_rss_mb()}, md)
+                              "peak_child_rss_mb": peak_child_rss_mb(),
+                              "perplexities_from_cache": ev.cache_hits}, md)
     plot(table, RESULTS / "quality.png")
 
 

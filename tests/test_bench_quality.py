@@ -53,3 +53,37 @@ def test_orderings_count_wins_per_rival():
 def test_plot_of_the_summary(tmp_path):
     quality.plot(quality.summary(_rows()), tmp_path / "quality.png")
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluator_cache_resumes_and_notices_rewritten_files(tmp_path, monkeypatch):
+    import os
+    import types
+
+    import numpy as np
+
+    measured = []
+
+    class Model:
+        def close(self):
+            pass
+
+    rt = types.SimpleNamespace(open_model=lambda *a, **k: Model(), set_adapter=lambda *a: None,
+                               load_adapter=lambda *a: types.SimpleNamespace(close=lambda: None))
+    model, adapter = tmp_path / "m.gguf", tmp_path / "a.gguf"
+    model.write_bytes(b"model"), adapter.write_bytes(b"adapter")
+
+    def evaluator():
+        ev = quality.Evaluator(None, 1, 512, windows=[np.arange(4)], cache=tmp_path / "ppl.json")
+        ev.rt = rt
+        ev._ppl = lambda llm: measured.append(1) or 20.0 + len(measured)
+        return ev
+
+    assert evaluator().ppl(model, [None, adapter]) == [21.0, 22.0] and len(measured) == 2
+    again = evaluator()  # a new process: read back from the file
+    assert again.ppl(model, [None, adapter]) == [21.0, 22.0] and again.cache_hits == 2 and len(measured) == 2
+    st = adapter.stat()
+    os.utime(adapter, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the adapter written again
+    assert again.ppl(model, [None, adapter]) == [21.0, 23.0] and again.cache_hits == 3
+    other = quality.Evaluator(None, 1, 512, windows=[np.arange(5)], cache=tmp_path / "ppl.json")
+    other.rt, other._ppl = rt, lambda llm: 30.0
+    assert other.ppl(model, [None]) == [30.0]  # other windows: measured, not read back
