@@ -31,6 +31,7 @@ Writes bench/results/quality.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import statistics
@@ -69,8 +70,8 @@ class Evaluator:
             self.windows = evaluation.eval_windows(llm, text, n_windows=n_windows, n_ctx=n_ctx,
                                                    bos=evaluation.model_bos(llm))
             llm.close()
-        # cache: a JSON file of perplexities already measured, keyed by the files (path, size, mtime), the windows
-        # and the masks, so that an interrupted benchmark resumes without measuring again
+        # cache: a JSON file of perplexities already measured, keyed by the files' contents, the windows and the
+        # masks, so that an interrupted benchmark resumes without measuring again
         self.cache, self.cache_hits = cache, 0
         self._measured = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
         if cache is not None:
@@ -78,8 +79,21 @@ class Evaluator:
                                               ).hexdigest()
 
     def _key(self, model: Path, adapter: Path | None) -> str:
-        files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) if f else None for f in (Path(model), adapter)]
-        return json.dumps([files, self._windows_id])
+        return json.dumps([[self._sha256(f) if f else None for f in (Path(model), adapter)], self._windows_id])
+
+    @functools.cache
+    def _sha256_of(self, path: Path, size: int, mtime_ns: int) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def _sha256(self, path: Path) -> str:
+        """The file's content hash (computed once per path, size and mtime): the same bytes in another seed's
+        folder are measured once."""
+        st = path.stat()
+        return self._sha256_of(path, st.st_size, st.st_mtime_ns)
 
     def _ppl(self, llm) -> float:
         if self.masks is None:

@@ -55,7 +55,7 @@ def test_plot_of_the_summary(tmp_path):
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluator_cache_resumes_and_notices_rewritten_files(tmp_path, monkeypatch):
+def test_evaluator_cache_resumes_by_content(tmp_path, monkeypatch):
     import os
     import types
 
@@ -82,8 +82,12 @@ def test_evaluator_cache_resumes_and_notices_rewritten_files(tmp_path, monkeypat
     again = evaluator()  # a new process: read back from the file
     assert again.ppl(model, [None, adapter]) == [21.0, 22.0] and again.cache_hits == 2 and len(measured) == 2
     st = adapter.stat()
-    os.utime(adapter, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the adapter written again
+    adapter.write_bytes(b"adapted")  # written again, with other bytes
+    os.utime(adapter, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert again.ppl(model, [None, adapter]) == [21.0, 23.0] and again.cache_hits == 3
+    copy = tmp_path / "seed-1" / "m.gguf"  # the same bytes elsewhere: read back
+    copy.parent.mkdir(), copy.write_bytes(b"model")
+    assert again.ppl(copy, [None]) == [21.0] and again.cache_hits == 4 and len(measured) == 3
     other = quality.Evaluator(None, 1, 512, windows=[np.arange(5)], cache=tmp_path / "ppl.json")
     other.rt, other._ppl = rt, lambda llm: 30.0
     assert other.ppl(model, [None]) == [30.0]  # other windows: measured, not read back
