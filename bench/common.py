@@ -17,12 +17,12 @@ def _git_state() -> dict:
     def git(*a):
         r = subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)
         return r.stdout.strip() if r.returncode == 0 else None
-    # dirty: the code differs from the commit (result files other benchmarks are writing and the README they
-    # feed do not count)
     if os.environ.get("COALORA_BENCH_COMMIT"):
         # a copy of a clean checkout on another machine (a lent GPU machine), whose .git may be missing or stale:
         # the caller names the commit it copied
         return {"commit": os.environ["COALORA_BENCH_COMMIT"], "dirty": False, "commit_from": "COALORA_BENCH_COMMIT"}
+    # dirty: the code differs from the commit (result files other benchmarks are writing and the README they
+    # feed do not count)
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!README.md")
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
 
