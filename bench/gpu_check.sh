@@ -4,6 +4,8 @@
 # GPU for SmolLM2's block shapes, and on the GPU for the synthetic 1B Llama's shapes (Llama 3.2 1B's blocks,
 # random weights, test vocabulary). Results go to $OUT (default bench/results).
 # Needs python3 with CUDA torch and the project's dependencies; PYTHONPATH may add carried packages.
+# On a copy of the tree whose .git is missing or stale, COALORA_BENCH_COMMIT names the (clean) commit copied,
+# for the results' provenance.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 export COALORA_HOME=${COALORA_HOME:-/tmp/coalora-home} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
