@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (RESULTS, cli, llama_quantize, markdown_table, peak_child_rss_mb,  # noqa: E402
-                          perplexity_plot, stock_with_imatrix, write_results)
+                          perplexity_plot, provenance, stock_with_imatrix, write_results)
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
@@ -151,7 +151,7 @@ def main() -> None:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch, "--json"]
 
-    walls = {}
+    walls, trained_by = {}, {}
 
     def seed_dir(seed) -> Path:
         return work / "runs" / f"seed-{seed}"
@@ -166,12 +166,15 @@ def main() -> None:
         record = run / "bench-wall.json"
         if not (meta.exists() and json.loads(meta.read_text()).get("status") == "trained"):
             _, wall = cli(*cmd, "-o", run, *options)
-            record.write_text(json.dumps({"wall_s": round(wall, 1), "command": command}))
+            record.write_text(json.dumps({"wall_s": round(wall, 1), "command": command,
+                                          "commit": provenance()["commit"]}))
             print(f"  trained {name} (seed {seed}) in {wall:.0f} s", flush=True)
         bench = json.loads(record.read_text()) if record.exists() else {}
         if bench.get("command") != command:
             sys.exit(f"{run} was trained with another command; remove it (or --work elsewhere) to re-run")
         walls[f"{name} seed {seed}"] = bench["wall_s"]
+        # a run kept from an earlier, interrupted invocation was trained by the code of that time
+        trained_by[f"{name} seed {seed}"] = bench.get("commit", "not recorded")
         return json.loads(meta.read_text())["train_seconds"]
 
     def adapter(run_dir, cfg_arg, out, *which):
@@ -268,15 +271,26 @@ def main() -> None:
             f"{statistics.fmean(s['coa'] for s in seconds.values()):.0f} s serves every budget; the "
             f"per-configuration LoRAs for {len(budgets)} budget{'s' if len(budgets) != 1 else ''} took "
             f"{statistics.fmean(per_config_total.values()):.0f} s together. "
-            f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB.")
+            f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB."
+          + trained_elsewhere(trained_by, provenance()["commit"]))
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
                                            "windows": args.windows, "n_ctx": 512, "seeds": seeds,
                                            "coa_options": list(COA_OPTIONS)},
                               "table": table, "rows": rows, "train_seconds": seconds,
                               "per_config_total_s": per_config_total, "train_wall_s": walls,
                               "peak_child_rss_mb": peak_child_rss_mb(),
-                              "perplexities_from_cache": ev.cache_hits}, md)
+                              "perplexities_from_cache": ev.cache_hits, "trained_by_commit": trained_by}, md)
     plot(table, RESULTS / "quality.png")
+
+
+def trained_elsewhere(trained_by: dict[str, str], commit: str) -> str:
+    """A sentence naming the runs that an earlier, interrupted invocation trained with other code."""
+    by: dict[str, list[str]] = {}
+    for run, c in trained_by.items():
+        if c != commit:
+            by.setdefault(c, []).append(run)
+    return "".join(f" Trained by {'commit ' + c[:10] if c != 'not recorded' else 'an unrecorded commit'} "
+                   f"(kept from an earlier invocation): {', '.join(runs)}." for c, runs in by.items())
 
 
 def summary(rows: list[dict]) -> list[dict]:

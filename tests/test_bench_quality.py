@@ -91,3 +91,12 @@ def test_evaluator_cache_resumes_by_content(tmp_path, monkeypatch):
     other = quality.Evaluator(None, 1, 512, windows=[np.arange(5)], cache=tmp_path / "ppl.json")
     other.rt, other._ppl = rt, lambda llm: 30.0
     assert other.ppl(model, [None]) == [30.0]  # other windows: measured, not read back
+
+
+def test_runs_trained_by_other_code_are_named():
+    now = "c" * 40
+    assert quality.trained_elsewhere({"fp seed 0": now}, now) == ""
+    text = quality.trained_elsewhere({"fp seed 0": "a" * 40, "coa seed 0": "a" * 40, "fp seed 1": now,
+                                      "shared seed 0": "not recorded"}, now)
+    assert text == (" Trained by commit aaaaaaaaaa (kept from an earlier invocation): fp seed 0, coa seed 0."
+                    " Trained by an unrecorded commit (kept from an earlier invocation): shared seed 0.")
