@@ -32,11 +32,20 @@ _STARTED = _git_state()  # the code a benchmark runs is the code it started with
 
 def provenance() -> dict:
     """What made a result: the commit the script started at (and whether the tree had changes then), the
-    exact command, the date it finished."""
+    exact command, the date it finished, and the machine's load then (1, 5 and 15-minute load averages against
+    its CPU count: whether other work shared the machine, which timings depend on)."""
     import datetime
 
     return {**_STARTED, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def load_sentence() -> str:
+    """The machine's load when a result is written, for the text beside timings (other work inflates them)."""
+    _, five, fifteen = os.getloadavg()
+    return (f"machine load when written: {five:.1f} (5-minute average) and {fifteen:.1f} (15-minute) on "
+            f"{os.cpu_count()} CPUs")
 
 
 def peak_self_rss_mb() -> float:

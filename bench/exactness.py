@@ -159,7 +159,7 @@ def report(rows: list[dict], n_windows: int, windows, name: str, im=None) -> Non
     md = (f"Protocol: SmolLM2-135M-Instruct base weights, no adapter; {n_windows} x 512 tokens of Pride and Prejudice; "
           f"{what}; residual = llama.cpp / torch - 1. Largest residual: {worst:.3f}%.\n\n"
           + markdown_table(rows, cols))
-    write_results(name, {"provenance": provenance(), "machine_shared": True, "windows": n_windows,
+    write_results(name, {"provenance": provenance(), "windows": n_windows,
                          "imatrix_sha256": None if im is None else im.sha256,
                          "n_ctx": 512, "windows_sha256": windows_digest(windows), "rows": rows}, md)
 

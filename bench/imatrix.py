@@ -53,7 +53,7 @@ def ternary_errors() -> None:
     note = ("Relative RMS error ||W - deq(q(W))|| / ||W|| of ggml's quantizers on two SmolLM2 ffn_down matrices "
             "(the IQ types with uniform importance). TQ1_0 / TQ2_0 keep a ternary {-1, 0, 1} x scale per 256 "
             "weights: meant for models trained ternary, not for SmolLM2.")
-    write_results("imatrix_ternary", {"provenance": provenance(), "machine_shared": True, "protocol": note,
+    write_results("imatrix_ternary", {"provenance": provenance(), "protocol": note,
                                       "rows": rows},
                   f"{note}\n\n" + markdown_table(rows, [("tensor", "tensor"), ("type", "type"), ("bpw", "bpw"),
                                                           ("rel_rms_error", "relative RMS error")]))
@@ -127,9 +127,9 @@ def main() -> None:
                                          for r in rows)]
         note = (f"SmolLM2-135M-Instruct; imatrix from {args.chunks} x 512 tokens of the five training novels "
                 f"(`coalora imatrix`); perplexity by llama.cpp on {args.windows} x 512 tokens of Pride and Prejudice. "
-                f"The machine was shared with other jobs (no timings here). With the imatrix, perplexity is lower "
+                f"With the imatrix, perplexity is lower "
                 f"for: {', '.join(better) or 'none'}.")
-        write_results("imatrix", {"provenance": provenance(), "machine_shared": True, "protocol": note,
+        write_results("imatrix", {"provenance": provenance(), "protocol": note,
                                   "windows": args.windows, "chunks": args.chunks, "adapter": str(args.adapter or ""),
                                   "rows": rows, **({"earlier_rows_provenance": earlier} if earlier else {})},
                       f"{note}\n\n{markdown_table(rows, cols)}\n")

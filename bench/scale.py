@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table, provenance, write_results  # noqa: E402
+from bench.common import load_sentence, markdown_table, provenance, write_results  # noqa: E402
 from bench.convert import RULES_1B, SYNTH_1B, _child, write_synthetic_llama  # noqa: E402
 from toolkit.assets import require_smollm2  # noqa: E402
 
@@ -125,14 +125,13 @@ def report(rows: list, threads: int, complete: bool) -> None:
                 growth[f"{step}_peak_rss_mb"] = round(b[f"{step}_peak_rss_mb"] / a[f"{step}_peak_rss_mb"], 2)
                 growth[f"{step}_s_per_weight"] = round(growth[f"{step}_s"] / n, 3)
         rows.append(growth)
-    result = {"provenance": provenance(), "machine_shared": True, "complete": complete, "threads": threads,
+    result = {"provenance": provenance(), "complete": complete, "threads": threads,
               "machine": f"{platform.processor() or platform.machine()}, {threads} cores",
               "rules_convert": [f"{p}={t}" for p, t in RULES_1B], "rows": rows}
     cols = [("model", "model"), ("quantizable_weights", "quantizable weights")]
     for step in STEPS:
         cols += [(f"{step}_s", f"{step} s"), (f"{step}_peak_rss_mb", f"{step} peak RSS MB")]
-    md = [f"Each step in its own process, {threads} threads, {result['machine']}; the machine was shared with other "
-          f"jobs, so the times are upper bounds, not clean measurements. convert: mix "
+    md = [f"Each step in its own process, {threads} threads, {result['machine']}; {load_sentence()}. convert: mix "
           f"{', '.join(result['rules_convert'])}; sensitivity: every tensor x menu type (tall tensors on 2048 "
           f"sampled rows); search: the initial training set + allocations at 4.5 / 5.5 / 6.5 bpw; quant cache: every "
           f"(tensor, type) pair of that training set quantized and written to disk. The ratio row divides 1B by 135M "
