@@ -151,7 +151,7 @@ def main() -> None:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch, "--json"]
 
-    walls, trained_by = {}, {}
+    walls, trained_by, trained_now = {}, {}, []
 
     def seed_dir(seed) -> Path:
         return work / "runs" / f"seed-{seed}"
@@ -169,6 +169,7 @@ def main() -> None:
             record.write_text(json.dumps({"wall_s": round(wall, 1), "command": command,
                                           "commit": provenance()["commit"]}))
             print(f"  trained {name} (seed {seed}) in {wall:.0f} s", flush=True)
+            trained_now.append(f"{name} seed {seed}")
         bench = json.loads(record.read_text()) if record.exists() else {}
         if bench.get("command") != command:
             sys.exit(f"{run} was trained with another command; remove it (or --work elsewhere) to re-run")
@@ -270,15 +271,16 @@ def main() -> None:
           + f"\n\n{orderings(rows, budgets)}\n\nTraining time (mean over seeds): one CoA-LoRA run "
             f"{statistics.fmean(s['coa'] for s in seconds.values()):.0f} s serves every budget; the "
             f"per-configuration LoRAs for {len(budgets)} budget{'s' if len(budgets) != 1 else ''} took "
-            f"{statistics.fmean(per_config_total.values()):.0f} s together. "
-            f"Peak resident memory of any training process: {peak_child_rss_mb():,.0f} MB."
+            f"{statistics.fmean(per_config_total.values()):.0f} s together."
+          + (f" Peak resident memory of the processes this invocation started ({len(trained_now)} training runs "
+             f"among them): {peak_child_rss_mb():,.0f} MB." if trained_now else "")
           + trained_elsewhere(trained_by, provenance()["commit"]))
     write_results("quality", {"protocol": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
                                            "windows": args.windows, "n_ctx": 512, "seeds": seeds,
                                            "coa_options": list(COA_OPTIONS)},
                               "table": table, "rows": rows, "train_seconds": seconds,
                               "per_config_total_s": per_config_total, "train_wall_s": walls,
-                              "peak_child_rss_mb": peak_child_rss_mb(),
+                              "peak_child_rss_mb": peak_child_rss_mb(), "trained_now": trained_now,
                               "perplexities_from_cache": ev.cache_hits, "trained_by_commit": trained_by}, md)
     plot(table, RESULTS / "quality.png")
 
