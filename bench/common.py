@@ -41,11 +41,11 @@ def provenance() -> dict:
             "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
-def load_sentence() -> str:
-    """The machine's load when a result is written, for the text beside timings (other work inflates them)."""
-    _, five, fifteen = os.getloadavg()
+def load_sentence(prov: dict) -> str:
+    """The load a provenance() recorded, for the text beside timings (other work inflates them)."""
+    _, five, fifteen = prov["load_average"]
     return (f"machine load when written: {five:.1f} (5-minute average) and {fifteen:.1f} (15-minute) on "
-            f"{os.cpu_count()} CPUs")
+            f"{prov['cpu_count']} CPUs")
 
 
 def peak_self_rss_mb() -> float:

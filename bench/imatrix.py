@@ -127,8 +127,7 @@ def main() -> None:
                                          for r in rows)]
         note = (f"SmolLM2-135M-Instruct; imatrix from {args.chunks} x 512 tokens of the five training novels "
                 f"(`coalora imatrix`); perplexity by llama.cpp on {args.windows} x 512 tokens of Pride and Prejudice. "
-                f"With the imatrix, perplexity is lower "
-                f"for: {', '.join(better) or 'none'}.")
+                f"With the imatrix, perplexity is lower for: {', '.join(better) or 'none'}.")
         write_results("imatrix", {"provenance": provenance(), "protocol": note,
                                   "windows": args.windows, "chunks": args.chunks, "adapter": str(args.adapter or ""),
                                   "rows": rows, **({"earlier_rows_provenance": earlier} if earlier else {})},

@@ -131,7 +131,7 @@ def report(rows: list, threads: int, complete: bool) -> None:
     cols = [("model", "model"), ("quantizable_weights", "quantizable weights")]
     for step in STEPS:
         cols += [(f"{step}_s", f"{step} s"), (f"{step}_peak_rss_mb", f"{step} peak RSS MB")]
-    md = [f"Each step in its own process, {threads} threads, {result['machine']}; {load_sentence()}. convert: mix "
+    md = [f"Each step in its own process, {threads} threads, {result['machine']}; {load_sentence(result['provenance'])}. convert: mix "
           f"{', '.join(result['rules_convert'])}; sensitivity: every tensor x menu type (tall tensors on 2048 "
           f"sampled rows); search: the initial training set + allocations at 4.5 / 5.5 / 6.5 bpw; quant cache: every "
           f"(tensor, type) pair of that training set quantized and written to disk. The ratio row divides 1B by 135M "
