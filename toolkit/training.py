@@ -236,8 +236,22 @@ def _initial_trainset(run: Run, opts: TrainOptions, progress: bool = False) -> l
 
     errors = sensitivity_errors(run, progress)
     lo, hi = sensitivity.byte_range(run.layout)
-    return sensitivity.initial_training_set(run.layout, errors, sensitivity.bpw_of_bytes(run.layout, lo),
-                                            sensitivity.bpw_of_bytes(run.layout, hi))
+    greedy = sensitivity.initial_training_set(run.layout, errors, sensitivity.bpw_of_bytes(run.layout, lo),
+                                              sensitivity.bpw_of_bytes(run.layout, hi))
+    return list(dict.fromkeys(greedy + llama_cpp_files(run)))
+
+
+def llama_cpp_files(run: Run) -> list[Configuration]:
+    """The files a device gets when no mix of coalora's beats them (search and emit always weigh them): every
+    uniform menu type with llama.cpp's row fallbacks and llama-quantize's own mixes (Q4_K_M, ...). They stay in
+    the training set through every search round, so the configuration-aware model learns the configurations
+    that are most often deployed."""
+    from toolkit.budget_search import llama_mixes
+
+    layout = run.layout
+    menus = {n: {q.name for q in layout.menu(n)} for n in layout.names()}
+    files = [layout.uniform(t) for t in layout.menu_names] + list(llama_mixes(run, layout).values())
+    return [c for c in dict.fromkeys(files) if all(q.name in menus.get(n, ()) for n, q in c.types.items())]
 
 
 def _search_round(run: Run, round_index: int, opts: TrainOptions, log) -> list[Configuration]:
@@ -251,6 +265,7 @@ def _search_round(run: Run, round_index: int, opts: TrainOptions, log) -> list[C
     archive, trainset = pareto_search.refine(run.layout, archive, run.calibration_loss, n_new=opts.search_candidates,
                                              seed=opts.seed + round_index, round_index=round_index,
                                              seed_configurations=run.trainset(), errors=sensitivity_errors(run))
+    trainset = list(dict.fromkeys(trainset + llama_cpp_files(run)))
     archive.save(run.archive_path)
     write_json(run.trainset_path, [c.to_json() for c in trainset])
     pareto_search.plot_pareto(archive, trainset, run.path / "pareto.png", layout=run.layout)
