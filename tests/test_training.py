@@ -51,6 +51,16 @@ def test_trained_run_has_everything(coa_run):
         assert (run.path / f).exists(), f
 
 
+def test_llama_cpp_files_stay_in_the_training_set(coa_run):
+    """The uniform files (and llama-quantize's mixes) that search and emit always weigh are trained on, through the
+    search rounds too."""
+    run = Run.open(coa_run.path)
+    files = training.llama_cpp_files(run)
+    assert run.layout.uniform("Q8_0") in files and run.layout.uniform("Q4_0") in files
+    assert set(files) <= set(run.trainset())
+    assert len(run.trainset()) > len(files), "the Pareto fronts are trained on as well"
+
+
 def test_adapter_depends_on_configuration(coa_run):
     run = Run.open(coa_run.path)
     a8 = run.adapter_tensors(run.layout.uniform("Q8_0"))
