@@ -58,6 +58,8 @@ def test_llama_cpp_files_stay_in_the_training_set(coa_run):
     files = training.llama_cpp_files(run)
     assert run.layout.uniform("Q8_0") in files and run.layout.uniform("Q4_0") in files
     assert set(files) <= set(run.trainset())
+    asked = set(run.meta["options"]["menu"])
+    assert all(q.name in asked for c in files for q in c.types.values()), "only the types asked for"
     assert len(run.trainset()) > len(files), "the Pareto fronts are trained on as well"
 
 

@@ -242,15 +242,17 @@ def _initial_trainset(run: Run, opts: TrainOptions, progress: bool = False) -> l
 
 
 def llama_cpp_files(run: Run) -> list[Configuration]:
-    """The files a device gets when no mix of coalora's beats them (search and emit always weigh them): every
-    uniform menu type with llama.cpp's row fallbacks and llama-quantize's own mixes (Q4_K_M, ...). They stay in
-    the training set through every search round, so the configuration-aware model learns the configurations
-    that are most often deployed."""
+    """The files a device gets when no mix of coalora's beats them (search and emit always weigh them): each
+    uniform type of the menu asked for, with llama.cpp's row fallbacks, and llama-quantize's own mixes (Q4_K_M, ...)
+    made of those types. They stay in the training set through every search round, so the configuration-aware
+    model learns the configurations most often deployed. The IQ1-IQ3 types an imatrix adds to the default menu are
+    left to the Pareto fronts: their uniform files are rarely deployed and quantizing them costs the most."""
     from toolkit.budget_search import llama_mixes
 
     layout = run.layout
-    menus = {n: {q.name for q in layout.menu(n)} for n in layout.names()}
-    files = [layout.uniform(t) for t in layout.menu_names] + list(llama_mixes(run, layout).values())
+    asked = set(run.meta["options"].get("menu") or layout.menu_names)
+    files = [layout.uniform(t) for t in layout.menu_names if t in asked] + list(llama_mixes(run, layout).values())
+    menus = {n: {q.name for q in layout.menu(n)} & asked for n in layout.names()}
     return [c for c in dict.fromkeys(files) if all(q.name in menus.get(n, ()) for n, q in c.types.items())]
 
 
