@@ -164,6 +164,19 @@ def test_confirmation_always_measures_the_largest_uniform_file(setup):
         assert uniform in seen and res.cfg == uniform and res.measured_loss == 0.0
 
 
+def test_an_archived_uniform_file_keeps_its_name(setup):
+    """Training keeps llama.cpp's files in the archive; the pick still says which llama.cpp file it is."""
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
+    uniform = layout.uniform("Q6_K")
+    init = initial_training_set(layout, errors, 2.75, 8.5) + [uniform]
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, n_confirm=1,
+                             evaluate=lambda cfgs: [0.0 if c == uniform else 9.0 for c in cfgs])
+    assert res.cfg == uniform and res.source == "uniform:Q6_K"
+
+
 @pytest.mark.parametrize("gain, keeps_uniform", [(0.001, True), (0.05, False)])
 def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setup, gain, keeps_uniform):
     """Per-window confirmation: a mix replaces the largest uniform file that fits only when its paired
