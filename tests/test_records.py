@@ -152,6 +152,17 @@ def test_bad_records_refused(tiny_model_dir, tmp_path, capsys, content, pattern)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("content", ["null", "1", '"text"'])
+def test_json_file_of_a_bare_value_refused(tmp_path, content):
+    """pyarrow's JSON reader crashes the process on a bare `null`: such files never reach it."""
+    from converters.errors import CoaloraError
+    from toolkit.records import read_records
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(CoaloraError, match=r"bad\.json: a JSON data file holds a list of records"):
+        read_records(bad)
+
+
 def test_parquet_without_usable_column_and_model_without_template(tiny_model_dir, tmp_path, capsys):
     import shutil
 

@@ -84,9 +84,12 @@ def read_records(path):
         _check_json_lines(path)
     elif suffix == ".json":
         try:
-            json.loads(path.read_text(encoding="utf-8"))
+            top = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise CoaloraError(f"{path}: invalid JSON ({_short(e)})") from None
+        if not isinstance(top, (list, dict)):  # pyarrow's JSON reader crashes (SIGSEGV) on a bare `null`
+            raise CoaloraError(f"{path}: a JSON data file holds a list of records or an object of columns, "
+                               f"not {type(top).__name__}")
     import datasets
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
