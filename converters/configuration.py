@@ -72,6 +72,12 @@ class ModelLayout:
         m = menu(self._index[name].n_per_row, self.menu_names)
         return m if name in self.imatrix_tensors else [q for q in m if not q.needs_imatrix]
 
+    def on_menu(self, cfg: "Configuration", menu_names=None) -> bool:
+        """Whether every tensor of ``cfg`` takes a type of its menu (of ``menu_names`` when given)."""
+        allowed = None if menu_names is None else set(menu_names)
+        return all(n in self._index and q in self.menu(n) and (allowed is None or q.name in allowed)
+                   for n, q in cfg.types.items())
+
     def n_weights(self) -> int:
         return sum(t.n_weights for t in self.tensors)
 

@@ -132,19 +132,17 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         raise CoaloraError("nothing to rank configurations with: the archive has fewer than 3 evaluated "
                            "configurations and there is no sensitivity table")
 
-    menus = {n: {q.name for q in layout.menu(n)} for n in layout.names()}
-    on_menu = lambda c: all(q.name in menus.get(n, ()) for n, q in c.types.items())  # noqa: E731
     uniforms, names = {}, {}  # llama.cpp's files that fit (uniform types, llama-quantize's mixes), by file type:
     for t in layout.menu_names:  # the largest always reaches confirmation
         c = layout.uniform(t)
-        if on_menu(c) and layout.file_bytes(c) <= budget_bytes and c not in uniforms:
+        if layout.on_menu(c) and layout.file_bytes(c) <= budget_bytes and c not in uniforms:
             uniforms[c], names[c] = t, f"uniform:{t}"
     for t, c in (mixes or {}).items():
-        if on_menu(c) and layout.file_bytes(c) <= budget_bytes and c not in uniforms:
+        if layout.on_menu(c) and layout.file_bytes(c) <= budget_bytes and c not in uniforms:
             uniforms[c], names[c] = t, f"llama.cpp:{t}"
     cands: dict[Configuration, str] = {}
     for r in archive.records:  # an archived llama.cpp file keeps its llama.cpp name
-        if r.file_bytes <= budget_bytes and on_menu(r.config()):
+        if r.file_bytes <= budget_bytes and layout.on_menu(r.config()):
             cands.setdefault(r.config(), names.get(r.config(), "archive"))
     if errors is not None:
         greedy = allocate(layout, errors, budget_bytes)

@@ -252,8 +252,7 @@ def llama_cpp_files(run: Run) -> list[Configuration]:
     layout = run.layout
     asked = set(run.meta["options"].get("menu") or layout.menu_names)
     files = [layout.uniform(t) for t in layout.menu_names if t in asked] + list(llama_mixes(run, layout).values())
-    menus = {n: {q.name for q in layout.menu(n)} & asked for n in layout.names()}
-    return [c for c in dict.fromkeys(files) if all(q.name in menus.get(n, ()) for n, q in c.types.items())]
+    return [c for c in dict.fromkeys(files) if layout.on_menu(c, asked)]
 
 
 def _search_round(run: Run, round_index: int, opts: TrainOptions, log) -> list[Configuration]:
