@@ -9,6 +9,7 @@ Pride and Prejudice. Writes bench/results/emit_choice.{md,json}.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from bench.common import ROOT, cli, markdown_table, write_results  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "emit_choice")
+    ap.add_argument("--run", type=Path, help="an existing trained run (e.g. the demo's) instead of training one in "
+                    "--work (--steps and --recipe then describe nothing and are ignored)")
     ap.add_argument("--profiles", default="jetson-orin-nano-8gb,rpi5-8gb")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--windows", type=int, default=8, help="Pride and Prejudice windows of 512 tokens (validate).")
@@ -30,7 +33,14 @@ def main() -> None:
     ap.add_argument("--shared-machine", action="store_true", help="Record that other work shared the machine.")
     ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
     args = ap.parse_args()
-    run = args.work / "run"
+    run = args.run or args.work / "run"
+    if args.run is not None:
+        opts = json.loads((run / "run.json").read_text())["options"]
+        about = (f"run {run} ({opts['steps']} steps x {opts['batch']} x {opts['seq_len']} tokens, {opts['rounds']} "
+                 f"search rounds)")
+    else:
+        about = (f"{args.steps}-step `--recipe {args.recipe}` run on Austen (4 x 128 tokens per step, 2 search "
+                 f"rounds)")
     if not (run / "run.json").exists():
         cli("train", "smollm2", "--data", "austen", "-o", run, "--steps", args.steps, "--seq-len", 128, "--batch", 4,
             "--rounds", 2, "--search-candidates", 4, "--checkpoint-every", args.steps, "--recipe", args.recipe, "--json")
@@ -52,9 +62,8 @@ def main() -> None:
                          "ppl_predicted": m["evaluation"]["predicted_perplexity"],
                          "ppl_llama_cpp": v["evaluation"]["perplexity_adapter"] if isinstance(v, dict) else None,
                          "emit_s": round(emit_s, 1)})
-    md = (f"SmolLM2-135M, {args.steps}-step `--recipe {args.recipe}` run on Austen (4 x 128 tokens per step, 2 search "
-          f"rounds); confirmation on 16 held-out windows of 128 training-text tokens; perplexity of the pick + its "
-          f"adapter on {args.windows} x 512 tokens of Pride and Prejudice, predicted by torch"
+    md = (f"SmolLM2-135M, {about}; confirmation on 16 held-out windows of 128 training-text tokens; perplexity "
+          f"of the pick + its adapter on {args.windows} x 512 tokens of Pride and Prejudice, predicted by torch"
           + (" (llama.cpp not run)." if args.no_validate else " and measured by llama.cpp.")
           + (" Other work shared the 2-core machine: emit seconds are indicative only." if args.shared_machine else "")
           + (f" {args.note}" if args.note else "")
@@ -71,8 +80,8 @@ def main() -> None:
            "uniform file that fits, with its standard error):\n\n" + markdown_table(cands, [
                ("profile", "profile"), ("source", "candidate"), ("file_bytes", "file bytes"), ("bpw", "bpw"),
                ("measured_loss", "held-out loss"), ("vs", "vs uniform"), ("picked", "picked")]))
-    write_results("emit_choice", {"machine_shared": args.shared_machine, "note": args.note, "steps": args.steps,
-                                  "recipe": args.recipe,
+    write_results("emit_choice", {"machine_shared": args.shared_machine, "note": args.note, "run": str(run),
+                                  **({} if args.run else {"steps": args.steps, "recipe": args.recipe}),
                                   "windows": args.windows, "rows": rows}, md)
 
 
