@@ -13,6 +13,8 @@ times ncall); then optionally int32 chunk count, int32 length and the dataset na
 """
 from __future__ import annotations
 
+import hashlib
+
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,16 @@ class Imatrix:
             return (s / c if c > 0 else s).reshape(-1)
         c = np.round(self.counts[name]).astype(np.float32)[:, None]  # llama.cpp reads the counts with lround
         return np.where(c > 0, s / np.where(c > 0, c, 1), np.float32(1)).astype(np.float32).reshape(-1)
+
+    def values_sha256(self) -> str:
+        """The identity of what quantization uses: every entry's name and importance weights. Unlike ``sha256``
+        it does not change with the metadata (the dataset paths, which differ between machines), so caches keyed
+        by it are shared by imatrix files of equal values."""
+        h = hashlib.sha256()
+        for name in self.names():
+            h.update(name.encode() + b"\0")
+            h.update(np.ascontiguousarray(self.weights(name), dtype=np.float32).tobytes())
+        return h.hexdigest()
 
     def check(self, shapes: dict[str, tuple[int, ...]], source: str = "imatrix") -> None:
         """Refuse a matrix made for another model (an entry naming no weight of ``shapes``, or of another row

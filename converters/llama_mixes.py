@@ -45,7 +45,7 @@ def imatrix_param(imatrix, keep: list):
     return ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
 
 
-_CACHE: dict[tuple, dict[str, str]] = {}  # (file, its mtime, ftype, imatrix sha256) -> types: emit asks per profile
+_CACHE: dict[tuple, dict[str, str]] = {}  # (file, its mtime, ftype, imatrix values) -> types: emit asks per profile
 
 
 def mix_types(model_path, ftype: str, imatrix=None) -> dict[str, str]:
@@ -54,9 +54,8 @@ def mix_types(model_path, ftype: str, imatrix=None) -> dict[str, str]:
     import llama_cpp
 
     key = (str(Path(model_path).resolve()), Path(model_path).stat().st_mtime_ns, ftype,
-           None if imatrix is None else imatrix.sha256)
-    cacheable = imatrix is None or bool(imatrix.sha256)  # an imatrix not read from a file has no identity
-    if cacheable and key in _CACHE:
+           None if imatrix is None else imatrix.values_sha256())
+    if key in _CACHE:
         return dict(_CACHE[key])
     code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}", None)
     if code is None:
@@ -84,8 +83,7 @@ def mix_types(model_path, ftype: str, imatrix=None) -> dict[str, str]:
             types[m.group(1)] = (m.group(3) or m.group(2)).upper()
     if rc != 0 or not types:
         raise CoaloraError(f"llama.cpp's dry run of {ftype} on {model_path} failed")
-    if cacheable:
-        _CACHE[key] = types
+    _CACHE[key] = types
     return dict(types)
 
 

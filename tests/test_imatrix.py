@@ -105,6 +105,25 @@ def test_file_reads_back_gguf_and_dat(tiny_imatrix, tmp_path):
         np.testing.assert_allclose(legacy.weights(n), im.weights(n), rtol=1e-6)
 
 
+def test_caches_follow_the_values_not_the_file(tiny_imatrix, tmp_path):
+    """An imatrix file of the same values with other metadata (the dataset paths differ between machines) shares
+    the weight bank's cache folder; other values do not."""
+    from toolkit.weight_bank import WeightBank
+
+    path, im = tiny_imatrix
+    moved = imx.load(path)
+    moved.datasets = ["/elsewhere/" + d for d in moved.datasets] or ["/elsewhere/data.txt"]
+    moved.save(tmp_path / "moved.gguf")
+    other = imx.load(path)
+    name = other.names()[0]
+    other.sums[name] = other.sums[name] * 2 + 1
+    other.save(tmp_path / "other.gguf")
+    assert moved.sha256 != im.sha256 and other.sha256 != im.sha256
+    assert moved.values_sha256() == im.values_sha256() != other.values_sha256()
+    folder = lambda i: WeightBank(None, tmp_path / "cache", imatrix=i)._cache_file(name, get("IQ4_NL"), True).parent  # noqa: E731
+    assert folder(moved) == folder(im) != folder(other)
+
+
 @pytest.mark.parametrize("part", [0, 1])
 def test_convert_imatrix_bytes_equal_ggml_and_llama_quantize(tiny, tiny_f32, tiny_imatrix, tmp_path, part):
     """Every type that takes importance weights, one per block matrix (two files hold them all): the bytes of

@@ -61,10 +61,10 @@ def error_table(layout: ModelLayout, weight: Callable[[str], np.ndarray],
 
     ``weight(name)`` returns the float32 (rows, n_per_row) weight; ``importance`` maps tensor names to
     per-column importance vectors; ``imatrix`` (a :class:`converters.imatrix.Imatrix`) is what ggml quantizes
-    with. The cache is keyed on the layout, menu, whether importance is used and the imatrix's sha256.
+    with. The cache is keyed on the layout, menu, whether importance is used and the imatrix's values.
     """
     key = _layout_key(layout, f"imp={importance is not None};rows={max_rows}"
-                              + (f";imatrix={imatrix.sha256}" if imatrix is not None else ""))
+                              + (f";imatrix={imatrix.values_sha256()}" if imatrix is not None else ""))
     if cache is not None and Path(cache).exists():
         d = _read_table_file(cache)
         if d is not None and d.get("key") == key and _covers(d["errors"], layout):

@@ -30,9 +30,8 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}")
 class WeightBank:
     def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30, imatrix=None):
         self.loaded = loaded
-        if imatrix is not None and not imatrix.sha256:
-            raise ValueError("the weight bank caches by the imatrix file's sha256: save or load the imatrix first")
         self.imatrix = imatrix  # converters.imatrix.Imatrix or None
+        self._imatrix_key = imatrix.values_sha256()[:16] if imatrix is not None else None
         self.device = torch.device("cpu")  # where the dequantized weights are kept; see to()
         self.dtype = torch.float32  # what they are kept in (training may choose a 16-bit type for large models)
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -81,14 +80,14 @@ class WeightBank:
         return data
 
     def _cache_file(self, name: str, q: QuantType, with_imatrix: bool = False) -> Path | None:
-        """The cache file of a tensor in a type (in a folder of the imatrix's sha256 when quantized with one); a
+        """The cache file of a tensor in a type (in a folder named by the imatrix's values when quantized with one); a
         name that is not a plain file name (``/``, ``..``, a leading dot, control characters) is hashed, so
         nothing is written outside the cache folder."""
         if self.cache_dir is None:
             return None
         if not SAFE_NAME.fullmatch(name):
             name = "sha256-" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
-        folder = self.cache_dir / f"imatrix-{self.imatrix.sha256[:16]}" if with_imatrix else self.cache_dir
+        folder = self.cache_dir / f"imatrix-{self._imatrix_key}" if with_imatrix else self.cache_dir
         return folder / f"{name}.{q.name}.bin"
 
     def weight(self, name: str, qtype: str | QuantType) -> torch.Tensor:
