@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from toolkit.budget_search import best_configuration
+from toolkit.budget_search import CONFIRM_Z, best_configuration
 from toolkit.cli import main
 from converters.configuration import Configuration, ModelLayout, TensorSpec
 from converters.errors import CoaloraError
@@ -175,6 +175,33 @@ def test_an_archived_uniform_file_keeps_its_name(setup):
     res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, n_confirm=1,
                              evaluate=lambda cfgs: [0.0 if c == uniform else 9.0 for c in cfgs])
     assert res.cfg == uniform and res.source == "uniform:Q6_K"
+
+
+def test_confirmation_prefers_a_smaller_llama_cpp_file_that_measures_better(setup):
+    """At some budgets a smaller llama.cpp file beats the largest that fits (uniform IQ2_S against Q2_K on
+    SmolLM2): confirmation measures the best-ranked other llama.cpp file too and ships it when it is clearly
+    better; a mix clearly ahead of the largest file but behind that one loses to it."""
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    largest = layout.uniform("Q6_K")
+    others = {layout.uniform(t) for t in layout.menu_names} - {largest}
+    base = np.linspace(3.0, 3.5, 32)
+    noise = np.random.default_rng(0).normal(0.0, 0.02, size=32)
+    seen = []
+
+    def per_window(cfgs):  # every other llama.cpp file beats the largest by 0.2 nats, every mix by 0.1
+        seen.extend(cfgs)
+        return [base if c == largest else base - (0.2 if c in others else 0.1) + noise for c in cfgs]
+
+    res = best_configuration(layout, archive, layout.file_bytes(largest), errors=errors, evaluate=per_window,
+                             n_confirm=1)
+    assert largest in seen and any(c in others for c in seen)
+    assert res.cfg in others and res.source.startswith("uniform:") and res.file_bytes < layout.file_bytes(largest)
+    picked = [c for c in res.confirmation["candidates"] if c["picked"]]
+    assert len(picked) == 1 and picked[0]["vs_uniform"] < -CONFIRM_Z * picked[0]["vs_uniform_se"]
 
 
 @pytest.mark.parametrize("gain, keeps_uniform", [(0.001, True), (0.05, False)])

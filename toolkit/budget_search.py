@@ -99,7 +99,7 @@ def _pessimistic(sur: Surrogate, cfgs: Sequence[Configuration], kappa: float = 1
     return mu + kappa * sd
 
 
-CONFIRM_Z = 2.0  # standard errors by which a confirmed mix must beat the largest uniform file that fits
+CONFIRM_Z = 2.0  # standard errors by which a confirmed candidate must beat the largest llama.cpp file that fits
 
 
 def best_configuration(layout: ModelLayout, archive: Archive | None, budget_bytes: int,
@@ -172,11 +172,13 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     best_cfg, best_src, best_score = ranked[0]
     if evaluate is not None and n_confirm > 0:
         top = ranked[:n_confirm]
-        # the best archived configuration and the largest llama.cpp file that fits (uniform or llama-quantize's
-        # mix: what a user would otherwise ship) always compete
+        # The best archived configuration, the largest llama.cpp file that fits (uniform or llama-quantize's mix:
+        # what a user would otherwise ship) and the best-ranked other llama.cpp file always compete: at some
+        # budgets a smaller file beats the largest (uniform IQ2_S against Q2_K, IQ4_XS against Q4_0).
         arch = [x for x in ranked if x[1] == "archive"][:1]
         uni = sorted((x for x in ranked if x[0] in uniforms), key=lambda x: -layout.file_bytes(x[0]))[:1]
-        for x in arch + uni:
+        smaller = [x for x in ranked if x[0] in uniforms and x[0] != uni[0][0]][:1] if uni else []
+        for x in arch + uni + smaller:
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)
         real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate([c for c, _, _ in top])]
@@ -188,12 +190,12 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         if u is not None:
             for row, r in zip(rows, real):
                 row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
-        if u is not None and k != u:
-            # Per-window losses: leave the uniform file only for a mix that is better by CONFIRM_Z standard
-            # errors of the paired difference (smaller differences did not carry over to other text).
-            se = rows[k]["vs_uniform_se"]
-            if se is not None and rows[k]["vs_uniform"] > -CONFIRM_Z * se:
-                k = u
+            # Per-window losses: leave the largest llama.cpp file only for a candidate better by CONFIRM_Z
+            # standard errors of the paired difference (smaller differences did not carry over to other text);
+            # of those, the best measured.
+            ahead = [i for i, row in enumerate(rows)
+                     if i == u or row["vs_uniform"] < -CONFIRM_Z * (row["vs_uniform_se"] or 0.0)]
+            k = min(ahead, key=lambda i: real[i].mean())
         for i, row in enumerate(rows):
             row["picked"] = i == k
         best_cfg, best_src, best_score = top[k]
