@@ -112,9 +112,9 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     the error table ranks candidates and ``predicted_loss`` is None. ``evaluate`` (real loss of a
     list of configurations; a float, or an array of per-window losses, each) confirms the ``n_confirm``
     best; ``mixes`` (file type -> configuration: llama-quantize's own mixes such as Q4_K_M) join the candidates
-    and, like the uniform files, count as llama.cpp's files. With per-window losses a mix of coalora's replaces
-    the largest llama.cpp file that fits only when it is better by ``CONFIRM_Z`` standard errors of the paired
-    difference. ``evaluate_shared`` (the same with the shared LoRA
+    and, like the uniform files, count as llama.cpp's files. With per-window losses another candidate (a mix of
+    coalora's, or the best-ranked other llama.cpp file) replaces the largest llama.cpp file that fits only when it
+    is better by ``CONFIRM_Z`` standard errors of the paired difference; of those, the best measured is kept. ``evaluate_shared`` (the same with the shared LoRA
     instead of each configuration's generated adapter) then measures the pick once more: the generated adapter
     is kept only when it is better than the shared LoRA by ``CONFIRM_Z`` standard errors (at high bits the
     configuration's adjustment is about zero and its noise did not carry over to other text).

@@ -57,9 +57,10 @@ def register(cli):
     @click.option("--windows", "n_windows", type=ranges.WINDOWS, default=32, show_default=True, help="Evaluation windows (512 tokens).")
     @click.option("--data", type=click.Path(path_type=Path), help="Held-out text (default: Pride and Prejudice).")
     @click.option("--confirm", default=2, show_default=True,
-                  help="As `coalora search --confirm`: measure the best N candidates, the best archived one and "
-                       "the largest llama.cpp file that fits (uniform or a llama-quantize mix); a mix replaces that "
-                       "file only when better by two standard errors (0: the surrogate's pick, unmeasured).")
+                  help="As `coalora search --confirm`: measure the best N candidates, the best archived one, "
+                       "the largest llama.cpp file that fits (uniform or a llama-quantize mix) and the best-ranked "
+                       "other one; another candidate replaces the largest file only when better by two standard "
+                       "errors (0: the surrogate's pick, unmeasured).")
     @click.option("--confirm-windows", default=16, show_default=True,
                   help="Held-out windows of the training data each confirmation candidate is measured on.")
     @click.option("--json", "as_json", is_flag=True)

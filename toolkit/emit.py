@@ -46,8 +46,8 @@ def profile_dest(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / name
 
 
-CONFIRM = 2            # emit's default confirmation: the 2 best candidates (+ the best archived one and the
-CONFIRM_WINDOWS = 16   # largest uniform file that fits) measured on 16 held-out windows of the training data
+CONFIRM = 2            # emit's default confirmation: the 2 best candidates (+ the best archived one and two
+CONFIRM_WINDOWS = 16   # llama.cpp files that fit) measured on 16 held-out windows of the training data
 
 
 def _best(run, layout: ModelLayout, budget: int, confirm: int = CONFIRM, confirm_windows: int = CONFIRM_WINDOWS):
