@@ -204,6 +204,32 @@ def test_confirmation_prefers_a_smaller_llama_cpp_file_that_measures_better(setu
     assert len(picked) == 1 and picked[0]["vs_uniform"] < -CONFIRM_Z * picked[0]["vs_uniform_se"]
 
 
+def test_confirmation_picks_the_other_llama_cpp_file_by_quantization_error(setup):
+    """The second llama.cpp file confirmation measures is the one of least error in the sensitivity table, even
+    when the predictor ranks the worst one first (the GP does so where the archive has no data: uniform IQ1_S at
+    4 bpw on SmolLM2)."""
+    from toolkit.sensitivity import total_error
+
+    layout, errors, sens = setup
+    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, evaluate(init))
+    largest = layout.uniform("Q6_K")
+    budget = layout.file_bytes(largest)
+    files = {layout.uniform(t) for t in layout.menu_names if layout.file_bytes(layout.uniform(t)) <= budget}
+    best_other = min(files - {largest}, key=lambda c: total_error(layout, errors, c))
+    seen = []
+
+    def measure(cfgs):
+        seen.extend(cfgs)
+        return [3.0] * len(cfgs)
+
+    best_configuration(layout, archive, budget, errors=errors, n_confirm=1, evaluate=measure,
+                       predict=lambda cs: [-total_error(layout, errors, c) for c in cs])  # worst first
+    assert largest in seen and best_other in seen
+
+
 @pytest.mark.parametrize("gain, keeps_uniform", [(0.001, True), (0.05, False)])
 def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setup, gain, keeps_uniform):
     """Per-window confirmation: a mix replaces the largest uniform file that fits only when its paired

@@ -113,9 +113,11 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     list of configurations; a float, or an array of per-window losses, each) confirms the ``n_confirm``
     best; ``mixes`` (file type -> configuration: llama-quantize's own mixes such as Q4_K_M) join the candidates
     and, like the uniform files, count as llama.cpp's files. With per-window losses another candidate (a mix of
-    coalora's, or the best-ranked other llama.cpp file) replaces the largest llama.cpp file that fits only when it
-    is better by ``CONFIRM_Z`` standard errors of the paired difference; of those, the best measured is kept. ``evaluate_shared`` (the same with the shared LoRA
-    instead of each configuration's generated adapter) then measures the pick once more: the generated adapter
+    coalora's, or another llama.cpp file) replaces the largest llama.cpp file that fits only when it
+    is better by ``CONFIRM_Z`` standard errors of the paired difference; of those, the best measured is kept.
+    The other llama.cpp file measured is the one of least error in ``errors`` (the best-ranked without them).
+    ``evaluate_shared`` (the same with the shared LoRA instead of each configuration's generated adapter) then
+    measures the pick once more: the generated adapter
     is kept only when it is better than the shared LoRA by ``CONFIRM_Z`` standard errors (at high bits the
     configuration's adjustment is about zero and its noise did not carry over to other text).
     Budgets outside the reachable range raise CoaloraError with that range.
@@ -173,11 +175,16 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     if evaluate is not None and n_confirm > 0:
         top = ranked[:n_confirm]
         # The best archived configuration, the largest llama.cpp file that fits (uniform or llama-quantize's mix:
-        # what a user would otherwise ship) and the best-ranked other llama.cpp file always compete: at some
-        # budgets a smaller file beats the largest (uniform IQ2_S against Q2_K, IQ4_XS against Q4_0).
+        # what a user would otherwise ship) and the other llama.cpp file of least quantization error always
+        # compete: at some budgets a smaller file beats the largest (uniform IQ2_S against Q2_K, IQ4_XS against
+        # Q4_0). The error table ranks llama.cpp's files, not the GP, which reverts to its mean where the archive
+        # has no data (IQ1-IQ3 files are not trained on) and so ranks uniform IQ1_S first at 4 bpw.
         arch = [x for x in ranked if x[1] == "archive"][:1]
         uni = sorted((x for x in ranked if x[0] in uniforms), key=lambda x: -layout.file_bytes(x[0]))[:1]
-        smaller = [x for x in ranked if x[0] in uniforms and x[0] != uni[0][0]][:1] if uni else []
+        others = [x for x in ranked if x[0] in uniforms and x[0] != uni[0][0]] if uni else []
+        if errors is not None:
+            others.sort(key=lambda x: total_error(layout, errors, x[0]))
+        smaller = others[:1]
         for x in arch + uni + smaller:
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)

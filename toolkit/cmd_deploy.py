@@ -58,8 +58,8 @@ def register(cli):
     @click.option("--data", type=click.Path(path_type=Path), help="Held-out text (default: Pride and Prejudice).")
     @click.option("--confirm", default=2, show_default=True,
                   help="As `coalora search --confirm`: measure the best N candidates, the best archived one, "
-                       "the largest llama.cpp file that fits (uniform or a llama-quantize mix) and the best-ranked "
-                       "other one; another candidate replaces the largest file only when better by two standard "
+                       "the largest llama.cpp file that fits (uniform or a llama-quantize mix) and the other one of "
+                       "least quantization error; another candidate replaces the largest file only when better by two standard "
                        "errors (0: the surrogate's pick, unmeasured).")
     @click.option("--confirm-windows", default=16, show_default=True,
                   help="Held-out windows of the training data each confirmation candidate is measured on.")

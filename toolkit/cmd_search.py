@@ -41,9 +41,10 @@ def register(cli):
                   help="Write the configuration JSON here.")
     @click.option("--confirm", type=ranges.CONFIRM, default=0, show_default=True,
                   help="Measure the best N candidates (plus the best archived one, the largest llama.cpp file "
-                       "that fits: a uniform type or a llama-quantize mix such as Q4_K_M, and the best-ranked other "
-                       "llama.cpp file) with the run's model, about 8 s each on 2 cores; another candidate replaces "
-                       "the largest file only when better by two standard errors of the per-window difference.")
+                       "that fits: a uniform type or a llama-quantize mix such as Q4_K_M, and the other one of least "
+                       "quantization error) with the run's model, about 8 s each on 2 cores; another candidate "
+                       "replaces the largest file only when better by two standard errors of the per-window "
+                       "difference.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
