@@ -14,7 +14,6 @@ times ncall); then optionally int32 chunk count, int32 length and the dataset na
 from __future__ import annotations
 
 import hashlib
-
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -184,8 +184,7 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         others = [x for x in ranked if x[0] in uniforms and x[0] != uni[0][0]] if uni else []
         if errors is not None:
             others.sort(key=lambda x: total_error(layout, errors, x[0]))
-        smaller = others[:1]
-        for x in arch + uni + smaller:
+        for x in arch + uni + others[:1]:
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)
         real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate([c for c, _, _ in top])]
