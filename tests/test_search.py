@@ -119,6 +119,14 @@ def test_refine_increases_hypervolume(setup, tmp_path):
     assert pool and not ({c.key() for c in pool} & archive.keys())
 
 
+def _archived(layout, errors, sens) -> Archive:
+    """An archive of the initial training set, scored by the noise-free synthetic loss."""
+    init = initial_training_set(layout, errors, 2.75, 8.5)
+    archive = Archive()
+    archive.add(layout, init, synthetic_loss(layout, errors, sens, noise=0.0)(init))
+    return archive
+
+
 def test_budget_search(setup):
     layout, errors, sens = setup
     evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
@@ -147,10 +155,7 @@ def test_confirmation_always_measures_the_largest_uniform_file(setup):
     """With real confirmation the search never returns a configuration measured worse than the largest
     uniform file within the budget (what a user would otherwise ship), even when the GP ranks it low."""
     layout, errors, sens = setup
-    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
-    init = initial_training_set(layout, errors, 2.75, 8.5)
-    archive = Archive()
-    archive.add(layout, init, evaluate(init))
+    archive = _archived(layout, errors, sens)
     for t in ("Q4_K", "Q6_K"):
         uniform = layout.uniform(t)
         budget = layout.file_bytes(uniform)
@@ -182,10 +187,7 @@ def test_confirmation_prefers_a_smaller_llama_cpp_file_that_measures_better(setu
     SmolLM2): confirmation measures the best-ranked other llama.cpp file too and ships it when it is clearly
     better; a mix clearly ahead of the largest file but behind that one loses to it."""
     layout, errors, sens = setup
-    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
-    init = initial_training_set(layout, errors, 2.75, 8.5)
-    archive = Archive()
-    archive.add(layout, init, evaluate(init))
+    archive = _archived(layout, errors, sens)
     largest = layout.uniform("Q6_K")
     others = {layout.uniform(t) for t in layout.menu_names} - {largest}
     base = np.linspace(3.0, 3.5, 32)
@@ -211,10 +213,7 @@ def test_confirmation_picks_the_other_llama_cpp_file_by_quantization_error(setup
     from toolkit.sensitivity import total_error
 
     layout, errors, sens = setup
-    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
-    init = initial_training_set(layout, errors, 2.75, 8.5)
-    archive = Archive()
-    archive.add(layout, init, evaluate(init))
+    archive = _archived(layout, errors, sens)
     largest = layout.uniform("Q6_K")
     budget = layout.file_bytes(largest)
     files = {layout.uniform(t) for t in layout.menu_names if layout.file_bytes(layout.uniform(t)) <= budget}
@@ -235,10 +234,7 @@ def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setu
     """Per-window confirmation: a mix replaces the largest uniform file that fits only when its paired
     advantage exceeds CONFIRM_Z standard errors; a lower mean inside the noise keeps the uniform file."""
     layout, errors, sens = setup
-    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
-    init = initial_training_set(layout, errors, 2.75, 8.5)
-    archive = Archive()
-    archive.add(layout, init, evaluate(init))
+    archive = _archived(layout, errors, sens)
     uniform = layout.uniform("Q4_K")
     noise = np.random.default_rng(0).normal(0.0, 0.02, size=32)  # per-window differences, se ~ 0.0035
 
@@ -258,10 +254,7 @@ def test_confirmation_keeps_the_generated_adapter_only_when_clearly_better(setup
     """After the pick, its generated adapter competes with the shared LoRA on the same windows: it is kept only
     when better by CONFIRM_Z standard errors; otherwise the result says "shared" and reports the shared loss."""
     layout, errors, sens = setup
-    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
-    init = initial_training_set(layout, errors, 2.75, 8.5)
-    archive = Archive()
-    archive.add(layout, init, evaluate(init))
+    archive = _archived(layout, errors, sens)
     base = np.linspace(3.0, 3.5, 32)
     noise = np.random.default_rng(1).normal(0.0, 0.02, size=32)
     asked = []
@@ -327,10 +320,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_cli_search_on_a_run_folder(setup, tmp_path, capsys):
     """A run folder as the trainer leaves it (run.json with the layout, archive.json, sensitivity.json)."""
     layout, errors, sens = setup
-    evaluate = synthetic_loss(layout, errors, sens, noise=0.0)
-    init = initial_training_set(layout, errors, 2.75, 8.5)
-    archive = Archive()
-    archive.add(layout, init, evaluate(init))
+    archive = _archived(layout, errors, sens)
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({
