@@ -1,8 +1,9 @@
 """What `coalora emit` picks for a device, with and without its confirmation (SmolLM2, a short Austen run).
 
 For each profile, `coalora emit` with its default confirmation (the search's best candidates, the best archived
-one and the largest uniform file that fits, measured on held-out windows of the training text; a mix replaces
-that uniform file only when better by two standard errors) and with `--confirm 0` (the surrogate's pick, as emit
+one and two llama.cpp files that fit, the largest and the other of least quantization error, each with its
+generated adapter and with the shared LoRA, measured on held-out windows of the training text; another candidate
+replaces the largest file only when better by two standard errors) and with `--confirm 0` (the surrogate's pick, as emit
 chose before); `coalora validate --no-measure` gives llama.cpp's perplexity of each pick with its adapter on
 Pride and Prejudice. Writes bench/results/emit_choice.{md,json}.
 """
@@ -70,16 +71,18 @@ def main() -> None:
           + "\n\n" + markdown_table(rows, [
               ("profile", "profile"), ("emit", "emit"), ("budget_bytes", "budget bytes"),
               ("file_bytes", "file bytes"), ("bpw", "bpw"), ("source", "picked"),
-              ("held_out_loss", "held-out loss of the pick"), ("uniform", "largest uniform that fits"),
+              ("held_out_loss", "held-out loss of the pick"), ("uniform", "largest llama.cpp file that fits"),
               ("uniform_loss", "its held-out loss"), ("ppl_predicted", "predicted ppl"),
               ("ppl_llama_cpp", "llama.cpp ppl"), ("emit_s", "emit s")]))
     cands = [{"profile": r["profile"], **c, "vs": None if c.get("vs_uniform") is None else
               f"{c['vs_uniform']:+.4f} ± {c['vs_uniform_se']:.4f}", "picked": "yes" if c["picked"] else ""}
              for r in rows if r["candidates"] for c in r["candidates"]]
-    md += ("\n\nWhat each confirmation compared (held-out loss in nats per token; the paired difference to the largest "
-           "uniform file that fits, with its standard error):\n\n" + markdown_table(cands, [
+    md += ("\n\nWhat each confirmation compared (held-out loss in nats per token with the adapter the candidate "
+           "keeps; the paired difference to the largest llama.cpp file that fits, with its standard error):\n\n"
+           + markdown_table(cands, [
                ("profile", "profile"), ("source", "candidate"), ("file_bytes", "file bytes"), ("bpw", "bpw"),
-               ("measured_loss", "held-out loss"), ("vs", "vs uniform"), ("picked", "picked")]))
+               ("adapter", "adapter"), ("measured_loss", "held-out loss"), ("vs", "vs largest file"),
+               ("picked", "picked")]))
     write_results("emit_choice", {"machine_shared": args.shared_machine, "note": args.note, "run": str(run),
                                   **({} if args.run else {"steps": args.steps, "recipe": args.recipe}),
                                   "windows": args.windows, "rows": rows}, md)

@@ -251,7 +251,7 @@ def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setu
 
 @pytest.mark.parametrize("gain, generated", [(0.001, False), (-0.01, False), (0.05, True)])
 def test_confirmation_keeps_the_generated_adapter_only_when_clearly_better(setup, gain, generated):
-    """After the pick, its generated adapter competes with the shared LoRA on the same windows: it is kept only
+    """Every candidate's generated adapter competes with the shared LoRA on the same windows: it is kept only
     when better by CONFIRM_Z standard errors; otherwise the result says "shared" and reports the shared loss."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
@@ -259,21 +259,47 @@ def test_confirmation_keeps_the_generated_adapter_only_when_clearly_better(setup
     noise = np.random.default_rng(1).normal(0.0, 0.02, size=32)
     asked = []
 
-    def shared(cfg):
-        asked.append(cfg)
-        return base + gain + noise
+    def shared(cfgs):
+        asked.extend(cfgs)
+        return [base + gain + noise for _ in cfgs]
 
     budget = layout.file_bytes(layout.uniform("Q4_K"))
     res = best_configuration(layout, archive, budget, errors=errors, evaluate=lambda cs: [base for _ in cs],
                              n_confirm=2, evaluate_shared=shared)
-    a = res.confirmation["adapter"]
-    assert asked == [res.cfg] and res.adjusted == generated == a["generated"]
+    a, rows = res.confirmation["adapter"], res.confirmation["candidates"]
+    assert len(asked) == len(rows) >= 3 and res.cfg in asked  # every candidate, once
+    assert res.adjusted == generated == a["generated"]
+    assert {r["adapter"] for r in rows} == {"generated" if generated else "shared"}
     assert a["vs_shared"] == pytest.approx(-gain - noise.mean())
     assert res.measured_loss == pytest.approx(base.mean() if generated else (base + gain + noise).mean())
     assert res.extra()["adapter"] == ("generated" if generated else "shared")
     plain = best_configuration(layout, archive, budget, errors=errors, evaluate=lambda cs: [base for _ in cs],
                                n_confirm=2)
     assert plain.adjusted and "adapter" not in plain.confirmation  # nothing to compare with: generated
+
+
+def test_confirmation_compares_each_file_with_the_adapter_it_ships_with(setup):
+    """A file that beats the largest llama.cpp file only with its generated adapter, while both are better with
+    the shared LoRA and equal there (demo phone-8gb, session 20: Q5_K_S chosen over Q5_K_M on generated adapters,
+    then shipped with the shared LoRA, 0.03% behind Q5_K_M + shared LoRA), does not replace it."""
+    layout, errors, sens = setup
+    archive = _archived(layout, errors, sens)
+    largest = layout.uniform("Q6_K")
+    base = np.linspace(3.0, 3.5, 32)
+    noise = np.random.default_rng(2).normal(0.0, 0.02, size=32)
+
+    def generated(cfgs):  # with generated adapters every other candidate is clearly ahead of the largest file ...
+        return [base + 0.2 if c == largest else base + 0.1 + noise for c in cfgs]
+
+    def shared(cfgs):  # ... but every candidate is better still with the shared LoRA, and there all are equal
+        return [base + noise * (c != largest) for c in cfgs]
+
+    res = best_configuration(layout, archive, layout.file_bytes(largest), errors=errors, n_confirm=2,
+                             evaluate=generated, evaluate_shared=shared)
+    assert res.cfg == largest and not res.adjusted and res.measured_loss == pytest.approx(base.mean())
+    rows = res.confirmation["candidates"]
+    assert all(r["adapter"] == "shared" for r in rows) and sum(r["picked"] for r in rows) == 1
+    assert all(r["measured_loss"] == pytest.approx(r["shared_loss"]) for r in rows)
 
 
 def test_calibration_batch_sizes():

@@ -116,10 +116,11 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     coalora's, or another llama.cpp file) replaces the largest llama.cpp file that fits only when it
     is better by ``CONFIRM_Z`` standard errors of the paired difference; of those, the best measured is kept.
     The other llama.cpp file measured is the one of least error in ``errors`` (the best-ranked without them).
-    ``evaluate_shared`` (the same with the shared LoRA instead of each configuration's generated adapter) then
-    measures the pick once more: the generated adapter
-    is kept only when it is better than the shared LoRA by ``CONFIRM_Z`` standard errors (at high bits the
-    configuration's adjustment is about zero and its noise did not carry over to other text).
+    ``evaluate_shared`` (the same with the shared LoRA instead of each configuration's generated adapter)
+    measures every candidate once more: each keeps its generated adapter only when it is better than the shared
+    LoRA by ``CONFIRM_Z`` standard errors (at high bits the configuration's adjustment is about zero and its noise
+    did not carry over to other text), and the candidates are compared with the adapters they keep, so that a
+    file is never chosen on one adapter and shipped with the other.
     Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -188,11 +189,19 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)
         real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate([c for c, _, _ in top])]
+        adapters = None
+        if evaluate_shared is not None:  # each candidate with the adapter it would ship with
+            shared = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate_shared([c for c, _, _ in top])]
+            adapters = [_generated_or_shared(g, s) for g, s in zip(real, shared)]
+            real = [g if a["generated"] else s for g, s, a in zip(real, shared, adapters)]
         k = int(np.argmin([r.mean() for r in real]))
         u = [c for c, _, _ in top].index(uni[0][0]) if uni else None
         rows = [{"source": src, "file_bytes": layout.file_bytes(c), "bpw": round(layout.bits_per_weight(c), 4),
                  "measured_loss": float(r.mean()), "uniform": i == u}
                 for i, ((c, src, _), r) in enumerate(zip(top, real))]
+        for row, a in zip(rows, adapters or []):
+            row.update(adapter="generated" if a["generated"] else "shared", generated_loss=a["generated_loss"],
+                       shared_loss=a["shared_loss"])
         if u is not None:
             for row, r in zip(rows, real):
                 row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
@@ -208,10 +217,9 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         measured = float(real[k].mean())
         confirmation = {"windows": int(len(real[0])), "z": CONFIRM_Z, "candidates": rows,
                         "uniform": uniforms[uni[0][0]] if uni else None}
-        if evaluate_shared is not None:
-            confirmation["adapter"] = _generated_or_shared(real[k], evaluate_shared(best_cfg))
-            if not confirmation["adapter"]["generated"]:
-                adjusted, measured = False, confirmation["adapter"]["shared_loss"]
+        if adapters is not None:
+            confirmation["adapter"] = adapters[k]
+            adjusted = adapters[k]["generated"]
     size = layout.file_bytes(best_cfg)
     assert size <= budget_bytes, "internal error: the search left the byte budget"
     return SearchResult(best_cfg, size, layout.bits_per_weight(best_cfg),
@@ -238,9 +246,10 @@ def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
 
 def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, confirm_windows: int = 16) -> SearchResult:
     """:func:`best_configuration` for a trained run (its archive and sensitivity table); ``confirm`` > 0 measures
-    that many of the best candidates, the best archived one and the largest uniform file that fits on
-    ``confirm_windows`` held-out windows of the training data (``run.calibration_loss``), then the pick's
-    generated adapter against the shared LoRA. ``coalora search`` and ``coalora emit`` both choose through this."""
+    that many of the best candidates, the best archived one and two llama.cpp files that fit (the largest and the
+    other of least quantization error) on ``confirm_windows`` held-out windows of the training data
+    (``run.calibration_loss``), each with its generated adapter and with the shared LoRA (when the run has
+    adjustments). ``coalora search`` and ``coalora emit`` both choose through this."""
     from toolkit.sensitivity import load_error_table
 
     check_budget(layout, budget_bytes)
@@ -254,7 +263,7 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     if confirm > 0:
         measure = lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)  # noqa: E731
         if run.has_adjustments():
-            shared = lambda c: run.calibration_loss([c], confirm_windows, per_window=True, adjusted=False)[0]  # noqa: E731
+            shared = lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True, adjusted=False)  # noqa: E731
     return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm,
                               evaluate_shared=shared, mixes=mixes)
 

@@ -42,9 +42,10 @@ def register(cli):
     @click.option("--confirm", type=ranges.CONFIRM, default=0, show_default=True,
                   help="Measure the best N candidates (plus the best archived one, the largest llama.cpp file "
                        "that fits: a uniform type or a llama-quantize mix such as Q4_K_M, and the other one of least "
-                       "quantization error) with the run's model, about 8 s each on 2 cores; another candidate "
-                       "replaces the largest file only when better by two standard errors of the per-window "
-                       "difference.")
+                       "quantization error) with the run's model, each with its generated adapter and with the "
+                       "shared LoRA (about 8 s each on 2 cores); each keeps the adapter that is better by two "
+                       "standard errors (else the shared LoRA), and another candidate replaces the largest file "
+                       "only when better by two standard errors of the per-window difference.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -97,16 +98,17 @@ def confirmation_table(conf: dict):
     uniform = f"llama.cpp's {conf['uniform']} file" if conf["uniform"] else "the largest llama.cpp file (none fits)"
     t = Table(title=f"confirmation on {conf['windows']} held-out windows: a mix replaces {uniform} only when "
                     f"better by {conf['z']:g} standard errors")
-    for col in ("candidate", "file bytes", "bpw", "held-out loss", f"vs {conf['uniform'] or '-'}", "picked"):
+    for col in ("candidate", "file bytes", "bpw", "adapter", "held-out loss", f"vs {conf['uniform'] or '-'}", "picked"):
         t.add_column(col)
     for r in conf["candidates"]:
         d, se = r.get("vs_uniform"), r.get("vs_uniform_se")
-        t.add_row(r["source"], f"{r['file_bytes']:,}", f"{r['bpw']:.3f}", f"{r['measured_loss']:.4f}",
+        t.add_row(r["source"], f"{r['file_bytes']:,}", f"{r['bpw']:.3f}", r.get("adapter", "generated"),
+                  f"{r['measured_loss']:.4f}",
                   "-" if d is None else f"{d:+.4f}" + ("" if se is None else f" ± {se:.4f}"),
                   "yes" if r["picked"] else "")
     a = conf.get("adapter")
     if a:
         se = "" if a["vs_shared_se"] is None else f" ± {a['vs_shared_se']:.4f}"
-        t.caption = (f"the pick's generated adapter vs the shared LoRA: {a['vs_shared']:+.4f}{se} "
-                     f"-> {'generated adapter' if a['generated'] else 'shared LoRA'}")
+        t.caption = (f"each candidate with the adapter it keeps; the pick's generated adapter vs the shared LoRA: "
+                     f"{a['vs_shared']:+.4f}{se} -> {'generated adapter' if a['generated'] else 'shared LoRA'}")
     return t
