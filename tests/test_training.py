@@ -294,6 +294,29 @@ def test_device_names_are_checked():
             resolve_device("cuda")
 
 
+def test_calibration_losses_are_measured_once_per_checkpoint(coa_run, monkeypatch):
+    """emit's confirmations for several profiles measure the same candidates: each configuration and variant is
+    measured once per checkpoint, and again after the checkpoint is rewritten (training does so every round)."""
+    import shutil
+
+    run = Run.open(coa_run.path)
+    measured = []
+    real = run._measure_calibration
+    monkeypatch.setattr(run, "_measure_calibration", lambda cfgs, *a: measured.extend(cfgs) or real(cfgs, *a))
+    mixed, q8 = _mixed(run), run.layout.uniform("Q8_0")
+    first = run.calibration_loss([mixed, q8, mixed], 2, per_window=True)
+    again = run.calibration_loss([q8, mixed], 2, per_window=True)
+    shared = run.calibration_loss([mixed], 2, adjusted=False)
+    assert measured == [mixed, q8, mixed] and np.array_equal(first[0], again[1]) and np.array_equal(first[1], again[0])
+    assert shared[0] != float(first[0].mean())
+    again[0][:] = 0.0  # callers get copies
+    assert run.calibration_loss([q8], 2) == [float(first[1].mean())] and len(measured) == 3
+    copy = run.checkpoint_path.with_suffix(".copy")
+    shutil.copy2(run.checkpoint_path, copy)
+    copy.replace(run.checkpoint_path)  # a new file with the same bytes: measured again, to the same losses
+    assert np.array_equal(run.calibration_loss([q8], 2, per_window=True)[0], first[1]) and measured[-1] == q8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_training_matches_cpu(tiny_model_dir, text_file, tmp_path):
     """The GPU path trains the same model: same losses, and its adapters agree with llama.cpp on the CPU."""

@@ -96,6 +96,7 @@ class Run:
         self.meta = meta
         self._loaded = loaded
         self.device = torch.device("cpu")  # where model() computes; set before the first model() call
+        self._calibration: dict = {}  # calibration_loss's per-window losses, by checkpoint state and arguments
 
     # -- files --------------------------------------------------------------------------------
     @property
@@ -268,7 +269,26 @@ class Run:
         """Mean token loss of each configuration's adapter on held-out windows of the training text
         (``n_windows`` of them; default the run's ``calib_windows``), 8 windows per forward pass.
         ``per_window``: an array of each window's mean loss per configuration instead (for paired comparisons).
-        ``adjusted`` False: with the shared LoRA alone instead of the generated adapter."""
+        ``adjusted`` False: with the shared LoRA alone instead of the generated adapter. Each configuration is
+        measured once per checkpoint (emit's confirmations for several profiles share candidates)."""
+        state = self._checkpoint_state(), str(self.device), n_windows, adjusted
+        todo = list(dict.fromkeys(c for c in cfgs if (c, state) not in self._calibration))
+        for cfg, w in zip(todo, self._measure_calibration(todo, n_windows, adjusted)):
+            self._calibration[cfg, state] = w
+        return [self._calibration[c, state].copy() if per_window else float(self._calibration[c, state].mean())
+                for c in cfgs]
+
+    def _checkpoint_state(self):
+        """What identifies the checkpoint on disk (training rewrites it by rename between rounds)."""
+        try:
+            st = self.checkpoint_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _measure_calibration(self, cfgs: list[Configuration], n_windows: int | None, adjusted: bool) -> list:
+        if not cfgs:
+            return []
         from torch.nn import functional as F
 
         from toolkit.training import calibration_stream
@@ -291,8 +311,7 @@ class Run:
                 else:  # records: their target tokens only
                     w = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
                 windows.append(w.cpu().double().numpy())
-            w = np.concatenate(windows)
-            out.append(w if per_window else float(w.mean()))
+            out.append(np.concatenate(windows))
         return out
 
 
