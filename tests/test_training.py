@@ -294,6 +294,25 @@ def test_device_names_are_checked():
             resolve_device("cuda")
 
 
+def test_search_confirm_reports_each_candidates_adapter(coa_run, capsys):
+    """`coalora search --confirm` prints what the confirmation compared, each candidate with the adapter it keeps,
+    and its JSON holds both losses of every candidate."""
+    from toolkit.cli import main
+
+    run = Run.open(coa_run.path)
+    budget = str(run.layout.file_bytes(run.layout.uniform("Q8_0")))
+    args = ["search", str(coa_run.path), "--budget-bytes", budget, "--confirm", "1", "--confirm-windows", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "adapter" in out and "confirmation on 2 held-out windows" in out and "shared LoRA:" in out
+    assert main([*args, "--json"]) == 0
+    conf = json.loads(capsys.readouterr().out)["confirmation"]
+    assert conf["windows"] == 2 and sum(c["picked"] for c in conf["candidates"]) == 1
+    for c in conf["candidates"]:
+        assert c["adapter"] in ("generated", "shared")
+        assert c["measured_loss"] == pytest.approx(c["generated_loss" if c["adapter"] == "generated" else "shared_loss"])
+
+
 def test_calibration_losses_are_measured_once_per_checkpoint(coa_run, monkeypatch):
     """emit's confirmations for several profiles measure the same candidates: each configuration and variant is
     measured once per checkpoint, and again after the checkpoint is rewritten (training does so every round)."""

@@ -43,9 +43,10 @@ def register(cli):
                   help="Measure the best N candidates (plus the best archived one, the largest llama.cpp file "
                        "that fits: a uniform type or a llama-quantize mix such as Q4_K_M, and the other one of least "
                        "quantization error) with the run's model, each with its generated adapter and with the "
-                       "shared LoRA (about 8 s each on 2 cores); each keeps the adapter that is better by two "
-                       "standard errors (else the shared LoRA), and another candidate replaces the largest file "
-                       "only when better by two standard errors of the per-window difference.")
+                       "shared LoRA (about 8 s each on 2 cores); each keeps its generated adapter only when it is "
+                       "better than the shared LoRA by two standard errors, and another candidate, with the adapter "
+                       "it keeps, replaces the largest file only when better by two standard errors of the "
+                       "per-window difference.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
