@@ -162,8 +162,9 @@ def dequantize(data: np.ndarray, qtype: str | QuantType, shape: tuple[int, ...])
     return gguf_quants.dequantize(raw, q.ggml).astype(np.float32, copy=False).reshape(shape)
 
 
-def roundtrip(weight: np.ndarray, qtype: str | QuantType,
-              imatrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ggml bytes, their dequantized float32 values) for ``weight`` in ``qtype`` (with importance weights)."""
-    data = quantize(weight, qtype, imatrix)
+def roundtrip(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | None = None,
+              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(ggml bytes, their dequantized float32 values) for ``weight`` in ``qtype`` (with importance weights),
+    quantized on ``threads`` threads."""
+    data = quantize(weight, qtype, imatrix, threads=threads)
     return data, dequantize(data, qtype, weight.shape)

@@ -331,6 +331,26 @@ def test_real_ggml_sensitivity(tmp_path):
     assert weighted["blk.0.attn_q.weight"]["Q4_0"] != pytest.approx(table["blk.0.attn_q.weight"]["Q4_0"])
 
 
+def test_sensitivity_on_threads_is_the_same(tmp_path):
+    """ggml quantizes large tensors in row chunks on several threads: the same bytes, hence the same errors
+    (with and without importance weights)."""
+    layout = ModelLayout([TensorSpec("blk.0.ffn_down.weight", 512, 512, "ffn_down", 0)], 0, 1,
+                         menu_names=("Q8_0", "Q4_K", "IQ4_NL", "Q2_K"))
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((512, 512)).astype(np.float32)
+
+    class Imatrix:  # what error_table asks of converters.imatrix.Imatrix
+        def weights(self, name):
+            return np.linspace(0.5, 2.0, 512, dtype=np.float32)
+
+        def values_sha256(self):
+            return "0" * 64
+
+    one = error_table(layout, lambda n: w, imatrix=Imatrix())
+    two = error_table(layout, lambda n: w, imatrix=Imatrix(), threads=2)
+    assert one == two and set(one["blk.0.ffn_down.weight"]) == {"Q8_0", "Q4_K", "IQ4_NL", "Q2_K"}
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main(["search", str(tmp_path / "nope"), "--bpw", "4"]) == 1
     assert "error" in capsys.readouterr().err

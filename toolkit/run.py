@@ -184,7 +184,8 @@ class Run:
     def bank(self):
         from toolkit.weight_bank import WeightBank
 
-        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]), imatrix=self.imatrix())
+        return WeightBank(self.loaded(), quant_cache_dir(self.meta["model_sha256"]), imatrix=self.imatrix(),
+                          threads=env_threads())
 
     def quantized_bytes(self, name: str, qtype) -> np.ndarray:
         return self.bank().quantized_bytes(name, qtype)
@@ -277,6 +278,10 @@ class Run:
             self._calibration[cfg, state] = w
         return [self._calibration[c, state].copy() if per_window else float(self._calibration[c, state].mean())
                 for c in cfgs]
+
+    def forget_measurements(self) -> None:
+        """Drop :meth:`calibration_loss`'s cached measurements (a benchmark that times measuring)."""
+        self._calibration.clear()
 
     def _checkpoint_state(self):
         """What identifies the checkpoint on disk (training rewrites it by rename between rounds)."""

@@ -27,13 +27,14 @@ ErrorTable = dict[str, dict[str, float]]
 
 
 def tensor_errors(weight: np.ndarray, types, importance: np.ndarray | None = None,
-                  max_rows: int | None = 2048, seed: int = 0, quant_weights: np.ndarray | None = None) -> dict[str, float]:
+                  max_rows: int | None = 2048, seed: int = 0, quant_weights: np.ndarray | None = None,
+                  threads: int = 1) -> dict[str, float]:
     """Squared Frobenius error ``sum_ij imp_j (W - deq(q(W)))_ij^2`` of ``weight`` for each type.
 
     ``importance`` weights the input columns (llama.cpp's imatrix: mean squared activation per
     column). ``quant_weights``: the imatrix weights ggml quantizes with (for the types that take them), so
     the error is that of the bytes coalora writes. Tall tensors (embeddings) are estimated on ``max_rows``
-    random rows, scaled back up.
+    random rows, scaled back up. ``threads``: ggml quantizes each type on that many threads (same bytes).
     """
     w = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1, weight.shape[-1])
     scale = 1.0
@@ -44,7 +45,7 @@ def tensor_errors(weight: np.ndarray, types, importance: np.ndarray | None = Non
     imp = None if importance is None else np.asarray(importance, dtype=np.float64).reshape(1, -1)
     out = {}
     for q in types:
-        _, deq = roundtrip(w, q, quant_weights if get(q).takes_imatrix else None)
+        _, deq = roundtrip(w, q, quant_weights if get(q).takes_imatrix else None, threads=threads)
         d = (w.astype(np.float64) - deq) ** 2
         out[getattr(q, "name", str(q))] = float(scale * (d.sum() if imp is None else (d * imp).sum()))
     return out
@@ -56,12 +57,13 @@ def _layout_key(layout: ModelLayout, extra: str = "") -> str:
 
 def error_table(layout: ModelLayout, weight: Callable[[str], np.ndarray],
                 importance: dict[str, np.ndarray] | None = None, cache: str | Path | None = None,
-                max_rows: int | None = 2048, progress: bool = False, imatrix=None) -> ErrorTable:
+                max_rows: int | None = 2048, progress: bool = False, imatrix=None, threads: int = 1) -> ErrorTable:
     """Error of every tensor in every menu type, from real ggml round trips; cached in ``cache`` (JSON).
 
     ``weight(name)`` returns the float32 (rows, n_per_row) weight; ``importance`` maps tensor names to
     per-column importance vectors; ``imatrix`` (a :class:`converters.imatrix.Imatrix`) is what ggml quantizes
     with. The cache is keyed on the layout, menu, whether importance is used and the imatrix's values.
+    ``threads``: ggml's quantization threads (the errors do not depend on them).
     """
     key = _layout_key(layout, f"imp={importance is not None};rows={max_rows}"
                               + (f";imatrix={imatrix.values_sha256()}" if imatrix is not None else ""))
@@ -79,7 +81,8 @@ def error_table(layout: ModelLayout, weight: Callable[[str], np.ndarray],
     for n in it:
         imp = None if importance is None else importance.get(n)
         qw = None if imatrix is None else imatrix.weights(n)
-        table[n] = tensor_errors(weight(n), layout.menu(n), imp, max_rows=max_rows, quant_weights=qw)
+        table[n] = tensor_errors(weight(n), layout.menu(n), imp, max_rows=max_rows, quant_weights=qw,
+                                 threads=threads)
     if cache is not None:
         write_json(cache, {"key": key, "errors": table})
     return table

@@ -28,8 +28,10 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}")
 
 
 class WeightBank:
-    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30, imatrix=None):
+    def __init__(self, loaded, cache_dir: Path | None = None, ram_limit_bytes: int = 4 << 30, imatrix=None,
+                 threads: int = 1):
         self.loaded = loaded
+        self.threads = threads  # ggml quantizes a tensor on this many threads (the bytes do not depend on it)
         self.imatrix = imatrix  # converters.imatrix.Imatrix or None
         self._imatrix_key = imatrix.values_sha256()[:16] if imatrix is not None else None
         self.device = torch.device("cpu")  # where the dequantized weights are kept; see to()
@@ -71,7 +73,7 @@ class WeightBank:
             if data.size == q.tensor_bytes(int(np.prod(shape[:-1])), shape[-1]):
                 return data  # else a damaged cache file: quantized again below
         try:
-            data = ggml_quant.quantize(self.original(name), q, imp)
+            data = ggml_quant.quantize(self.original(name), q, imp, threads=self.threads)
         except ggml_quant.GGMLError as e:
             raise CoaloraError(f"{name}: {e}") from None
         if path is not None:
