@@ -26,7 +26,9 @@ def test_smollm2_chat_run_emit_validate(smollm2_gguf, tmp_path):
                 search_candidates=2, checkpoint_every=16, lr=2e-3, cam_lr=2e-3, imatrix=""), progress=False, log=lambda s: None)
     summary = run.meta["data_summary"]
     assert summary["format"] == "chat" and 0 < summary["loss_tokens"] < summary["tokens"]
-    m = emit_mod.emit(run, load_profile("rpi4-4gb"), tmp_path / "dist", n_windows=32, n_ctx=256, text_path=held)
+    # no confirmation (its windows of records are measured as in training's search, tested on the tiny run)
+    m = emit_mod.emit(run, load_profile("rpi4-4gb"), tmp_path / "dist", n_windows=32, n_ctx=256, text_path=held,
+                      confirm=0)
     assert m["evaluation"]["data_format"] == "chat"
     r = validate(tmp_path / "dist" / "rpi4-4gb", data=held, measure_memory=False)
     ev = r["evaluation"]

@@ -334,6 +334,10 @@ def test_calibration_losses_are_measured_once_per_checkpoint(coa_run, monkeypatc
     shutil.copy2(run.checkpoint_path, copy)
     copy.replace(run.checkpoint_path)  # a new file with the same bytes: measured again, to the same losses
     assert np.array_equal(run.calibration_loss([q8], 2, per_window=True)[0], first[1]) and measured[-1] == q8
+    n = len(measured)
+    run.forget_measurements()  # bench/search.py times each method on its own measurements
+    run.calibration_loss([q8], 2)
+    assert len(measured) == n + 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
