@@ -39,7 +39,8 @@ CODE = {
                "(WORK / 'mix.gguf').unlink()",
     "sensitivity": "from bench.scale import source_layout; from toolkit import sensitivity\n"
                    "s, layout = source_layout(SRC)\n"
-                   "table = sensitivity.error_table(layout, s.weight, cache=WORK / 'sensitivity.json', progress=True)\n"
+                   "table = sensitivity.error_table(layout, s.weight, cache=WORK / 'sensitivity.json', progress=True,\n"
+                   "                                threads=THREADS)\n"
                    "json.dump({'tensors': len(table), 'round_trips': sum(len(r) for r in table.values())},\n"
                    "          open(EXTRA, 'w'))",
     "search": "from bench.scale import source_layout; from toolkit import sensitivity\n"
@@ -53,7 +54,7 @@ CODE = {
               "json.dump([c.to_json() for c in cfgs], open(WORK / 'trainset.json', 'w'))\n"
               "json.dump({'training_configurations': len(cfgs)}, open(EXTRA, 'w'))",
     "quant_cache": "from bench.scale import warm_quant_cache\n"
-                   "json.dump(warm_quant_cache(SRC, WORK), open(EXTRA, 'w'))",
+                   "json.dump(warm_quant_cache(SRC, WORK, THREADS), open(EXTRA, 'w'))",
 }
 
 
@@ -73,8 +74,9 @@ class _Weights:
         self.gguf_weight = source.weight
 
 
-def warm_quant_cache(src: Path, work: Path) -> dict:
-    """Quantize every (tensor, type) pair of the training set into a disk cache, as training does."""
+def warm_quant_cache(src: Path, work: Path, threads: int) -> dict:
+    """Quantize every (tensor, type) pair of the training set into a disk cache, as training does (each tensor
+    on ``threads`` threads)."""
     from tqdm import tqdm
 
     from converters.configuration import Configuration
@@ -83,7 +85,7 @@ def warm_quant_cache(src: Path, work: Path) -> dict:
     s, _ = source_layout(src)
     cfgs = [Configuration.from_json(d) for d in json.loads((work / "trainset.json").read_text())]
     pairs = sorted({(n, q.name) for c in cfgs for n, q in c.types.items() if q.name not in UNQUANTIZED})
-    bank = WeightBank(_Weights(s), work / "quant-cache")
+    bank = WeightBank(_Weights(s), work / "quant-cache", threads=threads)
     for n, q in tqdm(pairs, desc="quantizing with ggml", unit="tensor"):
         bank.quantized_bytes(n, q)
     return {"pairs": len(pairs), "cache_bytes": sum(f.stat().st_size for f in (work / "quant-cache").iterdir())}

@@ -172,7 +172,8 @@ def main(argv=None):
     print(f"objective: {objective.description}")
     t = time.time()
     errors = error_table(layout, lm.gguf_weight, cache=assets.home() / "bench" / "smollm2-sensitivity.json",
-                         progress=True, imatrix=run.imatrix() if args.run else None)  # the IQ types need one
+                         progress=True, imatrix=run.imatrix() if args.run else None,  # the IQ types need one
+                         threads=torch.get_num_threads())
     t_sens = time.time() - t
 
     results, archives, timing = {}, {}, {}
