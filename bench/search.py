@@ -42,6 +42,7 @@ from converters.fileio import sha256_file, write_json, write_text  # noqa: E402
 from toolkit.pareto_search import (Archive, hypervolume, make_candidate_pool, non_dominated,  # noqa: E402
                                    plot_pareto, per_bin_fronts, refine)
 from toolkit.sensitivity import error_table, initial_training_set  # noqa: E402
+from toolkit.run import env_threads  # noqa: E402
 
 BPW_LO, BPW_HI = 4.25, 8.75      # the range searched: IQ4_NL/Q4_0 ... Q8_0 (F16 is no edge target)
 
@@ -173,7 +174,7 @@ def main(argv=None):
     t = time.time()
     errors = error_table(layout, lm.gguf_weight, cache=assets.home() / "bench" / "smollm2-sensitivity.json",
                          progress=True, imatrix=run.imatrix() if args.run else None,  # the IQ types need one
-                         threads=torch.get_num_threads())
+                         threads=env_threads())
     t_sens = time.time() - t
 
     results, archives, timing = {}, {}, {}

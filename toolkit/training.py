@@ -174,11 +174,12 @@ def sensitivity_errors(run: Run, progress: bool = False) -> dict:
     tensor by tensor (memory bounded by the largest tensor)."""
     from toolkit import sensitivity
 
-    from toolkit.run import env_threads, quant_cache_dir
+    from toolkit.run import quant_cache_dir
 
     shared = quant_cache_dir(run.meta["model_sha256"]) / "sensitivity.json"  # reused by later runs of the model
-    errors = sensitivity.error_table(run.layout, run.bank().original, cache=shared, progress=progress,
-                                     imatrix=run.imatrix(), threads=env_threads())
+    bank = run.bank()
+    errors = sensitivity.error_table(run.layout, bank.original, cache=shared, progress=progress,
+                                     imatrix=run.imatrix(), threads=bank.threads)
     if not (run.path / "sensitivity.json").exists():  # the run folder keeps its own copy for search / emit
         write_json(run.path / "sensitivity.json", json.loads(shared.read_text()))
     return errors
