@@ -115,8 +115,12 @@ def load_model(path, log=lambda m: None) -> LoadedModel:
 
     gpath = src.path
     plain_tqdm = getattr(gguf_utils, "tqdm", None)
+    plain_reader = gguf.GGUFReader
     try:
         gguf_utils.tqdm = lambda it, *a, **k: it  # its own tqdm bar ignores transformers' progress setting
+        # transformers parses the file again for the config, the weights and the tokenizer: hand it the
+        # source's reader (checked, already parsed, read-only) instead
+        gguf.GGUFReader = _reader_for(gpath, src.reader, plain_reader)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if path.is_dir():
@@ -141,6 +145,7 @@ def load_model(path, log=lambda m: None) -> LoadedModel:
     except Exception as e:  # corrupt weights, a tokenizer transformers cannot build, ...
         raise CoaloraError(f"cannot load {path}: {one_line(e)}") from None
     finally:
+        gguf.GGUFReader = plain_reader
         if plain_tqdm is not None:
             gguf_utils.tqdm = plain_tqdm
     _forget_gguf_quantizer(model)
@@ -149,6 +154,14 @@ def load_model(path, log=lambda m: None) -> LoadedModel:
         _apply_rope_factors(model, src)
     to_gguf, to_hf = _name_maps(model, src)
     return LoadedModel(model, tok, src, path, model.config, to_gguf, to_hf)
+
+
+def _reader_for(path: Path, reader, plain):
+    """A stand-in for ``gguf.GGUFReader`` that returns ``reader`` for ``path`` and parses any other file."""
+    def open_reader(p, *args, **kwargs):
+        same = not args and not kwargs and Path(p).resolve() == path.resolve()
+        return reader if same else plain(p, *args, **kwargs)
+    return open_reader
 
 
 def _quiet():

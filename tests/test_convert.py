@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +195,34 @@ def test_gguf_source_roundtrip(tiny, tiny_f32):
         np.testing.assert_allclose(back.model(ids).logits.numpy(), tiny.model(ids).logits.numpy(), atol=1e-5)
     assert back.tokenizer(SAMPLE)["input_ids"] == tiny.tokenizer(SAMPLE)["input_ids"]
     assert back.layout().fixed_bytes == tiny.layout().fixed_bytes
+
+
+def test_gguf_loads_with_one_parse(tiny_f32, monkeypatch):
+    """transformers reads the config, weights and tokenizer through the source's reader (the file is parsed
+    once), and the model is the one transformers' own parses give: weights, config, tokenizer."""
+    import gguf
+    import torch
+    from converters import model_loading
+
+    parses = []
+    plain = gguf.GGUFReader
+
+    class Counting(plain):
+        def __init__(self, path, *a, **k):
+            parses.append(Path(path).name)
+            super().__init__(path, *a, **k)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    shared = load_model(tiny_f32)
+    assert parses == [] and gguf.GGUFReader is Counting  # the source's own reader (gguf_check) only; restored
+    monkeypatch.setattr(model_loading, "_reader_for", lambda path, reader, plain: plain)
+    own = load_model(tiny_f32)
+    assert len(parses) >= 3  # config, weights, tokenizer
+    a, b = shared.model.state_dict(), own.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert shared.config.to_dict() == own.config.to_dict()
+    assert shared.tokenizer.get_vocab() == own.tokenizer.get_vocab()
+    assert shared.tokenizer(SAMPLE)["input_ids"] == own.tokenizer(SAMPLE)["input_ids"]
 
 
 def test_load_errors(tmp_path):
