@@ -39,6 +39,26 @@ def test_activation_rounding_is_ggml_cpu_from_float(weight_type):
         assert np.array_equal(got, ga.cpu_activations(x, weight_type))
 
 
+def test_shared_input_is_rounded_once_per_kind():
+    """q/k/v (and gate/up) read one tensor: its rounding is reused for the same kind, not for another kind,
+    another tensor or the same tensor changed in place; the straight-through gradient is unchanged."""
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((4, 512)).astype(np.float32))
+    first = ga.quantize_activations(x, "Q8_0")
+    assert ga.quantize_activations(x, "Q8_0") is first
+    assert torch.equal(ga.quantize_activations(x, "Q8_K"), torch.from_numpy(ga.cpu_activations(x.numpy(), "Q4_K")))
+    x.mul_(3.0)  # in place: the version counter moves
+    assert torch.equal(ga.quantize_activations(x, "Q8_0"), torch.from_numpy(ga.cpu_activations(x.detach().numpy(), "Q4_0")))
+    assert torch.equal(ga.quantize_activations(x.clone(), "Q8_0"), ga.quantize_activations(x, "Q8_0"))
+    g = x.clone().requires_grad_()
+    for _ in range(2):  # the second call reuses the rounding
+        y = ga.quantize_activations(g, "Q8_0")
+        assert torch.equal(y.detach(), torch.from_numpy(ga.cpu_activations(x.detach().numpy(), "Q4_0")))
+        (y * 2.0).sum().backward()
+        assert torch.equal(g.grad, torch.full_like(g, 2.0))
+        g.grad = None
+
+
 def test_torch_reciprocal_division_misses_ties():
     """Why the division is spelled out: torch's ``127 / t`` rounds twice and moves ties (the old emulation)."""
     rng = np.random.default_rng(1)

@@ -87,21 +87,34 @@ def _q8_k(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
+def _rounded(x: torch.Tensor, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        if kind in ("Q8_0", "Q8_1"):
+            return _q8_0(x)
+        if kind == "Q8_K":
+            return _q8_k(x)
+        if kind == "F16":
+            return _fp16(x)
+        if kind == "BF16":
+            return x.to(torch.bfloat16).to(x.dtype)
+        raise ValueError(kind)
+
+
+# The last rounding: attention's q/k/v and the MLP's gate/up read the same input tensor, so each is rounded
+# once per kind. Keyed by the tensor itself (held, so its id cannot be reused) and its version counter.
+_last_rounding: list = [None]
+
+
 def quantize_activations(x: torch.Tensor, kind: str | None) -> torch.Tensor:
     """``x`` as ggml feeds it to the dot products for ``kind`` (straight-through gradient)."""
     if kind is None:
         return x
-    with torch.no_grad():
-        if kind in ("Q8_0", "Q8_1"):
-            y = _q8_0(x)
-        elif kind == "Q8_K":
-            y = _q8_k(x)
-        elif kind == "F16":
-            y = _fp16(x)
-        elif kind == "BF16":
-            y = x.to(torch.bfloat16).to(x.dtype)
-        else:
-            raise ValueError(kind)
+    last = _last_rounding[0]
+    if last is not None and last[0] is x and last[1] == x._version and last[2] == kind:
+        y = last[3]
+    else:
+        y = _rounded(x, kind)
+        _last_rounding[0] = (x, x._version, kind, y)
     return x + (y - x).detach() if x.requires_grad else y
 
 
