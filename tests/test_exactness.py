@@ -50,6 +50,9 @@ def test_shared_input_is_rounded_once_per_kind():
     x.mul_(3.0)  # in place: the version counter moves
     assert torch.equal(ga.quantize_activations(x, "Q8_0"), torch.from_numpy(ga.cpu_activations(x.detach().numpy(), "Q4_0")))
     assert torch.equal(ga.quantize_activations(x.clone(), "Q8_0"), ga.quantize_activations(x, "Q8_0"))
+    with torch.inference_mode():  # inference tensors have no version counter: rounded every time
+        xi = x.clone()
+        assert torch.equal(ga.quantize_activations(xi, "Q8_0"), ga.quantize_activations(x, "Q8_0"))
     g = x.clone().requires_grad_()
     for _ in range(2):  # the second call reuses the rounding
         y = ga.quantize_activations(g, "Q8_0")

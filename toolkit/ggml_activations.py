@@ -110,7 +110,9 @@ def quantize_activations(x: torch.Tensor, kind: str | None) -> torch.Tensor:
     if kind is None:
         return x
     last = _last_rounding[0]
-    if last is not None and last[0] is x and last[1] == x._version and last[2] == kind:
+    if x.is_inference():  # no version counter under torch.inference_mode
+        y = _rounded(x, kind)
+    elif last is not None and last[0] is x and last[1] == x._version and last[2] == kind:
         y = last[3]
     else:
         y = _rounded(x, kind)
