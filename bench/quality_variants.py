@@ -8,7 +8,7 @@ and configurations in bench/work/quality/runs/seed-0). One variant per call:
 
 Same protocol as bench/quality.py (60 x 4 x 128 steps unless overridden, 32 x 512 P&P tokens, llama.cpp), plus
 the loss on 32 held-out windows of the training novels (the run's calibration tail) at uniform Q8_0 (F32 for fp),
-computed in torch. Appends a line to bench/results/quality_variants.jsonl.
+computed in torch. Appends a line (with its provenance) to bench/results/quality_variants.jsonl.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, ROOT, cli  # noqa: E402
+from bench.common import RESULTS, ROOT, cli, provenance  # noqa: E402
 from bench.quality import BUDGET_FROM, Evaluator  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "quality"
@@ -45,7 +45,9 @@ def main(name: str, kind: str, extra: list[str]) -> None:
     ppl = {}
     for t in BUDGET_FROM[:1] if kind == "fp" else BUDGET_FROM:
         adapter = OUT / f"{name}-{t}.gguf"
-        cli("adapter", run_dir, "--config", "F32" if kind == "fp" else SEED0 / f"cfg-{t}.json", "-o", adapter, "--json")
+        # --generated: the configuration files say which adapter the search's confirmation kept
+        cli("adapter", run_dir, "--config", "F32" if kind == "fp" else SEED0 / f"cfg-{t}.json", "-o", adapter,
+            "--json", *(() if kind == "fp" else ("--generated",)))
         model = WORK / f"stock-{t}.gguf" if kind == "fp" else SEED0 / f"mixed-{t}.gguf"
         ppl[t] = round(ev.ppl(model, [adapter])[0], 4)
         print(f"{name} {t} ({model.name}): {ppl[t]}", flush=True)
@@ -54,7 +56,7 @@ def main(name: str, kind: str, extra: list[str]) -> None:
     val = run.calibration_loss([cfg], 32)[0]
     print(f"{name} validation loss: {val:.4f}")
     rec = {"name": name, "kind": kind, "options": extra, "ppl": ppl, "validation_loss": round(val, 4),
-           "train_wall_s": round(wall, 1)}
+           "train_wall_s": round(wall, 1), "provenance": provenance()}
     with open(RESULTS / "quality_variants.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
 

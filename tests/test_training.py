@@ -363,6 +363,13 @@ def test_step_configuration_sampling():
     assert any(opts.pick(trainset, bpw, s, 1) != picks[s] for s in range(40)), "each share of a batch draws anew"
     top = TrainOptions(seed=0, top_share=1.0)
     assert {top.pick(trainset, bpw, s) for s in range(10)} == {"cfg5"}
+    low = TrainOptions(seed=0, low_share=1.0)
+    assert {low.pick(trainset, bpw, s) for s in range(40)} == {"cfg0", "cfg1", "cfg2"}, "the lower-bpw half"
+    odd = trainset[:5]
+    assert {low.pick(odd, bpw, s) for s in range(40)} == {"cfg0", "cfg1", "cfg2"}, "ceil(n/2) of an odd set"
+    half = TrainOptions(seed=0, low_share=0.5)
+    lows = sum(half.pick(trainset, bpw, s) in ("cfg0", "cfg1", "cfg2") for s in range(400))
+    assert 260 < lows < 340, "P(low half) = 0.5 + 0.5 * 3/6"
 
 
 @pytest.mark.parametrize("config_batch", ["split", "full"])

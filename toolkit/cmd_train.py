@@ -62,6 +62,7 @@ EXPERIMENT_OPTIONS = [
     click.option("--configs-per-step", type=ranges.train("configs_per_step"), default=None, hidden=True),
     click.option("--config-batch", type=click.Choice(["split", "full"]), default=None, hidden=True),
     click.option("--top-share", type=ranges.train("top_share"), default=None, hidden=True),
+    click.option("--low-share", type=ranges.train("low_share"), default=None, hidden=True),
     click.option("--anchor", default=None, metavar="TYPE", hidden=True),
     click.option("--anchor-loss", type=click.Choice(["kl", "ce"]), default=None, hidden=True),
     click.option("--anchor-lora-weight", type=ranges.train("anchor_lora_weight"), default=None, hidden=True),

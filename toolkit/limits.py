@@ -42,7 +42,7 @@ TRAIN = {
     "batch": _i(1, 4096), "lr": _f(0, 10, lo_open=True), "cam_lr": _f(0, 10), "weight_decay": _f(0, 10),
     "clip": _f(0, 1e6), "warmup": _i(0, 10**7), "seed": _i(0, 2**32 - 1), "rounds": _i(1, 1000),
     "search_candidates": _i(1, 10_000), "checkpoint_every": _i(1, 10**7), "calib_windows": _i(1, 10**6),
-    "top_share": _f(0, 1), "configs_per_step": _i(1, 1024), "anchor_lora_weight": _f(0, 1e6),
+    "top_share": _f(0, 1), "low_share": _f(0, 1), "configs_per_step": _i(1, 1024), "anchor_lora_weight": _f(0, 1e6),
     "delta_lr": _f(0, 10), "delta_error_power": _f(0, 100),
 }
 

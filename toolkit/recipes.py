@@ -62,6 +62,7 @@ KEYS = {
     "configs_per_step": _number(1, kind=int),
     "config_batch": _choice("split", "full"),
     "top_share": _number(0.0, 1.0),
+    "low_share": _number(0.0, 1.0),
     "anchor": _quant_type_or_empty,
     "anchor_loss": _choice("kl", "ce"),
     "anchor_lora_weight": _number(0.0),

@@ -50,6 +50,7 @@ class TrainOptions:
     calib_windows: int = 4
     include_embeddings: bool = True
     top_share: float = 0.0  # share of steps on the training set's highest-precision configuration
+    low_share: float = 0.0  # share of steps drawn from the lower-bpw half of the training set
     configs_per_step: int = 1  # configurations per optimizer step (coa / shared)
     config_batch: str = "split"  # "split": they share the batch's sequences; "full": each sees the whole batch
     device: str = "auto"  # where torch trains: auto (CUDA if present), cpu, cuda[:N]
@@ -70,10 +71,15 @@ class TrainOptions:
 
     def pick(self, trainset: list, bpw, step: int, part: int = 0):
         """The configuration of one step (of its ``part``-th share of the batch): with probability
-        ``top_share`` the highest-bpw one, else uniform over the training set."""
+        ``top_share`` the highest-bpw one, with probability ``low_share`` one of the lower-bpw half (the
+        ceil(n/2) configurations of fewest bits per weight), else uniform over the training set."""
         g = torch.Generator().manual_seed(self.seed * 7919 + step + 1_000_003 * part)
-        if self.top_share > 0 and float(torch.rand((), generator=g)) < self.top_share:
+        u = float(torch.rand((), generator=g)) if self.top_share > 0 or self.low_share > 0 else 1.0
+        if u < self.top_share:
             return max(trainset, key=bpw)
+        if u < self.top_share + self.low_share:
+            low = sorted(trainset, key=bpw)[:(len(trainset) + 1) // 2]
+            return low[int(torch.randint(len(low), (1,), generator=g))]
         return trainset[int(torch.randint(len(trainset), (1,), generator=g))]
 
     def lr_at(self, step: int, base: float) -> float:
@@ -85,7 +91,7 @@ class TrainOptions:
 
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
-           "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "configs_per_step",
+           "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "low_share", "configs_per_step",
            "config_batch", "init_lora", "anchor", "anchor_loss", "anchor_lora_weight", "type_deltas",
            "delta_lr", "delta_error_power")
 
