@@ -25,6 +25,7 @@ def _error_line(capsys) -> str:
     ["train", "m", "-o", "r", "--rank", "0"], ["train", "m", "-o", "r", "--batch", "0"],
     ["train", "m", "-o", "r", "--seq-len", "0"], ["train", "m", "-o", "r", "--rank", "1.5"],
     ["train", "m", "-o", "r", "--alpha", "inf"], ["train", "m", "-o", "r", "--top-share", "nan"],
+    ["train", "m", "-o", "r", "--low-share", "1.5"],
     ["finetune", "m", "--config", "Q8_0", "-o", "r", "--checkpoint-every", "0"],
     ["validate", "d", "--threads", "100000"], ["validate", "d", "--windows", "0"],
     ["emit", "r", "--profile", "rpi4-4gb", "-o", "d", "--windows", "-3"],

@@ -230,7 +230,7 @@ TRAIN_OPTIONS = [("--rank", 1, 1, 1024, 0), ("--alpha", 0, 0, 1e6, 1), ("--steps
                  ("--seq-len", 1, 2, 1 << 17, 0), ("--batch", 1, 1, 4096, 0), ("--lr", 0, 0, 10, 1),
                  ("--seed", 1, 0, 2**32 - 1, 0), ("--checkpoint-every", 1, 1, 10**7, 0)]
 TRAIN_ONLY = [("--rounds", 1, 1, 1000, 0), ("--search-candidates", 1, 1, 10_000, 0), ("--cam-lr", 0, 0, 10, 0),
-              ("--configs-per-step", 1, 1, 1024, 0), ("--top-share", 0, 0, 1, 0),
+              ("--configs-per-step", 1, 1, 1024, 0), ("--top-share", 0, 0, 1, 0), ("--low-share", 0, 0, 1, 0),
               ("--anchor-lora-weight", 0, 0, 1e6, 0), ("--delta-lr", 0, 0, 10, 0), ("--delta-error-power", 0, 0, 100, 0)]
 WINDOWS = ("--windows", 1, 1, 100_000, 0)
 
