@@ -105,7 +105,9 @@ CONFIRM_Z = 2.0  # standard errors by which a confirmed candidate must beat the 
 def best_configuration(layout: ModelLayout, archive: Archive | None, budget_bytes: int,
                        predict: Predict | None = None, evaluate: Callable | None = None,
                        errors: dict | None = None, n_confirm: int = 3, n_starts: int = 3,
-                       evaluate_shared: Callable | None = None, mixes: dict | None = None) -> SearchResult:
+                       evaluate_shared: Callable | None = None, mixes: dict | None = None,
+                       evaluate_more: Callable | None = None,
+                       evaluate_shared_more: Callable | None = None) -> SearchResult:
     """Lowest-loss configuration with ``layout.file_bytes(cfg) <= budget_bytes``.
 
     ``predict`` overrides the archive's GP surrogate; with neither (fewer than 3 archived records)
@@ -121,6 +123,9 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     LoRA by ``CONFIRM_Z`` standard errors (at high bits the configuration's adjustment is about zero and its noise
     did not carry over to other text), and the candidates are compared with the adapters they keep, so that a
     file is never chosen on one adapter and shipped with the other.
+    ``evaluate_more`` / ``evaluate_shared_more``: the same on more windows (whose first ones are the windows
+    measured before). When a candidate is ahead of the largest llama.cpp file by between one and ``CONFIRM_Z``
+    standard errors, every candidate is measured again on those windows and the rule applied to them (once).
     Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -188,35 +193,20 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         for x in arch + uni + others[:1]:
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)
-        real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate([c for c, _, _ in top])]
-        adapters = None
-        if evaluate_shared is not None:  # each candidate with the adapter it would ship with
-            shared = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate_shared([c for c, _, _ in top])]
-            adapters = [_generated_or_shared(g, s) for g, s in zip(real, shared)]
-            real = [g if a["generated"] else s for g, s, a in zip(real, shared, adapters)]
-        k = int(np.argmin([r.mean() for r in real]))
         u = [c for c, _, _ in top].index(uni[0][0]) if uni else None
-        rows = [{"source": src, "file_bytes": layout.file_bytes(c), "bpw": round(layout.bits_per_weight(c), 4),
-                 "measured_loss": float(r.mean()), "uniform": i == u}
-                for i, ((c, src, _), r) in enumerate(zip(top, real))]
-        for row, a in zip(rows, adapters or []):
-            row.update(adapter="generated" if a["generated"] else "shared", generated_loss=a["generated_loss"],
-                       shared_loss=a["shared_loss"])
-        if u is not None:
-            for row, r in zip(rows, real):
-                row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
-            # Per-window losses: leave the largest llama.cpp file only for a candidate better by CONFIRM_Z
-            # standard errors of the paired difference (smaller differences did not carry over to other text);
-            # of those, the best measured.
-            ahead = [i for i, row in enumerate(rows)
-                     if i == u or row["vs_uniform"] < -CONFIRM_Z * (row["vs_uniform_se"] or 0.0)]
-            k = min(ahead, key=lambda i: real[i].mean())
-        for i, row in enumerate(rows):
-            row["picked"] = i == k
+        real, adapters, rows, k, undecided = _confirm(layout, top, u, evaluate, evaluate_shared)
+        extended_from = None
+        if undecided and evaluate_more is not None:  # measure more windows rather than guess
+            more = _confirm(layout, top, u, evaluate_more, evaluate_shared_more if evaluate_shared else None)
+            if len(more[0][0]) > len(real[0]):  # the held-out text had more windows to give
+                extended_from = len(real[0])
+                real, adapters, rows, k, _ = more
         best_cfg, best_src, best_score = top[k]
         measured = float(real[k].mean())
         confirmation = {"windows": int(len(real[0])), "z": CONFIRM_Z, "candidates": rows,
                         "uniform": uniforms[uni[0][0]] if uni else None}
+        if extended_from is not None:
+            confirmation["extended_from_windows"] = extended_from
         if adapters is not None:
             confirmation["adapter"] = adapters[k]
             adjusted = adapters[k]["generated"]
@@ -225,6 +215,41 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     return SearchResult(best_cfg, size, layout.bits_per_weight(best_cfg),
                         best_score if predict is not None else None, measured, budget_bytes, best_src, confirmation,
                         adjusted)
+
+
+def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, evaluate_shared: Callable | None):
+    """Measure the candidates ``top`` (``u``: the index of the largest llama.cpp file) and apply the confirmation
+    rule: (per-candidate loss arrays, adapter choices or None, table rows, index picked, whether a candidate is
+    ahead of the largest file by between one and ``CONFIRM_Z`` standard errors)."""
+    cfgs = [c for c, _, _ in top]
+    real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate(cfgs)]
+    adapters = None
+    if evaluate_shared is not None:  # each candidate with the adapter it would ship with
+        shared = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate_shared(cfgs)]
+        adapters = [_generated_or_shared(g, s) for g, s in zip(real, shared)]
+        real = [g if a["generated"] else s for g, s, a in zip(real, shared, adapters)]
+    k = int(np.argmin([r.mean() for r in real]))
+    rows = [{"source": src, "file_bytes": layout.file_bytes(c), "bpw": round(layout.bits_per_weight(c), 4),
+             "measured_loss": float(r.mean()), "uniform": i == u}
+            for i, ((c, src, _), r) in enumerate(zip(top, real))]
+    for row, a in zip(rows, adapters or []):
+        row.update(adapter="generated" if a["generated"] else "shared", generated_loss=a["generated_loss"],
+                   shared_loss=a["shared_loss"])
+    undecided = False
+    if u is not None:
+        for row, r in zip(rows, real):
+            row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
+        # Per-window losses: leave the largest llama.cpp file only for a candidate better by CONFIRM_Z
+        # standard errors of the paired difference (smaller differences did not carry over to other text);
+        # of those, the best measured.
+        ahead = [i for i, row in enumerate(rows)
+                 if i == u or row["vs_uniform"] < -CONFIRM_Z * (row["vs_uniform_se"] or 0.0)]
+        k = min(ahead, key=lambda i: real[i].mean())
+        undecided = any(i not in ahead and row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
+                        for i, row in enumerate(rows))
+    for i, row in enumerate(rows):
+        row["picked"] = i == k
+    return real, adapters, rows, k, undecided
 
 
 def _generated_or_shared(generated, shared) -> dict:
@@ -249,7 +274,8 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     that many of the best candidates, the best archived one and two llama.cpp files that fit (the largest and the
     other of least quantization error) on ``confirm_windows`` held-out windows of the training data
     (``run.calibration_loss``), each with its generated adapter and with the shared LoRA (when the run has
-    adjustments). ``coalora search`` and ``coalora emit`` both choose through this."""
+    adjustments), and all of them again on twice the windows when one is ahead of the largest llama.cpp file by
+    between one and two standard errors. ``coalora search`` and ``coalora emit`` both choose through this."""
     from toolkit.sensitivity import load_error_table
 
     check_budget(layout, budget_bytes)
@@ -259,13 +285,17 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     if errors is None and table.exists():
         raise CoaloraError(f"{table} is damaged or does not cover the run's tensors; train the run again")
     mixes = llama_mixes(run, layout)
-    measure = shared = None
+    measure = shared = more = shared_more = None
     if confirm > 0:
-        measure = lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True)  # noqa: E731
+        def per_window(n: int, adjusted: bool = True) -> Callable:
+            return lambda cs: run.calibration_loss(cs, n, per_window=True, adjusted=adjusted)
+
+        measure, more = per_window(confirm_windows), per_window(2 * confirm_windows)
         if run.has_adjustments():
-            shared = lambda cs: run.calibration_loss(cs, confirm_windows, per_window=True, adjusted=False)  # noqa: E731
+            shared, shared_more = per_window(confirm_windows, False), per_window(2 * confirm_windows, False)
     return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm,
-                              evaluate_shared=shared, mixes=mixes)
+                              evaluate_shared=shared, mixes=mixes, evaluate_more=more,
+                              evaluate_shared_more=shared_more)
 
 
 def llama_mixes(run, layout: ModelLayout) -> dict:

@@ -46,7 +46,8 @@ def register(cli):
                        "shared LoRA (about 8 s each on 2 cores); each keeps its generated adapter only when it is "
                        "better than the shared LoRA by two standard errors, and another candidate, with the adapter "
                        "it keeps, replaces the largest file only when better by two standard errors of the "
-                       "per-window difference.")
+                       "per-window difference; when one is ahead by between one and two, all are measured again "
+                       "on twice the windows.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -97,8 +98,10 @@ def confirmation_table(conf: dict):
     from rich.table import Table
 
     uniform = f"llama.cpp's {conf['uniform']} file" if conf["uniform"] else "the largest llama.cpp file (none fits)"
-    t = Table(title=f"confirmation on {conf['windows']} held-out windows: a mix replaces {uniform} only when "
-                    f"better by {conf['z']:g} standard errors")
+    more = (f" (measured again after {conf['extended_from_windows']}: a candidate was ahead by less)"
+            if conf.get("extended_from_windows") else "")
+    t = Table(title=f"confirmation on {conf['windows']} held-out windows{more}: a mix replaces {uniform} only "
+                    f"when better by {conf['z']:g} standard errors")
     for col in ("candidate", "file bytes", "bpw", "adapter", "held-out loss", f"vs {conf['uniform'] or '-'}", "picked"):
         t.add_column(col)
     for r in conf["candidates"]:
