@@ -340,6 +340,28 @@ def test_calibration_losses_are_measured_once_per_checkpoint(coa_run, monkeypatc
     assert len(measured) == n + 1
 
 
+def test_more_calibration_windows_measure_only_the_added_ones(coa_run, monkeypatch):
+    """The confirmation's extension to more windows measures only the windows it adds, and its losses are bit for
+    bit those of a measurement from scratch (the same forward passes). Passes of 2 windows here: the fixture's
+    held-out tail has 8."""
+    import toolkit.run as run_module
+
+    monkeypatch.setattr(run_module, "CALIBRATION_BATCH", 2)
+    run = Run.open(coa_run.path)
+    spans = []
+    real = run._measure_calibration
+    monkeypatch.setattr(run, "_measure_calibration", lambda cfgs, sp, *a: spans.append(list(sp)) or real(cfgs, sp, *a))
+    mixed = _mixed(run)
+    first = run.calibration_loss([mixed], 4, per_window=True)[0]
+    more = run.calibration_loss([mixed], 7, per_window=True)[0]
+    assert spans == [[(0, 2), (2, 2)], [(4, 2), (6, 1)]] and len(more) == 7 and np.array_equal(more[:4], first)
+    fresh = Run.open(coa_run.path).calibration_loss([mixed], 7, per_window=True)[0]
+    assert np.array_equal(more, fresh)
+    run.calibration_loss([mixed], 3)  # its last pass (1 window) is another one: measured, not cut from (2, 2)
+    assert spans[-1] == [(2, 1)]
+    assert run.calibration_loss([mixed], 100, per_window=True)[0].shape == (8,)  # at most the held-out windows
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_training_matches_cpu(tiny_model_dir, text_file, tmp_path):
     """The GPU path trains the same model: same losses, and its adapters agree with llama.cpp on the CPU."""

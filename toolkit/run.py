@@ -90,13 +90,17 @@ def _problem(meta) -> str | None:
     return None
 
 
+# Held-out windows per forward pass of calibration_loss.
+CALIBRATION_BATCH = 8
+
+
 class Run:
     def __init__(self, path: Path, meta: dict, loaded=None):
         self.path = Path(path)
         self.meta = meta
         self._loaded = loaded
         self.device = torch.device("cpu")  # where model() computes; set before the first model() call
-        self._calibration: dict = {}  # calibration_loss's per-window losses, by checkpoint state and arguments
+        self._calibration: dict = {}  # calibration_loss's per-window losses: (configuration, checkpoint state, span)
 
     # -- files --------------------------------------------------------------------------------
     @property
@@ -268,16 +272,25 @@ class Run:
     def calibration_loss(self, cfgs: list[Configuration], n_windows: int | None = None,
                          per_window: bool = False, adjusted: bool = True) -> list:
         """Mean token loss of each configuration's adapter on held-out windows of the training text
-        (``n_windows`` of them; default the run's ``calib_windows``), 8 windows per forward pass.
+        (the first ``n_windows`` of them; default the run's ``calib_windows``), 8 windows per forward pass.
         ``per_window``: an array of each window's mean loss per configuration instead (for paired comparisons).
-        ``adjusted`` False: with the shared LoRA alone instead of the generated adapter. Each configuration is
-        measured once per checkpoint (emit's confirmations for several profiles share candidates)."""
-        state = self._checkpoint_state(), str(self.device), n_windows, adjusted
-        todo = list(dict.fromkeys(c for c in cfgs if (c, state) not in self._calibration))
-        for cfg, w in zip(todo, self._measure_calibration(todo, n_windows, adjusted)):
-            self._calibration[cfg, state] = w
-        return [self._calibration[c, state].copy() if per_window else float(self._calibration[c, state].mean())
-                for c in cfgs]
+        ``adjusted`` False: with the shared LoRA alone instead of the generated adapter. Each forward pass of
+        each configuration is measured once per checkpoint: emit's confirmations for several profiles share
+        candidates, and a measurement on more windows (the confirmation's extension) only measures the windows
+        it adds. The passes are those of a measurement from scratch (windows 0-7, 8-15, ..., then the rest), so
+        the losses do not depend on what was measured before."""
+        from toolkit.training import calibration_stream
+
+        state = self._checkpoint_state(), str(self.device), adjusted
+        k = len(calibration_stream(self).labelled_calibration(n_windows)[0])
+        spans = [(s, min(CALIBRATION_BATCH, k - s)) for s in range(0, k, CALIBRATION_BATCH)]
+        todo = list(dict.fromkeys(c for c in cfgs for sp in spans if (c, state, sp) not in self._calibration))
+        missing = [sp for sp in spans if any((c, state, sp) not in self._calibration for c in todo)]
+        for cfg, losses in zip(todo, self._measure_calibration(todo, missing, adjusted)):
+            for sp, w in zip(missing, losses):
+                self._calibration[cfg, state, sp] = w
+        out = [np.concatenate([self._calibration[c, state, sp] for sp in spans]) for c in cfgs]
+        return out if per_window else [float(w.mean()) for w in out]
 
     def forget_measurements(self) -> None:
         """Drop :meth:`calibration_loss`'s cached measurements (a benchmark that times measuring)."""
@@ -291,20 +304,24 @@ class Run:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def _measure_calibration(self, cfgs: list[Configuration], n_windows: int | None, adjusted: bool) -> list:
-        if not cfgs:
-            return []
+    def _measure_calibration(self, cfgs: list[Configuration], spans: list[tuple[int, int]], adjusted: bool) -> list:
+        """Per configuration, the per-window losses of each span (first window, count) of the held-out windows,
+        one forward pass per span."""
+        if not cfgs or not spans:
+            return [[] for _ in cfgs]
         from torch.nn import functional as F
 
         from toolkit.training import calibration_stream
 
         model = self.model()
-        batch, labels = (t.to(self.device) for t in calibration_stream(self).labelled_calibration(n_windows))
+        end = max(s + n for s, n in spans)
+        batch, labels = (t.to(self.device) for t in calibration_stream(self).labelled_calibration(end))
         out = []
         for cfg in cfgs:
             model.set_configuration(cfg)
             windows = []
-            for b, lab in zip(batch.split(8), labels.split(8)):
+            for s, n in spans:
+                b, lab = batch[s:s + n], labels[s:s + n]
                 with model.variant(adjusted):
                     logits = model(b).logits[:, :-1].float()
                 target = lab[:, 1:]
@@ -316,7 +333,7 @@ class Run:
                 else:  # records: their target tokens only
                     w = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
                 windows.append(w.cpu().double().numpy())
-            out.append(np.concatenate(windows))
+            out.append(windows)
         return out
 
 
