@@ -14,7 +14,8 @@ Protocol (SmolLM2-135M-Instruct dequantized to F32; the five training novels; he
   (generated for the mix, or the run's shared LoRA where the confirmation measured the generated one no better).
 - `--reuse`: rows of the previous result with the same run and windows are kept (their provenance is recorded)
   when their files are unchanged; the coalora adapter rows are always measured again. Budgets of the previous result
-  that `--files` does not name are kept whole, with the provenance of the run that measured them.
+  that this invocation has not measured (`--files` does not name them, or it has not reached them yet) are kept
+  whole, with the provenance of the run that measured them.
 - Floor: the F32 model with the full-precision LoRA.
 - Perplexity by llama.cpp (F32 KV cache) on the first --windows windows of 512 tokens of Pride and Prejudice.
 Writes bench/results/imatrix_quality.{md,json}.
@@ -103,20 +104,14 @@ def main() -> None:
         if (d.get("coa_run"), d.get("windows")) == (str(coa), args.windows):
             prev = {(r.get("stock"), r["method"]): r for r in d["rows"]}
             earlier = d.get("earlier_provenance") or d["provenance"]
-            listed = {f"{t.removeprefix('pure:')} pure" if t.startswith("pure:") else t
-                      for t in args.files.split(",") if t}
-            # budgets not asked for this time stay whole, with the provenance of the run that measured them
+            # budgets this invocation has not measured (not asked for, or not reached yet) stay whole, with the
+            # provenance of the run that measured them: an interrupted run still writes every budget
             groups = d.get("kept_budgets") or []  # budgets that result kept from earlier ones, and its own
             own = [g["stock"] for g in d["goal"] if not any(g["stock"] in k["stocks"] for k in groups)]
             groups = [*groups, {"stocks": own, "provenance": d["provenance"],
                                 "earlier_provenance": d.get("earlier_provenance")}]
-            groups = [{**k, "stocks": [t for t in k["stocks"] if t not in listed]} for k in groups]
-            groups = [k for k in groups if k["stocks"]]
-            names = {t for k in groups for t in k["stocks"]}
-            if names:
-                kept = {"goal": [g for g in d["goal"] if g["stock"] in names],
-                        "rows": [{**r, "reused": True} for r in d["rows"] if r.get("stock") in names],
-                        "groups": groups}
+            kept = {"goal": d["goal"], "rows": [{**r, "reused": True} for r in d["rows"] if r.get("stock")],
+                    "groups": [k for k in groups if k["stocks"]]}
 
     def measured(stock, method, model):
         """The previous result's perplexity of this row, if its file is unchanged (same bytes)."""
@@ -187,7 +182,12 @@ def main() -> None:
 
 
 def save(coa, o, args, floor, goal, rows, earlier, kept=None) -> None:
-    if kept:
+    done = {g["stock"] for g in goal}
+    if kept:  # the previous result's budgets this invocation has not measured
+        groups = [{**k, "stocks": [t for t in k["stocks"] if t not in done]} for k in kept["groups"]]
+        kept = {"goal": [g for g in kept["goal"] if g["stock"] not in done],
+                "rows": [r for r in kept["rows"] if r["stock"] not in done],
+                "groups": [k for k in groups if k["stocks"]]}
         goal, rows = sorted(goal + kept["goal"], key=lambda g: -g["budget_bytes"]), rows + kept["rows"]
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1

@@ -1,0 +1,46 @@
+"""bench/imatrix_quality.py's result file: budgets an invocation has not measured (not asked for, or not reached
+when it was interrupted) stay whole from the previous result, with the provenance of the run that measured them."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import imatrix_quality  # noqa: E402
+
+
+def _goal(stock, size, ppl):
+    return {"stock": stock, "budget_bytes": size, "baseline_bpw": 5.0, "baseline_ppl": 22.0, "coalora_bytes": size,
+            "coalora_bpw": 5.0, "coalora_ppl": ppl, "coalora_adapter": "shared", "other_adapter_ppl": ppl + 1,
+            "coalora_vs_baseline": ppl / 22.0 - 1, "coalora_gap_to_floor": ppl / 20.0 - 1, "wins": ppl < 22.0}
+
+
+def _rows(stock, size, ppl):
+    return [{"stock": stock, "method": imatrix_quality.COALORA, "file_bytes": size, "bpw": 5.0, "ppl": ppl}]
+
+
+def test_budgets_not_measured_yet_are_kept_with_their_provenance(tmp_path, monkeypatch):
+    written = {}
+    monkeypatch.setattr(imatrix_quality, "write_results", lambda name, data, md: written.update(data=data, md=md))
+    old, older = {"commit": "a" * 40}, {"commit": "b" * 40}
+    kept = {"goal": [_goal("Q4_0", 300, 21.5), _goal("IQ4_XS", 200, 22.1), _goal("Q8_0", 900, 20.7)],
+            "rows": [{**r, "reused": True} for s, n, p in (("Q4_0", 300, 21.5), ("IQ4_XS", 200, 22.1),
+                                                            ("Q8_0", 900, 20.7)) for r in _rows(s, n, p)],
+            "groups": [{"stocks": ["Q8_0"], "provenance": older}, {"stocks": ["Q4_0", "IQ4_XS"], "provenance": old}]}
+    o = {"steps": 50, "batch": 4, "seq_len": 128, "rank": 8}
+    args = type("A", (), {"windows": 16, "note": ""})()
+    floor_row = {"method": imatrix_quality.FLOOR, "file_bytes": 1000, "bpw": 32.0, "ppl": 20.0}
+    # interrupted after measuring IQ4_XS only: Q4_0 (asked for, not reached) and Q8_0 (not asked for) stay
+    imatrix_quality.save(Path("run"), o, args, 20.0, [_goal("IQ4_XS", 200, 21.4)],
+                         [floor_row, *_rows("IQ4_XS", 200, 21.4)], old, kept)
+    d = written["data"]
+    assert [(g["stock"], g["coalora_ppl"]) for g in d["goal"]] == [("Q8_0", 20.7), ("Q4_0", 21.5), ("IQ4_XS", 21.4)]
+    assert [k["stocks"] for k in d["kept_budgets"]] == [["Q8_0"], ["Q4_0"]]
+    assert [k["provenance"]["commit"][0] for k in d["kept_budgets"]] == ["b", "a"]
+    assert sorted((r.get("stock"), r["ppl"], bool(r.get("reused"))) for r in d["rows"] if r.get("stock")) == [
+        ("IQ4_XS", 21.4, False), ("Q4_0", 21.5, True), ("Q8_0", 20.7, True)]
+    assert "Budgets Q4_0: kept from the result of commit aaaaaaa" in written["md"]
+    json.dumps(d)  # the result file stays JSON
