@@ -30,15 +30,47 @@ def _git_state() -> dict:
 _STARTED = _git_state()  # the code a benchmark runs is the code it started with, whatever is committed meanwhile
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name: timings depend on it, and so do trained weights (float kernels differ by CPU)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def provenance() -> dict:
     """What made a result: the commit the script started at (and whether the tree had changes then), the
-    exact command, the date it finished, and the machine's load then (1, 5 and 15-minute load averages against
-    its CPU count: whether other work shared the machine, which timings depend on)."""
+    exact command, the date it finished, the CPU, and the machine's load then (1, 5 and 15-minute load averages
+    against its CPU count: whether other work shared the machine, which timings depend on)."""
     import datetime
 
     return {**_STARTED, "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_fingerprint(run: Path) -> str:
+    """The sha256 of a trained run's weights and importance matrix: a result measured on one run is reused only
+    for the same run, not for another trained at the same path (training on another CPU gives other weights)."""
+    import hashlib
+
+    parts = [sha256_file(run / n) if (run / n).exists() else "-" for n in ("checkpoint.safetensors", "imatrix.gguf")]
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
 
 def load_sentence(prov: dict) -> str:

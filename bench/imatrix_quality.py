@@ -12,10 +12,10 @@ Protocol (SmolLM2-135M-Instruct dequantized to F32; the five training novels; he
   over the CoA-LoRA run (`coalora train`'s defaults: the anchored recipe, the imatrix), the mix written by
   `coalora convert --recipe CFG --imatrix RUN/imatrix.gguf`, with the adapter `coalora adapter` writes for it
   (generated for the mix, or the run's shared LoRA where the confirmation measured the generated one no better).
-- `--reuse`: rows of the previous result with the same run and windows are kept (their provenance is recorded)
-  when their files are unchanged; the coalora adapter rows are always measured again. Budgets of the previous result
-  that this invocation has not measured (`--files` does not name them, or it has not reached them yet) are kept
-  whole, with the provenance of the run that measured them.
+- `--reuse`: rows of the previous result (same run by content: weights and imatrix; same windows) are kept (their
+  provenance is recorded) when their model and adapter files are the same bytes (sha256); the coalora adapter rows
+  are always measured again. Budgets of the previous result that this invocation has not measured (`--files` does
+  not name them, or it has not reached them yet) are kept whole, with the provenance of the run that measured them.
 - Floor: the F32 model with the full-precision LoRA.
 - Perplexity by llama.cpp (F32 KV cache) on the first --windows windows of 512 tokens of Pride and Prejudice.
 Writes bench/results/imatrix_quality.{md,json}.
@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, cli, llama_quantize, markdown_table, write_results  # noqa: E402
+from bench.common import (RESULTS, cli, llama_quantize, markdown_table, run_fingerprint, sha256_file,  # noqa: E402
+                          write_results)
 from bench.quality import Evaluator  # noqa: E402
 from converters.llama_mixes import NEEDS_IMATRIX  # noqa: E402
 
@@ -99,44 +100,51 @@ def main() -> None:
     ev = Evaluator(f32, args.windows, 512)
     prev, earlier, kept = {}, None, None
     old = RESULTS / "imatrix_quality.json"
+    fingerprint = run_fingerprint(coa)
     if args.reuse and old.exists():
         d = json.loads(old.read_text())
-        if (d.get("coa_run"), d.get("windows")) == (str(coa), args.windows):
-            prev = {(r.get("stock"), r["method"]): r for r in d["rows"]}
-            earlier = d.get("earlier_provenance") or d["provenance"]
-            # budgets this invocation has not measured (not asked for, or not reached yet) stay whole, with the
-            # provenance of the run that measured them: an interrupted run still writes every budget
-            groups = d.get("kept_budgets") or []  # budgets that result kept from earlier ones, and its own
-            own = [g["stock"] for g in d["goal"] if not any(g["stock"] in k["stocks"] for k in groups)]
-            groups = [*groups, {"stocks": own, "provenance": d["provenance"],
-                                "earlier_provenance": d.get("earlier_provenance")}]
-            kept = {"goal": d["goal"], "rows": [{**r, "reused": True} for r in d["rows"] if r.get("stock")],
-                    "groups": [k for k in groups if k["stocks"]]}
+        if (d.get("coa_run_sha256"), d.get("windows")) != (fingerprint, args.windows):
+            sys.exit(f"--reuse: {old} was measured on another run or with other windows; measure without --reuse")
+        prev = {(r.get("stock"), r["method"]): r for r in d["rows"]}
+        earlier = d.get("earlier_provenance") or d["provenance"]
+        # budgets this invocation has not measured (not asked for, or not reached yet) stay whole, with the
+        # provenance of the run that measured them: an interrupted run still writes every budget
+        groups = d.get("kept_budgets") or []  # budgets that result kept from earlier ones, and its own
+        own = [g["stock"] for g in d["goal"] if not any(g["stock"] in k["stocks"] for k in groups)]
+        groups = [*groups, {"stocks": own, "provenance": d["provenance"],
+                            "earlier_provenance": d.get("earlier_provenance")}]
+        kept = {"goal": d["goal"], "rows": [{**r, "reused": True} for r in d["rows"] if r.get("stock")],
+                "groups": [k for k in groups if k["stocks"]]}
 
-    def measured(stock, method, model):
-        """The previous result's perplexity of this row, if its file is unchanged (same bytes)."""
+    def hashes(model, adapter):
+        return {"file_sha256": sha256_file(model), "adapter_sha256": sha256_file(adapter) if adapter else None}
+
+    def measured(stock, method, model, adapter):
+        """The previous result's perplexity of this row, if its model and adapter files are the same bytes."""
         r = prev.get((stock, method))
-        return r["ppl"] if r and r["file_bytes"] == model.stat().st_size else None
+        return r["ppl"] if r and all(r.get(k) == v for k, v in hashes(model, adapter).items()) else None
 
-    floor = measured(None, FLOOR, f32) or ev.ppl(f32, [None, fp_adapter])[1]
+    floor = measured(None, FLOOR, f32, fp_adapter) or ev.ppl(f32, [None, fp_adapter])[1]
     rows = [{"method": FLOOR, "file_bytes": f32.stat().st_size,
-             "bpw": inspect_gguf(f32)["bits_per_weight"], "ppl": floor}]
+             "bpw": inspect_gguf(f32)["bits_per_weight"], "ppl": floor, **hashes(f32, fp_adapter)}]
 
-    def row(stock, method, model, ppl, reused=False):
+    def row(stock, method, model, ppl, adapter, reused=False):
         rows.append({"stock": stock, "method": method, "file_bytes": model.stat().st_size,
-                     "bpw": inspect_gguf(model)["bits_per_weight"], "ppl": ppl, "reused": reused})
+                     "bpw": inspect_gguf(model)["bits_per_weight"], "ppl": ppl, "reused": reused,
+                     **hashes(model, adapter)})
         print(f"  {stock:12s} {method:52s} {model.stat().st_size:>12,d} B  ppl {ppl:.3f}"
               + (" (previous result)" if reused else ""), flush=True)
         return rows[-1]
 
     def ppl(stock, methods, model, adapters):
         """Rows for one model file and several adapters, reusing unchanged previous rows."""
-        got = [measured(stock, m, model) for m in methods]
+        got = [measured(stock, m, model, a) for m, a in zip(methods, adapters)]
         todo = [i for i, v in enumerate(got) if v is None]
         if todo:
             for i, v in zip(todo, ev.ppl(model, [adapters[i] for i in todo])):
                 got[i] = v
-        return [row(stock, m, model, v, reused=i not in todo) for i, (m, v) in enumerate(zip(methods, got))]
+        return [row(stock, m, model, v, adapters[i], reused=i not in todo)
+                for i, (m, v) in enumerate(zip(methods, got))]
 
     goal = []
     kinds = [(t.removeprefix("pure:"), t.startswith("pure:")) for t in args.files.split(",") if t]
@@ -191,8 +199,8 @@ def save(coa, o, args, floor, goal, rows, earlier, kept=None) -> None:
         goal, rows = sorted(goal + kept["goal"], key=lambda g: -g["budget_bytes"]), rows + kept["rows"]
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
-    data = {"coa_run": str(coa), "options": o, "windows": args.windows, "note": args.note, "floor": floor,
-            "goal": goal, "rows": rows}
+    data = {"coa_run": str(coa), "coa_run_sha256": run_fingerprint(coa), "options": o, "windows": args.windows,
+            "note": args.note, "floor": floor, "goal": goal, "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
     if kept:

@@ -13,8 +13,8 @@ Protocol (fixed; one run of this script produces every number):
   adapter and with the shared LoRA (the better of the two is the rung's reference), the searched file with the
   adapter the search picked. Perplexity by llama.cpp (llama-cpp-python, CPU, F32 KV cache) on held-out
   *Pride and Prejudice*, the first W windows of 512 tokens.
-- `--merge`: the rungs of the previous result (same run, imatrix, windows and confirmation) that this invocation
-  does not measure are kept, each with the commit and date that measured it, so a ladder can be measured in parts.
+- `--merge`: the rungs of the previous result (same run by content, imatrix, windows and confirmation) that this
+  invocation does not measure are kept, each with the commit and date that measured it, so a ladder can be measured in parts.
 Writes bench/results/ladder.{md,json,png}.
 
 Usage: .venv/bin/python bench/ladder.py --run RUN [--windows 16] [--confirm 2] [--confirm-windows 16]
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, markdown_table, perplexity_plot, write_results  # noqa: E402
+from bench.common import RESULTS, markdown_table, perplexity_plot, run_fingerprint, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -83,7 +83,8 @@ def main() -> None:
     unknown = set(wanted) - {t for _, t in ladder[:-1]}
     if unknown:
         sys.exit(f"--rungs: {', '.join(sorted(unknown))} not among the rungs below the top")
-    protocol = {"run": str(run.path), "imatrix_sha256": run.meta.get("imatrix_sha256"), "windows": args.windows,
+    protocol = {"run": str(run.path), "run_sha256": run_fingerprint(run.path),
+                "imatrix_sha256": run.meta.get("imatrix_sha256"), "windows": args.windows,
                 "confirm": args.confirm, "confirm_windows": args.confirm_windows}
     kept = previous_rows(protocol, {t for _, t in ladder[:-1] if not wanted or t in wanted}) if args.merge else []
     ev = None

@@ -44,3 +44,18 @@ def test_budgets_not_measured_yet_are_kept_with_their_provenance(tmp_path, monke
         ("IQ4_XS", 21.4, False), ("Q4_0", 21.5, True), ("Q8_0", 20.7, True)]
     assert "Budgets Q4_0: kept from the result of commit aaaaaaa" in written["md"]
     json.dumps(d)  # the result file stays JSON
+
+
+def test_run_fingerprint_follows_the_weights_not_the_path(tmp_path):
+    from bench.common import run_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run, weights in ((a, b"w1"), (b, b"w1")):
+        run.mkdir()
+        (run / "checkpoint.safetensors").write_bytes(weights)
+        (run / "imatrix.gguf").write_bytes(b"im")
+    assert run_fingerprint(a) == run_fingerprint(b)
+    (b / "checkpoint.safetensors").write_bytes(b"w2")  # retrained elsewhere: same path, other weights
+    assert run_fingerprint(a) != run_fingerprint(b)
+    (a / "imatrix.gguf").unlink()
+    assert run_fingerprint(a) != run_fingerprint(tmp_path / "b")
