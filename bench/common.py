@@ -54,20 +54,12 @@ def provenance() -> dict:
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_fingerprint(run: Path) -> str:
     """The sha256 of a trained run's weights and importance matrix: a result measured on one run is reused only
     for the same run, not for another trained at the same path (training on another CPU gives other weights)."""
     import hashlib
+
+    from converters.fileio import sha256_file
 
     parts = [sha256_file(run / n) if (run / n).exists() else "-" for n in ("checkpoint.safetensors", "imatrix.gguf")]
     return hashlib.sha256(" ".join(parts).encode()).hexdigest()

@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (RESULTS, cli, llama_quantize, markdown_table, run_fingerprint, sha256_file,  # noqa: E402
-                          write_results)
+from bench.common import RESULTS, cli, llama_quantize, markdown_table, run_fingerprint, write_results  # noqa: E402
+from converters.fileio import sha256_file  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
 from converters.llama_mixes import NEEDS_IMATRIX  # noqa: E402
 

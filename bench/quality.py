@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (RESULTS, cli, llama_quantize, markdown_table, peak_child_rss_mb,  # noqa: E402
                           perplexity_plot, provenance, stock_with_imatrix, write_results)
+from converters.fileio import sha256_file  # noqa: E402
 
 STOCK = ("Q8_0", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0")
 BUDGET_FROM = ("Q8_0", "Q5_0", "Q4_0")
@@ -83,11 +84,7 @@ class Evaluator:
 
     @functools.cache
     def _sha256_of(self, path: Path, size: int, mtime_ns: int) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(path)
 
     def _sha256(self, path: Path) -> str:
         """The file's content hash (computed once per path, size and mtime): the same bytes in another seed's
