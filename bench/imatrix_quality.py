@@ -33,7 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, cli, llama_quantize, markdown_table, run_fingerprint, write_results  # noqa: E402
-from converters.fileio import sha256_file  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
 from converters.llama_mixes import NEEDS_IMATRIX  # noqa: E402
 
@@ -116,8 +115,8 @@ def main() -> None:
         kept = {"goal": d["goal"], "rows": [{**r, "reused": True} for r in d["rows"] if r.get("stock")],
                 "groups": [k for k in groups if k["stocks"]]}
 
-    def hashes(model, adapter):
-        return {"file_sha256": sha256_file(model), "adapter_sha256": sha256_file(adapter) if adapter else None}
+    def hashes(model, adapter):  # the evaluator hashes each file once per path, size and mtime
+        return {"file_sha256": ev._sha256(model), "adapter_sha256": ev._sha256(adapter) if adapter else None}
 
     def measured(stock, method, model, adapter):
         """The previous result's perplexity of this row, if its model and adapter files are the same bytes."""
@@ -186,10 +185,10 @@ def main() -> None:
                      "coalora_vs_baseline": q_coa / p_base - 1, "coalora_gap_to_floor": q_coa / floor - 1,
                      "imatrix_helps_with_adapter": None if plain_row is None else p_base < plain_row["ppl"],
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget})
-        save(coa, o, args, floor, goal, rows, earlier, kept)  # after every budget: an interrupted run keeps its rows
+        save(coa, o, args, floor, goal, rows, earlier, kept, fingerprint)  # after every budget: an interrupted run keeps its rows
 
 
-def save(coa, o, args, floor, goal, rows, earlier, kept=None) -> None:
+def save(coa, o, args, floor, goal, rows, earlier, kept=None, fingerprint=None) -> None:
     done = {g["stock"] for g in goal}
     if kept:  # the previous result's budgets this invocation has not measured
         groups = [{**k, "stocks": [t for t in k["stocks"] if t not in done]} for k in kept["groups"]]
@@ -199,7 +198,7 @@ def save(coa, o, args, floor, goal, rows, earlier, kept=None) -> None:
         goal, rows = sorted(goal + kept["goal"], key=lambda g: -g["budget_bytes"]), rows + kept["rows"]
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
-    data = {"coa_run": str(coa), "coa_run_sha256": run_fingerprint(coa), "options": o, "windows": args.windows,
+    data = {"coa_run": str(coa), "coa_run_sha256": fingerprint or run_fingerprint(coa), "options": o, "windows": args.windows,
             "note": args.note, "floor": floor, "goal": goal, "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
