@@ -252,7 +252,7 @@ def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setu
 def test_confirmation_measures_more_windows_when_undecided(setup):
     """A candidate ahead of the largest llama.cpp file by between one and two standard errors is not dismissed on
     the windows at hand: every candidate is measured again on more windows and the rule applied to those (the
-    IQ4_XS budget of bench/results/imatrix_quality.md kept llama.cpp's file on 1.9 standard errors)."""
+    IQ4_XS budget of bench/results/imatrix_quality-session22.md kept llama.cpp's file on 1.9 standard errors)."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
     uniform = layout.uniform("Q4_K")
