@@ -39,7 +39,8 @@ from converters.llama_mixes import NEEDS_IMATRIX  # noqa: E402
 # llama.cpp file types from about 8.5 down to about 3.5 bits per weight (on SmolLM2's 576-wide rows the
 # 256-block types fall back on most matrices, so the measured bits per weight are in the table)
 STOCK = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "IQ3_M")
-PURE = ("IQ4_NL", "IQ3_S", "IQ2_S")  # llama.cpp's pure files (file types: IQ2_S's tensors are IQ2_XS): 4.5, 4.29, 4.07 bpw
+# llama.cpp's pure files (file types: IQ2_S's tensors are IQ2_XS): 4.5, 4.29, 4.07 bpw
+PURE = ("IQ4_NL", "IQ3_S", "IQ2_S")
 
 
 FLOOR = "F32 + full-precision LoRA (floor)"
@@ -116,7 +117,7 @@ def main() -> None:
                 "groups": [k for k in groups if k["stocks"]]}
 
     def hashes(model, adapter):  # the evaluator hashes each file once per path, size and mtime
-        return {"file_sha256": ev._sha256(model), "adapter_sha256": ev._sha256(adapter) if adapter else None}
+        return {"file_sha256": ev.sha256(model), "adapter_sha256": ev.sha256(adapter) if adapter else None}
 
     def measured(stock, method, model, adapter):
         """The previous result's perplexity of this row, if its model and adapter files are the same bytes."""
@@ -185,7 +186,8 @@ def main() -> None:
                      "coalora_vs_baseline": q_coa / p_base - 1, "coalora_gap_to_floor": q_coa / floor - 1,
                      "imatrix_helps_with_adapter": None if plain_row is None else p_base < plain_row["ppl"],
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget})
-        save(coa, o, args, floor, goal, rows, earlier, kept, fingerprint)  # after every budget: an interrupted run keeps its rows
+        # after every budget: an interrupted run keeps its rows
+        save(coa, o, args, floor, goal, rows, earlier, kept, fingerprint)
 
 
 def save(coa, o, args, floor, goal, rows, earlier, kept=None, fingerprint=None) -> None:
@@ -198,8 +200,8 @@ def save(coa, o, args, floor, goal, rows, earlier, kept=None, fingerprint=None) 
         goal, rows = sorted(goal + kept["goal"], key=lambda g: -g["budget_bytes"]), rows + kept["rows"]
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
-    data = {"coa_run": str(coa), "coa_run_sha256": fingerprint or run_fingerprint(coa), "options": o, "windows": args.windows,
-            "note": args.note, "floor": floor, "goal": goal, "rows": rows}
+    data = {"coa_run": str(coa), "coa_run_sha256": fingerprint or run_fingerprint(coa), "options": o,
+            "windows": args.windows, "note": args.note, "floor": floor, "goal": goal, "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
     if kept:

@@ -80,13 +80,13 @@ class Evaluator:
                                               ).hexdigest()
 
     def _key(self, model: Path, adapter: Path | None) -> str:
-        return json.dumps([[self._sha256(f) if f else None for f in (Path(model), adapter)], self._windows_id])
+        return json.dumps([[self.sha256(f) if f else None for f in (Path(model), adapter)], self._windows_id])
 
     @functools.cache
     def _sha256_of(self, path: Path, size: int, mtime_ns: int) -> str:
         return sha256_file(path)
 
-    def _sha256(self, path: Path) -> str:
+    def sha256(self, path: Path) -> str:
         """The file's content hash (computed once per path, size and mtime): the same bytes in another seed's
         folder are measured once."""
         st = path.stat()
