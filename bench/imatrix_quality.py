@@ -187,10 +187,10 @@ def main() -> None:
                      "imatrix_helps_with_adapter": None if plain_row is None else p_base < plain_row["ppl"],
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget})
         # after every budget: an interrupted run keeps its rows
-        save(coa, o, args, floor, goal, rows, earlier, kept, fingerprint)
+        save(coa, fingerprint, o, args, floor, goal, rows, earlier, kept)
 
 
-def save(coa, o, args, floor, goal, rows, earlier, kept=None, fingerprint=None) -> None:
+def save(coa, fingerprint, o, args, floor, goal, rows, earlier, kept=None) -> None:
     done = {g["stock"] for g in goal}
     if kept:  # the previous result's budgets this invocation has not measured
         groups = [{**k, "stocks": [t for t in k["stocks"] if t not in done]} for k in kept["groups"]]
@@ -200,7 +200,7 @@ def save(coa, o, args, floor, goal, rows, earlier, kept=None, fingerprint=None) 
         goal, rows = sorted(goal + kept["goal"], key=lambda g: -g["budget_bytes"]), rows + kept["rows"]
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
-    data = {"coa_run": str(coa), "coa_run_sha256": fingerprint or run_fingerprint(coa), "options": o,
+    data = {"coa_run": str(coa), "coa_run_sha256": fingerprint, "options": o,
             "windows": args.windows, "note": args.note, "floor": floor, "goal": goal, "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured

@@ -34,9 +34,10 @@ def test_budgets_not_measured_yet_are_kept_with_their_provenance(tmp_path, monke
     args = type("A", (), {"windows": 16, "note": ""})()
     floor_row = {"method": imatrix_quality.FLOOR, "file_bytes": 1000, "bpw": 32.0, "ppl": 20.0}
     # interrupted after measuring IQ4_XS only: Q4_0 (asked for, not reached) and Q8_0 (not asked for) stay
-    imatrix_quality.save(Path("run"), o, args, 20.0, [_goal("IQ4_XS", 200, 21.4)],
+    imatrix_quality.save(Path("run"), "f" * 64, o, args, 20.0, [_goal("IQ4_XS", 200, 21.4)],
                          [floor_row, *_rows("IQ4_XS", 200, 21.4)], old, kept)
     d = written["data"]
+    assert d["coa_run_sha256"] == "f" * 64
     assert [(g["stock"], g["coalora_ppl"]) for g in d["goal"]] == [("Q8_0", 20.7), ("Q4_0", 21.5), ("IQ4_XS", 21.4)]
     assert [k["stocks"] for k in d["kept_budgets"]] == [["Q8_0"], ["Q4_0"]]
     assert [k["provenance"]["commit"][0] for k in d["kept_budgets"]] == ["b", "a"]
