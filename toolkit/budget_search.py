@@ -100,6 +100,15 @@ def _pessimistic(sur: Surrogate, cfgs: Sequence[Configuration], kappa: float = 1
 
 
 CONFIRM_Z = 2.0  # standard errors by which a confirmed candidate must beat the largest llama.cpp file that fits
+# Nats per token (about 0.5% perplexity) by which it must beat it too, and a generated adapter the shared LoRA:
+# a smaller gain, however many standard errors on the training text, did not carry over to held-out text.
+MIN_GAIN = 0.005
+
+
+def _clearly_better(mean: float, se: float | None) -> bool:
+    """Whether a paired difference (candidate minus reference, nats) is a gain by ``CONFIRM_Z`` standard errors
+    and by at least ``MIN_GAIN``."""
+    return mean < -max(MIN_GAIN, CONFIRM_Z * (se or 0.0))
 
 
 def best_configuration(layout: ModelLayout, archive: Archive | None, budget_bytes: int,
@@ -116,16 +125,18 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     best; ``mixes`` (file type -> configuration: llama-quantize's own mixes such as Q4_K_M) join the candidates
     and, like the uniform files, count as llama.cpp's files. With per-window losses another candidate (a mix of
     coalora's, or another llama.cpp file) replaces the largest llama.cpp file that fits only when it
-    is better by ``CONFIRM_Z`` standard errors of the paired difference; of those, the best measured is kept.
+    is better by ``CONFIRM_Z`` standard errors of the paired difference and by ``MIN_GAIN``; of those, the best
+    measured is kept.
     The other llama.cpp file measured is the one of least error in ``errors`` (the best-ranked without them).
     ``evaluate_shared`` (the same with the shared LoRA instead of each configuration's generated adapter)
     measures every candidate once more: each keeps its generated adapter only when it is better than the shared
-    LoRA by ``CONFIRM_Z`` standard errors (at high bits the configuration's adjustment is about zero and its noise
-    did not carry over to other text), and the candidates are compared with the adapters they keep, so that a
+    LoRA by ``CONFIRM_Z`` standard errors and ``MIN_GAIN`` (at high bits the configuration's adjustment is about
+    zero and its noise did not carry over to other text), and the candidates are compared with the adapters they keep, so that a
     file is never chosen on one adapter and shipped with the other.
     ``evaluate_more`` / ``evaluate_shared_more``: the same on more windows (whose first ones are the windows
-    measured before). When a candidate is ahead of the largest llama.cpp file by between one and ``CONFIRM_Z``
-    standard errors, every candidate is measured again on those windows and the rule applied to them (once).
+    measured before). When a candidate is ahead of the largest llama.cpp file by ``MIN_GAIN`` and by between one and
+    ``CONFIRM_Z`` standard errors, every candidate is measured again on those windows and the rule applied to them
+    (once).
     Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -203,7 +214,7 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
                 real, adapters, rows, k, _ = more
         best_cfg, best_src, best_score = top[k]
         measured = float(real[k].mean())
-        confirmation = {"windows": int(len(real[0])), "z": CONFIRM_Z, "candidates": rows,
+        confirmation = {"windows": int(len(real[0])), "z": CONFIRM_Z, "min_gain": MIN_GAIN, "candidates": rows,
                         "uniform": uniforms[uni[0][0]] if uni else None}
         if extended_from is not None:
             confirmation["extended_from_windows"] = extended_from
@@ -220,7 +231,7 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
 def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, evaluate_shared: Callable | None):
     """Measure the candidates ``top`` (``u``: the index of the largest llama.cpp file) and apply the confirmation
     rule: (per-candidate loss arrays, adapter choices or None, table rows, index picked, whether a candidate is
-    ahead of the largest file by between one and ``CONFIRM_Z`` standard errors)."""
+    ahead of the largest file by ``MIN_GAIN`` and by between one and ``CONFIRM_Z`` standard errors)."""
     cfgs = [c for c, _, _ in top]
     real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate(cfgs)]
     adapters = None
@@ -239,14 +250,13 @@ def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, 
     if u is not None:
         for row, r in zip(rows, real):
             row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
-        # Per-window losses: leave the largest llama.cpp file only for a candidate better by CONFIRM_Z
-        # standard errors of the paired difference (smaller differences did not carry over to other text);
-        # of those, the best measured.
-        ahead = [i for i, row in enumerate(rows)
-                 if i == u or row["vs_uniform"] < -CONFIRM_Z * (row["vs_uniform_se"] or 0.0)]
+        # Per-window losses: leave the largest llama.cpp file only for a candidate clearly better (smaller
+        # differences did not carry over to other text); of those, the best measured. More windows can settle
+        # a gain of MIN_GAIN or more inside CONFIRM_Z standard errors, not a smaller one.
+        ahead = [i for i, row in enumerate(rows) if i == u or _clearly_better(row["vs_uniform"], row["vs_uniform_se"])]
         k = min(ahead, key=lambda i: real[i].mean())
-        undecided = any(i not in ahead and row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
-                        for i, row in enumerate(rows))
+        undecided = any(i not in ahead and row["vs_uniform_se"]
+                        and row["vs_uniform"] < -max(MIN_GAIN, row["vs_uniform_se"]) for i, row in enumerate(rows))
     for i, row in enumerate(rows):
         row["picked"] = i == k
     return real, adapters, rows, k, undecided
@@ -254,11 +264,11 @@ def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, 
 
 def _generated_or_shared(generated, shared) -> dict:
     """The paired comparison of a configuration's generated adapter with the shared LoRA on the same windows;
-    ``generated``: whether the generated adapter is better by ``CONFIRM_Z`` standard errors."""
+    ``generated``: whether the generated adapter is better by ``CONFIRM_Z`` standard errors and ``MIN_GAIN``."""
     generated = np.atleast_1d(np.asarray(generated, dtype=float))
     shared = np.atleast_1d(np.asarray(shared, dtype=float))
     mean, se = _paired(generated, shared)
-    keep = bool(mean < 0 if se is None else mean < -CONFIRM_Z * se)
+    keep = _clearly_better(mean, se)
     return {"generated_loss": float(generated.mean()), "shared_loss": float(shared.mean()),
             "vs_shared": mean, "vs_shared_se": se, "generated": keep}
 

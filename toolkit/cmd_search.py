@@ -101,7 +101,8 @@ def confirmation_table(conf: dict):
     more = (f" (measured again after {conf['extended_from_windows']}: a candidate was ahead by less)"
             if conf.get("extended_from_windows") else "")
     t = Table(title=f"confirmation on {conf['windows']} held-out windows{more}: a mix replaces {uniform} only "
-                    f"when better by {conf['z']:g} standard errors")
+                    f"when better by {conf['z']:g} standard errors"
+                    + (f" and {conf['min_gain']:g} nats" if conf.get("min_gain") else ""))
     for col in ("candidate", "file bytes", "bpw", "adapter", "held-out loss", f"vs {conf['uniform'] or '-'}", "picked"):
         t.add_column(col)
     for r in conf["candidates"]:
