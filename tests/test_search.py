@@ -271,7 +271,34 @@ def test_confirmation_needs_a_minimum_gain_over_the_uniform_file(setup, gain, ke
     res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=per_window(32),
                              n_confirm=2, evaluate_more=per_window(64))
     assert (res.cfg == uniform) == keeps_uniform
-    assert asked == [32] and res.confirmation["min_gain"] == MIN_GAIN  # more windows cannot raise the gain
+    # tens of standard errors: more windows cannot move the gain across MIN_GAIN
+    assert asked == [32] and res.confirmation["min_gain"] == MIN_GAIN
+
+
+def test_confirmation_measures_more_windows_for_a_gain_just_below_the_minimum(setup):
+    """A candidate 1.4 standard errors ahead with a gain just under MIN_GAIN on 32 windows is measured again (the
+    pure-IQ4_NL budget of the 200-step imatrix_quality run: 0.0049 +- 0.0034 nats on 32 windows, 0.0081 +- 0.0023
+    on 64, and 1.4% better on Pride and Prejudice than the uniform file)."""
+    layout, errors, sens = setup
+    archive = _archived(layout, errors, sens)
+    uniform = layout.uniform("Q4_K")
+    noise = np.random.default_rng(0).normal(0.0, 0.02, size=32)
+    noise -= noise.mean()
+    se32 = noise.std(ddof=1) / math.sqrt(32)
+    gain = {32: 0.0045, 64: 0.008}
+    assert se32 < gain[32] < MIN_GAIN < gain[32] + se32
+    asked = []
+
+    def per_window(n):
+        def measure(cfgs):
+            asked.append(n)
+            base, d = np.linspace(3.0, 3.5, n), np.resize(noise, n)
+            return [base if c == uniform else base - gain[n] + d for c in cfgs]
+        return measure
+
+    res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=per_window(32),
+                             n_confirm=2, evaluate_more=per_window(64))
+    assert asked == [32, 64] and res.cfg != uniform and res.confirmation["extended_from_windows"] == 32
 
 
 def test_confirmation_measures_more_windows_when_undecided(setup):
@@ -312,13 +339,12 @@ def test_confirmation_measures_more_windows_when_undecided(setup):
     console = Console(width=400, record=True)
     console.print(confirmation_table(dict(without.confirmation, windows=64, extended_from_windows=32)))
     assert "confirmation on 64 held-out windows (measured again after 32" in console.export_text()
-    asked.clear()  # clearly ahead, clearly not, or ahead by less than MIN_GAIN nats: no second measurement
-    assert se32 < 0.004 < min(MIN_GAIN, 2 * se32)
-    for g in (0.05, 0.0, 0.004):
+    asked.clear()  # clearly ahead, or clearly not: no second measurement
+    for g in (0.05, 0.0):
         gain = g
         best_configuration(layout, archive, budget, errors=errors, evaluate=per_window(32), n_confirm=2,
                            evaluate_more=per_window(64))
-    assert asked == [32, 32, 32]
+    assert asked == [32, 32]
 
 
 @pytest.mark.parametrize("gain, scale, generated", [(0.001, 0.02, False), (-0.01, 0.02, False), (0.05, 0.02, True),

@@ -134,9 +134,9 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     zero and its noise did not carry over to other text), and the candidates are compared with the adapters they keep, so that a
     file is never chosen on one adapter and shipped with the other.
     ``evaluate_more`` / ``evaluate_shared_more``: the same on more windows (whose first ones are the windows
-    measured before). When a candidate is ahead of the largest llama.cpp file by ``MIN_GAIN`` and by between one and
-    ``CONFIRM_Z`` standard errors, every candidate is measured again on those windows and the rule applied to them
-    (once).
+    measured before). When a candidate is ahead of the largest llama.cpp file by between one and ``CONFIRM_Z``
+    standard errors, and its gain is within one standard error of ``MIN_GAIN`` or above it, every candidate is
+    measured again on those windows and the rule applied to them (once).
     Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -231,7 +231,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
 def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, evaluate_shared: Callable | None):
     """Measure the candidates ``top`` (``u``: the index of the largest llama.cpp file) and apply the confirmation
     rule: (per-candidate loss arrays, adapter choices or None, table rows, index picked, whether a candidate is
-    ahead of the largest file by ``MIN_GAIN`` and by between one and ``CONFIRM_Z`` standard errors)."""
+    ahead of the largest file by between one and ``CONFIRM_Z`` standard errors, with a gain not clearly below
+    ``MIN_GAIN``)."""
     cfgs = [c for c, _, _ in top]
     real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate(cfgs)]
     adapters = None
@@ -251,12 +252,13 @@ def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, 
         for row, r in zip(rows, real):
             row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
         # Per-window losses: leave the largest llama.cpp file only for a candidate clearly better (smaller
-        # differences did not carry over to other text); of those, the best measured. More windows can settle
-        # a gain of MIN_GAIN or more inside CONFIRM_Z standard errors, not a smaller one.
+        # differences did not carry over to other text); of those, the best measured. Undecided: a candidate
+        # ahead by more than one standard error whose gain is within one standard error of MIN_GAIN or above it
+        # (more windows may confirm it; with a gain clearly below MIN_GAIN they cannot).
         ahead = [i for i, row in enumerate(rows) if i == u or _clearly_better(row["vs_uniform"], row["vs_uniform_se"])]
         k = min(ahead, key=lambda i: real[i].mean())
-        undecided = any(i not in ahead and row["vs_uniform_se"]
-                        and row["vs_uniform"] < -max(MIN_GAIN, row["vs_uniform_se"]) for i, row in enumerate(rows))
+        undecided = any(i not in ahead and row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
+                        and row["vs_uniform"] - row["vs_uniform_se"] < -MIN_GAIN for i, row in enumerate(rows))
     for i, row in enumerate(rows):
         row["picked"] = i == k
     return real, adapters, rows, k, undecided
