@@ -249,6 +249,16 @@ def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setu
         assert res.measured_loss < float(np.linspace(3.0, 3.5, 32).mean())
 
 
+def _measure_vs(uniform, noise, gain, asked, n):
+    """Per-window losses on ``n`` windows: ``uniform`` on a ramp, every other candidate ``gain()`` nats lower plus
+    ``noise`` (repeated to ``n`` windows); ``asked`` records each call's window count."""
+    def measure(cfgs):
+        asked.append(n)
+        base, d = np.linspace(3.0, 3.5, n), np.resize(noise, n)
+        return [base if c == uniform else base - gain() + d for c in cfgs]
+    return measure
+
+
 @pytest.mark.parametrize("gain, keeps_uniform", [(0.004, True), (0.0075, False)])
 def test_confirmation_needs_a_minimum_gain_over_the_uniform_file(setup, gain, keeps_uniform):
     """A mix ahead of the largest llama.cpp file by many standard errors but less than MIN_GAIN nats does not
@@ -259,14 +269,10 @@ def test_confirmation_needs_a_minimum_gain_over_the_uniform_file(setup, gain, ke
     uniform = layout.uniform("Q4_K")
     noise = np.random.default_rng(3).normal(0.0, 0.0005, size=32)  # se ~ 0.0001: tens of standard errors
     noise -= noise.mean()
-    base = np.linspace(3.0, 3.5, 32)
     asked = []
 
     def per_window(n):
-        def measure(cfgs):
-            asked.append(n)
-            return [np.resize(base, n) if c == uniform else np.resize(base - gain + noise, n) for c in cfgs]
-        return measure
+        return _measure_vs(uniform, noise, lambda: gain, asked, n)
 
     res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=per_window(32),
                              n_confirm=2, evaluate_more=per_window(64))
@@ -290,11 +296,7 @@ def test_confirmation_measures_more_windows_for_a_gain_just_below_the_minimum(se
     asked = []
 
     def per_window(n):
-        def measure(cfgs):
-            asked.append(n)
-            base, d = np.linspace(3.0, 3.5, n), np.resize(noise, n)
-            return [base if c == uniform else base - gain[n] + d for c in cfgs]
-        return measure
+        return _measure_vs(uniform, noise, lambda: gain[n], asked, n)
 
     res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=per_window(32),
                              n_confirm=2, evaluate_more=per_window(64))
@@ -315,11 +317,7 @@ def test_confirmation_measures_more_windows_when_undecided(setup):
     asked = []
 
     def per_window(n):
-        def measure(cfgs):
-            asked.append(n)
-            base, d = np.linspace(3.0, 3.5, n), np.resize(noise, n)
-            return [base if c == uniform else base - gain + d for c in cfgs]
-        return measure
+        return _measure_vs(uniform, noise, lambda: gain, asked, n)
 
     budget = layout.file_bytes(uniform)
     res = best_configuration(layout, archive, budget, errors=errors, evaluate=per_window(32), n_confirm=2,

@@ -131,8 +131,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     ``evaluate_shared`` (the same with the shared LoRA instead of each configuration's generated adapter)
     measures every candidate once more: each keeps its generated adapter only when it is better than the shared
     LoRA by ``CONFIRM_Z`` standard errors and ``MIN_GAIN`` (at high bits the configuration's adjustment is about
-    zero and its noise did not carry over to other text), and the candidates are compared with the adapters they keep, so that a
-    file is never chosen on one adapter and shipped with the other.
+    zero and its noise did not carry over to other text), and the candidates are compared with the adapters they
+    keep, so that a file is never chosen on one adapter and shipped with the other.
     ``evaluate_more`` / ``evaluate_shared_more``: the same on more windows (whose first ones are the windows
     measured before). When a candidate is ahead of the largest llama.cpp file by between one and ``CONFIRM_Z``
     standard errors, and its gain is within one standard error of ``MIN_GAIN`` or above it, every candidate is
@@ -255,7 +255,8 @@ def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, 
         # differences did not carry over to other text); of those, the best measured. Undecided: a candidate
         # ahead by more than one standard error whose gain is within one standard error of MIN_GAIN or above it
         # (more windows may confirm it; with a gain clearly below MIN_GAIN they cannot).
-        ahead = [i for i, row in enumerate(rows) if i == u or _clearly_better(row["vs_uniform"], row["vs_uniform_se"])]
+        ahead = [i for i, row in enumerate(rows)
+                 if i == u or _clearly_better(row["vs_uniform"], row["vs_uniform_se"])]
         k = min(ahead, key=lambda i: real[i].mean())
         undecided = any(i not in ahead and row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
                         and row["vs_uniform"] - row["vs_uniform_se"] < -MIN_GAIN for i, row in enumerate(rows))
