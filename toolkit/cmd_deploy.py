@@ -60,9 +60,10 @@ def register(cli):
                   help="As `coalora search --confirm`: measure the best N candidates, the best archived one, "
                        "the largest llama.cpp file that fits (uniform or a llama-quantize mix) and the other one of "
                        "least quantization error, each with its generated adapter and the shared LoRA; another "
-                       "candidate replaces the largest file only when better by two standard errors, each with the "
-                       "adapter it keeps, and all are measured again on twice the windows when one is ahead by "
-                       "between one and two (0: the surrogate's pick, unmeasured).")
+                       "candidate replaces the largest file only when better by two standard errors and 0.005 nats "
+                       "per token, each with the adapter it keeps (the generated one only when it beats the shared "
+                       "LoRA by the same margins), and all are measured again on twice the windows when one is "
+                       "ahead by between one and two (0: the surrogate's pick, unmeasured).")
     @click.option("--confirm-windows", default=16, show_default=True,
                   help="Held-out windows of the training data each confirmation candidate is measured on.")
     @click.option("--json", "as_json", is_flag=True)

@@ -44,10 +44,11 @@ def register(cli):
                        "that fits: a uniform type or a llama-quantize mix such as Q4_K_M, and the other one of least "
                        "quantization error) with the run's model, each with its generated adapter and with the "
                        "shared LoRA (about 8 s each on 2 cores); each keeps its generated adapter only when it is "
-                       "better than the shared LoRA by two standard errors, and another candidate, with the adapter "
-                       "it keeps, replaces the largest file only when better by two standard errors of the "
-                       "per-window difference; when one is ahead by between one and two, all are measured again "
-                       "on twice the windows.")
+                       "better than the shared LoRA by two standard errors and 0.005 nats per token, and another "
+                       "candidate, with the adapter it keeps, replaces the largest file only when better by two "
+                       "standard errors of the per-window difference and 0.005 nats; when one is ahead by between "
+                       "one and two with a gain within one standard error of 0.005 or above, all are measured "
+                       "again on twice the windows.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
                   help="Held-out windows of the training text each confirmation is measured on.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
