@@ -249,6 +249,13 @@ def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setu
         assert res.measured_loss < float(np.linspace(3.0, 3.5, 32).mean())
 
 
+def _centred_noise(seed: int, scale: float, n: int = 32):
+    """Per-window differences of mean zero and their standard error."""
+    noise = np.random.default_rng(seed).normal(0.0, scale, size=n)
+    noise -= noise.mean()
+    return noise, noise.std(ddof=1) / math.sqrt(n)
+
+
 def _measure_vs(uniform, noise, gain, asked, n):
     """Per-window losses on ``n`` windows: ``uniform`` on a ramp, every other candidate ``gain()`` nats lower plus
     ``noise`` (repeated to ``n`` windows); ``asked`` records each call's window count."""
@@ -267,8 +274,7 @@ def test_confirmation_needs_a_minimum_gain_over_the_uniform_file(setup, gain, ke
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
     uniform = layout.uniform("Q4_K")
-    noise = np.random.default_rng(3).normal(0.0, 0.0005, size=32)  # se ~ 0.0001: tens of standard errors
-    noise -= noise.mean()
+    noise, _ = _centred_noise(3, 0.0005)  # se ~ 0.0001: tens of standard errors
     asked = []
 
     def per_window(n):
@@ -288,9 +294,7 @@ def test_confirmation_measures_more_windows_for_a_gain_just_below_the_minimum(se
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
     uniform = layout.uniform("Q4_K")
-    noise = np.random.default_rng(0).normal(0.0, 0.02, size=32)
-    noise -= noise.mean()
-    se32 = noise.std(ddof=1) / math.sqrt(32)
+    noise, se32 = _centred_noise(0, 0.02)
     gain = {32: 0.0045, 64: 0.008}
     assert se32 < gain[32] < MIN_GAIN < gain[32] + se32
     asked = []
@@ -310,9 +314,7 @@ def test_confirmation_measures_more_windows_when_undecided(setup):
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
     uniform = layout.uniform("Q4_K")
-    noise = np.random.default_rng(0).normal(0.0, 0.02, size=32)
-    noise -= noise.mean()
-    se32 = noise.std(ddof=1) / math.sqrt(32)
+    noise, se32 = _centred_noise(0, 0.02)
     gain = 1.8 * se32  # 1.8 standard errors on 32 windows; about 2.5 on the same differences twice over
     asked = []
 
