@@ -347,6 +347,64 @@ def test_confirmation_measures_more_windows_when_undecided(setup):
     assert asked == [32, 32]
 
 
+@pytest.mark.parametrize("gain, kl_gap, picked", [(0.002, 0.0007, True), (0.002, 0.0, False), (-0.001, 0.0007, False)])
+def test_fidelity_rule_trusts_a_small_gain_of_bytes_closer_to_the_unquantized_model(setup, gain, kl_gap, picked):
+    """A gain below MIN_GAIN replaces the largest llama.cpp file when, with the shared LoRA on both, the candidate
+    is also closer to the unquantized model: KL divergence lower by CONFIRM_Z standard errors (SmolLM2, 200-step
+    run: Q5_1 layers + Q8_0 embedding, 0.0042 +- 0.0018 nats ahead of uniform Q8_0 on the training text, KL
+    0.0026 against 0.0032, and ahead on Pride and Prejudice). Not without the KL gap, nor with a higher loss."""
+    layout, errors, sens = setup
+    archive = _archived(layout, errors, sens)
+    uniform = layout.uniform("Q4_K")
+    noise, _ = _centred_noise(3, 0.0005)
+    kl_noise, kl_se = _centred_noise(4, 0.0005)
+    assert abs(gain) < MIN_GAIN and (kl_gap == 0 or kl_gap > CONFIRM_Z * kl_se)
+    asked = []
+    loss = _measure_vs(uniform, noise, lambda: gain, asked, 32)
+
+    def divergence(cfgs):
+        return [np.full(32, 0.003) if c == uniform else 0.003 - kl_gap + kl_noise for c in cfgs]
+
+    res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=loss,
+                             n_confirm=2, evaluate_shared=loss, divergence=divergence)
+    assert (res.cfg != uniform) == picked and not res.adjusted
+    rows = res.confirmation["candidates"]
+    assert all(r["kl"] == pytest.approx(0.003 if r["uniform"] else 0.003 - kl_gap) for r in rows)
+    assert any(r.get("fidelity") for r in rows) == picked
+    from rich.console import Console
+
+    from toolkit.cmd_search import confirmation_table
+
+    console = Console(width=400, record=True)
+    console.print(confirmation_table(res.confirmation))
+    text = console.export_text()
+    assert "KL from F32" in text and ("yes (fidelity)" in text) == picked
+    without = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=loss,
+                                 n_confirm=2, evaluate_shared=loss)
+    assert without.cfg == uniform and "kl" not in without.confirmation["candidates"][0]  # below MIN_GAIN
+
+
+def test_fidelity_rule_needs_the_shared_lora_on_both_sides(setup):
+    """A candidate that ships its generated adapter is judged by its loss alone: the divergence is measured with
+    the shared LoRA, which is not what it ships."""
+    layout, errors, sens = setup
+    archive = _archived(layout, errors, sens)
+    uniform = layout.uniform("Q4_K")
+    base = np.linspace(3.0, 3.5, 32)
+    noise, _ = _centred_noise(3, 0.0005)
+
+    def generated(cfgs):  # every other candidate clearly better with its generated adapter, by less than MIN_GAIN
+        return [base if c == uniform else base - 0.004 + noise for c in cfgs]
+
+    def shared(cfgs):
+        return [base + 0.01 if c != uniform else base for c in cfgs]
+
+    res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=generated,
+                             n_confirm=2, evaluate_shared=shared,
+                             divergence=lambda cs: [np.full(32, 0.003 if c == uniform else 0.001) for c in cs])
+    assert res.cfg == uniform and not any(r.get("fidelity") for r in res.confirmation["candidates"])
+
+
 @pytest.mark.parametrize("gain, scale, generated", [(0.001, 0.02, False), (-0.01, 0.02, False), (0.05, 0.02, True),
                                                     (0.004, 0.0005, False), (0.0075, 0.0005, True)])
 def test_confirmation_keeps_the_generated_adapter_only_when_clearly_better(setup, gain, scale, generated):

@@ -340,6 +340,37 @@ def test_calibration_losses_are_measured_once_per_checkpoint(coa_run, monkeypatc
     assert len(measured) == n + 1
 
 
+def test_calibration_divergence_from_the_unquantized_model(coa_run, monkeypatch):
+    """The fidelity measure: each window's KL divergence, with the shared LoRA, from the F32 model with it: zero
+    for F32, larger for fewer bits, equal to a direct computation, measured in the passes of the shared-LoRA loss
+    (no extra pass for a loss already asked for, and the same losses)."""
+    import torch
+    from torch.nn import functional as F
+
+    from toolkit.training import calibration_stream
+
+    run = Run.open(coa_run.path)
+    passes = []
+    real = run._measure_calibration
+    monkeypatch.setattr(run, "_measure_calibration", lambda cfgs, *a: passes.append(list(cfgs)) or real(cfgs, *a))
+    f32, q8, q4 = (run.layout.uniform(t) for t in ("F32", "Q8_0", "Q4_0"))
+    kl = run.calibration_divergence([f32, q8, q4], 3)
+    assert all(len(k) == 3 for k in kl) and np.allclose(kl[0], 0.0, atol=1e-6)
+    assert 0 < kl[1].mean() < kl[2].mean()
+    loss = run.calibration_loss([q4], 3, per_window=True, adjusted=False)[0]
+    assert len(passes) == 1  # the shared-LoRA losses came with the divergences
+    model = run.model()
+    batch, _ = calibration_stream(run).labelled_calibration(3)
+    with torch.no_grad(), model.variant(False):
+        model.set_configuration(f32)
+        ref = F.log_softmax(model(batch).logits[:, :-1].float(), -1)
+        model.set_configuration(q4)
+        lp = F.log_softmax(model(batch).logits[:, :-1].float(), -1)
+    direct = (ref.exp() * (ref - lp)).sum(-1).mean(1).double().numpy()
+    nll = -lp.gather(-1, batch[:, 1:, None])[..., 0].mean(1).double().numpy()
+    assert np.allclose(kl[2], direct, rtol=1e-4, atol=1e-7) and np.allclose(loss, nll, rtol=1e-5)
+
+
 def test_more_calibration_windows_measure_only_the_added_ones(coa_run, monkeypatch):
     """The confirmation's extension to more windows measures only the windows it adds, and its losses are bit for
     bit those of a measurement from scratch (the same forward passes). Passes of 2 windows here: the fixture's

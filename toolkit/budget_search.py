@@ -103,6 +103,10 @@ CONFIRM_Z = 2.0  # standard errors by which a confirmed candidate must beat the 
 # Nats per token (about 0.5% perplexity) by which it must beat it too, and a generated adapter the shared LoRA:
 # a smaller gain, however many standard errors on the training text, did not carry over to held-out text.
 MIN_GAIN = 0.005
+# Where both ship the shared LoRA, a smaller gain is trusted when the candidate's bytes are also closer to the
+# unquantized model: its KL divergence from it lower by CONFIRM_Z standard errors. How far the bytes move the
+# model ranks files by held-out perplexity far better than their training-text loss does, whose differences
+# near full precision are mostly the text's.
 
 
 def _clearly_better(mean: float, se: float | None) -> bool:
@@ -116,7 +120,9 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
                        errors: dict | None = None, n_confirm: int = 3, n_starts: int = 3,
                        evaluate_shared: Callable | None = None, mixes: dict | None = None,
                        evaluate_more: Callable | None = None,
-                       evaluate_shared_more: Callable | None = None) -> SearchResult:
+                       evaluate_shared_more: Callable | None = None,
+                       divergence: Callable | None = None,
+                       divergence_more: Callable | None = None) -> SearchResult:
     """Lowest-loss configuration with ``layout.file_bytes(cfg) <= budget_bytes``.
 
     ``predict`` overrides the archive's GP surrogate; with neither (fewer than 3 archived records)
@@ -137,6 +143,10 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     measured before). When a candidate is ahead of the largest llama.cpp file by between one and ``CONFIRM_Z``
     standard errors, and its gain is within one standard error of ``MIN_GAIN`` or above it, every candidate is
     measured again on those windows and the rule applied to them (once).
+    ``divergence`` / ``divergence_more`` (per-window KL divergence of each configuration, with the shared LoRA,
+    from the unquantized model with it): a candidate that ships the shared LoRA, as the largest llama.cpp file
+    does, replaces that file also when its loss is lower (by any amount) and its divergence is lower by
+    ``CONFIRM_Z`` standard errors of the paired difference ("fidelity" in the confirmation's rows).
     Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -205,10 +215,11 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)
         u = [c for c, _, _ in top].index(uni[0][0]) if uni else None
-        real, adapters, rows, k, undecided = _confirm(layout, top, u, evaluate, evaluate_shared)
+        real, adapters, rows, k, undecided = _confirm(layout, top, u, evaluate, evaluate_shared, divergence)
         extended_from = None
         if undecided and evaluate_more is not None:  # measure more windows rather than guess
-            more = _confirm(layout, top, u, evaluate_more, evaluate_shared_more if evaluate_shared else None)
+            more = _confirm(layout, top, u, evaluate_more, evaluate_shared_more if evaluate_shared else None,
+                            divergence_more if divergence else None)
             if len(more[0][0]) > len(real[0]):  # the held-out text had more windows to give
                 extended_from = len(real[0])
                 real, adapters, rows, k, _ = more
@@ -228,11 +239,12 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
                         adjusted)
 
 
-def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, evaluate_shared: Callable | None):
+def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, evaluate_shared: Callable | None,
+             divergence: Callable | None = None):
     """Measure the candidates ``top`` (``u``: the index of the largest llama.cpp file) and apply the confirmation
     rule: (per-candidate loss arrays, adapter choices or None, table rows, index picked, whether a candidate is
     ahead of the largest file by between one and ``CONFIRM_Z`` standard errors, with a gain not clearly below
-    ``MIN_GAIN``)."""
+    ``MIN_GAIN``, or, on the fidelity rule, closer to the unquantized model by between one and ``CONFIRM_Z``)."""
     cfgs = [c for c, _, _ in top]
     real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate(cfgs)]
     adapters = None
@@ -251,18 +263,41 @@ def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, 
     if u is not None:
         for row, r in zip(rows, real):
             row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
+        faithful = _fidelity(rows, u, cfgs, divergence) if divergence is not None else set()
         # Per-window losses: leave the largest llama.cpp file only for a candidate clearly better (smaller
         # differences did not carry over to other text); of those, the best measured. Undecided: a candidate
         # ahead by more than one standard error whose gain is within one standard error of MIN_GAIN or above it
         # (more windows may confirm it; with a gain clearly below MIN_GAIN they cannot).
         ahead = [i for i, row in enumerate(rows)
-                 if i == u or _clearly_better(row["vs_uniform"], row["vs_uniform_se"])]
+                 if i == u or _clearly_better(row["vs_uniform"], row["vs_uniform_se"]) or i in faithful]
         k = min(ahead, key=lambda i: real[i].mean())
-        undecided = any(i not in ahead and row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
-                        and row["vs_uniform"] - row["vs_uniform_se"] < -MIN_GAIN for i, row in enumerate(rows))
+        undecided = any(i not in ahead and (
+            row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
+            and row["vs_uniform"] - row["vs_uniform_se"] < -MIN_GAIN
+            or row.get("kl_vs_uniform_se") and row["vs_uniform"] < 0
+            and row["kl_vs_uniform"] < -row["kl_vs_uniform_se"]) for i, row in enumerate(rows))
     for i, row in enumerate(rows):
         row["picked"] = i == k
     return real, adapters, rows, k, undecided
+
+
+def _fidelity(rows: list, u: int, cfgs: list, divergence: Callable) -> set:
+    """Indices of the candidates the fidelity rule accepts against the largest llama.cpp file ``u``: both ship
+    the shared LoRA, the candidate's loss is lower and its KL divergence from the unquantized model is lower by
+    ``CONFIRM_Z`` standard errors. Adds each shared-LoRA row's divergence and its paired difference to ``u``'s."""
+    shared = [i for i, row in enumerate(rows) if row.get("adapter", "shared") == "shared"]
+    if u not in shared:
+        return set()
+    kls = dict(zip(shared, (np.atleast_1d(np.asarray(d, dtype=float)) for d in divergence([cfgs[i] for i in shared]))))
+    out = set()
+    for i in shared:
+        row = rows[i]
+        row["kl"] = float(kls[i].mean())
+        row["kl_vs_uniform"], row["kl_vs_uniform_se"] = _paired(kls[i], kls[u])
+        if i != u and row["vs_uniform"] < 0 and row["kl_vs_uniform"] < -CONFIRM_Z * (row["kl_vs_uniform_se"] or 0.0):
+            row["fidelity"] = True
+            out.add(i)
+    return out
 
 
 def _generated_or_shared(generated, shared) -> dict:
@@ -287,8 +322,9 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     that many of the best candidates, the best archived one and two llama.cpp files that fit (the largest and the
     other of least quantization error) on ``confirm_windows`` held-out windows of the training data
     (``run.calibration_loss``), each with its generated adapter and with the shared LoRA (when the run has
-    adjustments), and all of them again on twice the windows when one is ahead of the largest llama.cpp file by
-    between one and two standard errors. ``coalora search`` and ``coalora emit`` both choose through this."""
+    adjustments) and, with the shared LoRA, by their KL divergence from the unquantized model (the fidelity rule),
+    and all of them again on twice the windows when one is ahead of the largest llama.cpp file by between one and
+    two standard errors. ``coalora search`` and ``coalora emit`` both choose through this."""
     from toolkit.sensitivity import load_error_table
 
     check_budget(layout, budget_bytes)
@@ -298,7 +334,7 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     if errors is None and table.exists():
         raise CoaloraError(f"{table} is damaged or does not cover the run's tensors; train the run again")
     mixes = llama_mixes(run, layout)
-    measure = shared = more = shared_more = None
+    measure = shared = more = shared_more = kl = kl_more = None
     if confirm > 0:
         def per_window(n: int, adjusted: bool = True) -> Callable:
             return lambda cs: run.calibration_loss(cs, n, per_window=True, adjusted=adjusted)
@@ -306,9 +342,14 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
         measure, more = per_window(confirm_windows), per_window(2 * confirm_windows)
         if run.has_adjustments():
             shared, shared_more = per_window(confirm_windows, False), per_window(2 * confirm_windows, False)
+
+        def kl_on(n: int) -> Callable:
+            return lambda cs: run.calibration_divergence(cs, n)
+
+        kl, kl_more = kl_on(confirm_windows), kl_on(2 * confirm_windows)
     return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm,
                               evaluate_shared=shared, mixes=mixes, evaluate_more=more,
-                              evaluate_shared_more=shared_more)
+                              evaluate_shared_more=shared_more, divergence=kl, divergence_more=kl_more)
 
 
 def llama_mixes(run, layout: ModelLayout) -> dict:

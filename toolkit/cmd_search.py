@@ -101,17 +101,26 @@ def confirmation_table(conf: dict):
     uniform = f"llama.cpp's {conf['uniform']} file" if conf["uniform"] else "the largest llama.cpp file (none fits)"
     more = (f" (measured again after {conf['extended_from_windows']}: a candidate was ahead by less)"
             if conf.get("extended_from_windows") else "")
+    kl = any("kl" in r for r in conf["candidates"])
     t = Table(title=f"confirmation on {conf['windows']} held-out windows{more}: a mix replaces {uniform} only "
                     f"when better by {conf['z']:g} standard errors"
-                    + (f" and {conf['min_gain']:g} nats" if conf.get("min_gain") else ""))
-    for col in ("candidate", "file bytes", "bpw", "adapter", "held-out loss", f"vs {conf['uniform'] or '-'}", "picked"):
+                    + (f" and {conf['min_gain']:g} nats" if conf.get("min_gain") else "")
+                    + (", or lower loss and KL lower by as many (fidelity)" if kl else ""))
+    for col in ("candidate", "file bytes", "bpw", "adapter", "held-out loss", f"vs {conf['uniform'] or '-'}",
+                *(("KL from F32", "KL vs it") if kl else ()), "picked"):
         t.add_column(col)
+
+    def diff(d, se, digits=4):
+        return "-" if d is None else f"{d:+.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
     for r in conf["candidates"]:
-        d, se = r.get("vs_uniform"), r.get("vs_uniform_se")
+        kl_cells = ()
+        if kl:  # measured with the shared LoRA only
+            kl_cells = ((f"{r['kl']:.5f}", diff(r["kl_vs_uniform"], r["kl_vs_uniform_se"], 5)) if "kl" in r
+                        else ("-", "-"))
         t.add_row(r["source"], f"{r['file_bytes']:,}", f"{r['bpw']:.3f}", r.get("adapter", "generated"),
-                  f"{r['measured_loss']:.4f}",
-                  "-" if d is None else f"{d:+.4f}" + ("" if se is None else f" ± {se:.4f}"),
-                  "yes" if r["picked"] else "")
+                  f"{r['measured_loss']:.4f}", diff(r.get("vs_uniform"), r.get("vs_uniform_se")), *kl_cells,
+                  ("yes" if r["picked"] else "") + (" (fidelity)" if r.get("fidelity") and r["picked"] else ""))
     a = conf.get("adapter")
     if a:
         se = "" if a["vs_shared_se"] is None else f" ± {a['vs_shared_se']:.4f}"

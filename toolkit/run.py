@@ -101,6 +101,7 @@ class Run:
         self._loaded = loaded
         self.device = torch.device("cpu")  # where model() computes; set before the first model() call
         self._calibration: dict = {}  # calibration_loss's per-window losses: (configuration, checkpoint state, span)
+        self._divergence: dict = {}  # calibration_divergence's per-window KL, keyed the same way
 
     # -- files --------------------------------------------------------------------------------
     @property
@@ -279,22 +280,38 @@ class Run:
         candidates, and a measurement on more windows (the confirmation's extension) only measures the windows
         it adds. The passes are those of a measurement from scratch (windows 0-7, 8-15, ..., then the rest), so
         the losses do not depend on what was measured before."""
+        out = [np.concatenate(w) for w in self._calibrated(cfgs, n_windows, adjusted, self._calibration)]
+        return out if per_window else [float(w.mean()) for w in out]
+
+    @torch.no_grad()
+    def calibration_divergence(self, cfgs: list[Configuration], n_windows: int | None = None) -> list:
+        """Per configuration, each held-out window's mean KL divergence (nats per token) of the model with the
+        shared LoRA from the unquantized (F32) model with the shared LoRA: how far the file's bytes move the
+        model, whatever the text's fit. Measured in the same passes as ``calibration_loss(..., adjusted=False)``
+        and cached like it."""
+        return [np.concatenate(w) for w in self._calibrated(cfgs, n_windows, False, self._divergence)]
+
+    def _calibrated(self, cfgs, n_windows, adjusted: bool, cache: dict) -> list:
+        """Per configuration, the per-span arrays of ``cache`` (losses or divergences), measuring the missing."""
         from toolkit.training import calibration_stream
 
         state = self._checkpoint_state(), str(self.device), adjusted
         k = len(calibration_stream(self).labelled_calibration(n_windows)[0])
         spans = [(s, min(CALIBRATION_BATCH, k - s)) for s in range(0, k, CALIBRATION_BATCH)]
-        todo = list(dict.fromkeys(c for c in cfgs for sp in spans if (c, state, sp) not in self._calibration))
-        missing = [sp for sp in spans if any((c, state, sp) not in self._calibration for c in todo)]
-        for cfg, losses in zip(todo, self._measure_calibration(todo, missing, adjusted)):
-            for sp, w in zip(missing, losses):
+        todo = list(dict.fromkeys(c for c in cfgs for sp in spans if (c, state, sp) not in cache))
+        missing = [sp for sp in spans if any((c, state, sp) not in cache for c in todo)]
+        measured = self._measure_calibration(todo, missing, adjusted) if todo else []
+        for cfg, (losses, kls) in zip(todo, measured):
+            for sp, w, kl in zip(missing, losses, kls):
                 self._calibration[cfg, state, sp] = w
-        out = [np.concatenate([self._calibration[c, state, sp] for sp in spans]) for c in cfgs]
-        return out if per_window else [float(w.mean()) for w in out]
+                if kl is not None:
+                    self._divergence[cfg, state, sp] = kl
+        return [[cache[c, state, sp] for sp in spans] for c in cfgs]
 
     def forget_measurements(self) -> None:
         """Drop :meth:`calibration_loss`'s cached measurements (a benchmark that times measuring)."""
         self._calibration.clear()
+        self._divergence.clear()
 
     def _checkpoint_state(self):
         """What identifies the checkpoint on disk (training rewrites it by rename between rounds)."""
@@ -305,10 +322,11 @@ class Run:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _measure_calibration(self, cfgs: list[Configuration], spans: list[tuple[int, int]], adjusted: bool) -> list:
-        """Per configuration, the per-window losses of each span (first window, count) of the held-out windows,
-        one forward pass per span."""
+        """Per configuration, (the per-window losses of each span (first window, count) of the held-out windows,
+        one forward pass per span; with the shared LoRA (not ``adjusted``) also each window's KL divergence from
+        the F32 model with the shared LoRA, else Nones)."""
         if not cfgs or not spans:
-            return [[] for _ in cfgs]
+            return [([], []) for _ in cfgs]
         from torch.nn import functional as F
 
         from toolkit.training import calibration_stream
@@ -316,24 +334,30 @@ class Run:
         model = self.model()
         end = max(s + n for s, n in spans)
         batch, labels = (t.to(self.device) for t in calibration_stream(self).labelled_calibration(end))
-        out = []
-        for cfg in cfgs:
-            model.set_configuration(cfg)
-            windows = []
-            for s, n in spans:
-                b, lab = batch[s:s + n], labels[s:s + n]
-                with model.variant(adjusted):
-                    logits = model(b).logits[:, :-1].float()
-                target = lab[:, 1:]
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
-                                      ignore_index=-100).view(len(b), -1)
-                valid = target != -100
+        reference = None if adjusted else self.layout.uniform("F32")
+        out = [([], []) for _ in cfgs]
+        # span by span, so that the reference's log-probabilities are held for one span only
+        for s, n in spans:
+            b, lab = batch[s:s + n], labels[s:s + n]
+            target = lab[:, 1:]
+            valid = target != -100
+
+            def per_window(v: torch.Tensor) -> np.ndarray:
                 if bool(valid.all()):  # running text: every position
-                    w = nll.mean(1)
-                else:  # records: their target tokens only
-                    w = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
-                windows.append(w.cpu().double().numpy())
-            out.append(windows)
+                    return v.mean(1).cpu().double().numpy()
+                return ((v * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu().double().numpy()  # records: targets
+
+            def log_probs(cfg: Configuration) -> torch.Tensor:
+                model.set_configuration(cfg)
+                with model.variant(adjusted):
+                    return F.log_softmax(model(b).logits[:, :-1].float(), dim=-1)
+
+            ref = None if reference is None else log_probs(reference)
+            for cfg, (losses, kls) in zip(cfgs, out):
+                lp = log_probs(cfg)
+                nll = -lp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+                losses.append(per_window(nll))
+                kls.append(None if ref is None else per_window((ref.exp() * (ref - lp)).sum(-1)))
         return out
 
 
