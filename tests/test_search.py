@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from toolkit.budget_search import CONFIRM_Z, MIN_GAIN, best_configuration
+from toolkit.budget_search import CONFIRM_Z, FIDELITY_SHARE, MIN_GAIN, best_configuration
 from toolkit.cli import main
 from converters.configuration import Configuration, ModelLayout, TensorSpec
 from converters.errors import CoaloraError
@@ -347,18 +347,22 @@ def test_confirmation_measures_more_windows_when_undecided(setup):
     assert asked == [32, 32]
 
 
-@pytest.mark.parametrize("gain, kl_gap, picked", [(0.002, 0.0007, True), (0.002, 0.0, False), (-0.001, 0.0007, False)])
+@pytest.mark.parametrize("gain, kl_gap, picked", [(0.002, 0.001, True), (0.002, 0.0, False), (-0.001, 0.001, False),
+                                                   (0.002, 0.0006, False)])
 def test_fidelity_rule_trusts_a_small_gain_of_bytes_closer_to_the_unquantized_model(setup, gain, kl_gap, picked):
     """A gain below MIN_GAIN replaces the largest llama.cpp file when, with the shared LoRA on both, the candidate
-    is also closer to the unquantized model: KL divergence lower by CONFIRM_Z standard errors (SmolLM2, 200-step
-    run: Q5_1 layers + Q8_0 embedding, 0.0042 +- 0.0018 nats ahead of uniform Q8_0 on the training text, KL
-    0.0026 against 0.0032, and ahead on Pride and Prejudice). Not without the KL gap, nor with a higher loss."""
+    is also clearly closer to the unquantized model: KL divergence lower by CONFIRM_Z standard errors and by
+    FIDELITY_SHARE of the file's (SmolLM2, 200-step run, Q5_K_M budget: a mix with KL 0.0027 against Q5_K_M's
+    0.0061, 0.0011 nats ahead on the training text and 0.08% on Pride and Prejudice). Not without the KL gap,
+    nor with a higher loss, nor with a gap of many standard errors but a fifth of the file's divergence (the Q4_K_M
+    budget: 0.0202 against 0.0227, and 0.6% behind on Pride and Prejudice)."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
     uniform = layout.uniform("Q4_K")
     noise, _ = _centred_noise(3, 0.0005)
     kl_noise, kl_se = _centred_noise(4, 0.0005)
     assert abs(gain) < MIN_GAIN and (kl_gap == 0 or kl_gap > CONFIRM_Z * kl_se)
+    assert (kl_gap >= FIDELITY_SHARE * 0.003) == (kl_gap == 0.001)
     asked = []
     loss = _measure_vs(uniform, noise, lambda: gain, asked, 32)
 
@@ -382,6 +386,30 @@ def test_fidelity_rule_trusts_a_small_gain_of_bytes_closer_to_the_unquantized_mo
     without = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=loss,
                                  n_confirm=2, evaluate_shared=loss)
     assert without.cfg == uniform and "kl" not in without.confirmation["candidates"][0]  # below MIN_GAIN
+
+
+def test_fidelity_rule_measures_more_windows_when_undecided(setup):
+    """A candidate with a lower loss whose divergence is lower by FIDELITY_SHARE of the file's but by only 1.5
+    standard errors is measured again on twice the windows, where it is clear."""
+    layout, errors, sens = setup
+    archive = _archived(layout, errors, sens)
+    uniform = layout.uniform("Q4_K")
+    noise, _ = _centred_noise(3, 0.0005)
+    kl_noise, kl_se = _centred_noise(5, 0.06)
+    gap = {32: 1.5 * kl_se, 64: 0.03}
+    assert gap[32] > FIDELITY_SHARE * 0.05
+    asked = []
+
+    def divergence(n):
+        return lambda cfgs: [np.full(n, 0.05) if c == uniform else 0.05 - gap[n] + np.resize(kl_noise, n)
+                             for c in cfgs]
+
+    loss = {n: _measure_vs(uniform, noise, lambda: 0.002, asked, n) for n in (32, 64)}
+    res = best_configuration(layout, archive, layout.file_bytes(uniform), errors=errors, evaluate=loss[32],
+                             n_confirm=2, evaluate_more=loss[64], divergence=divergence(32),
+                             divergence_more=divergence(64))
+    assert asked == [32, 64] and res.cfg != uniform and res.confirmation["extended_from_windows"] == 32
+    assert res.confirmation["fidelity_share"] == FIDELITY_SHARE
 
 
 def test_fidelity_rule_needs_the_shared_lora_on_both_sides(setup):

@@ -103,10 +103,11 @@ CONFIRM_Z = 2.0  # standard errors by which a confirmed candidate must beat the 
 # Nats per token (about 0.5% perplexity) by which it must beat it too, and a generated adapter the shared LoRA:
 # a smaller gain, however many standard errors on the training text, did not carry over to held-out text.
 MIN_GAIN = 0.005
-# Where both ship the shared LoRA, a smaller gain is trusted when the candidate's bytes are also closer to the
-# unquantized model: its KL divergence from it lower by CONFIRM_Z standard errors. How far the bytes move the
-# model ranks files by held-out perplexity far better than their training-text loss does, whose differences
-# near full precision are mostly the text's.
+# Where both ship the shared LoRA, a smaller gain is trusted when the candidate's bytes are also clearly closer to
+# the unquantized model: its KL divergence from it lower by CONFIRM_Z standard errors and by FIDELITY_SHARE of
+# the file's. Near full precision that ranks files by held-out perplexity better than the training-text loss,
+# whose differences there are mostly the text's; a smaller share did not carry over (bench results, README).
+FIDELITY_SHARE = 0.25
 
 
 def _clearly_better(mean: float, se: float | None) -> bool:
@@ -146,7 +147,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     ``divergence`` / ``divergence_more`` (per-window KL divergence of each configuration, with the shared LoRA,
     from the unquantized model with it): a candidate that ships the shared LoRA, as the largest llama.cpp file
     does, replaces that file also when its loss is lower (by any amount) and its divergence is lower by
-    ``CONFIRM_Z`` standard errors of the paired difference ("fidelity" in the confirmation's rows).
+    ``CONFIRM_Z`` standard errors of the paired difference and by ``FIDELITY_SHARE`` of the file's ("fidelity"
+    in the confirmation's rows).
     Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -226,6 +228,7 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         best_cfg, best_src, best_score = top[k]
         measured = float(real[k].mean())
         confirmation = {"windows": int(len(real[0])), "z": CONFIRM_Z, "min_gain": MIN_GAIN, "candidates": rows,
+                        **({"fidelity_share": FIDELITY_SHARE} if divergence is not None else {}),
                         "uniform": uniforms[uni[0][0]] if uni else None}
         if extended_from is not None:
             confirmation["extended_from_windows"] = extended_from
@@ -263,7 +266,7 @@ def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, 
     if u is not None:
         for row, r in zip(rows, real):
             row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
-        faithful = _fidelity(rows, u, cfgs, divergence) if divergence is not None else set()
+        faithful, kl_undecided = _fidelity(rows, u, cfgs, divergence) if divergence is not None else (set(), False)
         # Per-window losses: leave the largest llama.cpp file only for a candidate clearly better (smaller
         # differences did not carry over to other text); of those, the best measured. Undecided: a candidate
         # ahead by more than one standard error whose gain is within one standard error of MIN_GAIN or above it
@@ -271,33 +274,37 @@ def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, 
         ahead = [i for i, row in enumerate(rows)
                  if i == u or _clearly_better(row["vs_uniform"], row["vs_uniform_se"]) or i in faithful]
         k = min(ahead, key=lambda i: real[i].mean())
-        undecided = any(i not in ahead and (
-            row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
-            and row["vs_uniform"] - row["vs_uniform_se"] < -MIN_GAIN
-            or row.get("kl_vs_uniform_se") and row["vs_uniform"] < 0
-            and row["kl_vs_uniform"] < -row["kl_vs_uniform_se"]) for i, row in enumerate(rows))
+        undecided = kl_undecided or any(
+            i not in ahead and row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
+            and row["vs_uniform"] - row["vs_uniform_se"] < -MIN_GAIN for i, row in enumerate(rows))
     for i, row in enumerate(rows):
         row["picked"] = i == k
     return real, adapters, rows, k, undecided
 
 
-def _fidelity(rows: list, u: int, cfgs: list, divergence: Callable) -> set:
-    """Indices of the candidates the fidelity rule accepts against the largest llama.cpp file ``u``: both ship
-    the shared LoRA, the candidate's loss is lower and its KL divergence from the unquantized model is lower by
-    ``CONFIRM_Z`` standard errors. Adds each shared-LoRA row's divergence and its paired difference to ``u``'s."""
+def _fidelity(rows: list, u: int, cfgs: list, divergence: Callable) -> tuple[set, bool]:
+    """The candidates the fidelity rule accepts against the largest llama.cpp file ``u`` (both ship the shared
+    LoRA, the candidate's loss is lower and its KL divergence from the unquantized model is lower by ``CONFIRM_Z``
+    standard errors and by ``FIDELITY_SHARE`` of ``u``'s), and whether one has the share and a lower loss but only
+    between one and ``CONFIRM_Z`` standard errors (more windows may decide). Adds each shared-LoRA row's divergence
+    and its paired difference to ``u``'s."""
     shared = [i for i, row in enumerate(rows) if row.get("adapter", "shared") == "shared"]
     if u not in shared:
-        return set()
+        return set(), False
     kls = dict(zip(shared, (np.atleast_1d(np.asarray(d, dtype=float)) for d in divergence([cfgs[i] for i in shared]))))
-    out = set()
+    accepted, undecided = set(), False
     for i in shared:
         row = rows[i]
         row["kl"] = float(kls[i].mean())
-        row["kl_vs_uniform"], row["kl_vs_uniform_se"] = _paired(kls[i], kls[u])
-        if i != u and row["vs_uniform"] < 0 and row["kl_vs_uniform"] < -CONFIRM_Z * (row["kl_vs_uniform_se"] or 0.0):
+        row["kl_vs_uniform"], row["kl_vs_uniform_se"] = d, se = _paired(kls[i], kls[u])
+        if i == u or row["vs_uniform"] >= 0 or d > -FIDELITY_SHARE * float(kls[u].mean()):
+            continue
+        if d < -CONFIRM_Z * (se or 0.0):
             row["fidelity"] = True
-            out.add(i)
-    return out
+            accepted.add(i)
+        elif se and d < -se:
+            undecided = True
+    return accepted, undecided
 
 
 def _generated_or_shared(generated, shared) -> dict:

@@ -105,7 +105,8 @@ def confirmation_table(conf: dict):
     t = Table(title=f"confirmation on {conf['windows']} held-out windows{more}: a mix replaces {uniform} only "
                     f"when better by {conf['z']:g} standard errors"
                     + (f" and {conf['min_gain']:g} nats" if conf.get("min_gain") else "")
-                    + (", or lower loss and KL lower by as many (fidelity)" if kl else ""))
+                    + (f", or lower loss and KL from F32 lower by as many and by {conf.get('fidelity_share', 0):.0%} "
+                       f"(fidelity)" if kl else ""))
     for col in ("candidate", "file bytes", "bpw", "adapter", "held-out loss", f"vs {conf['uniform'] or '-'}",
                 *(("KL from F32", "KL vs it") if kl else ()), "picked"):
         t.add_column(col)
