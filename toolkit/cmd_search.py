@@ -46,7 +46,9 @@ def register(cli):
                        "shared LoRA (about 8 s each on 2 cores); each keeps its generated adapter only when it is "
                        "better than the shared LoRA by two standard errors and 0.005 nats per token, and another "
                        "candidate, with the adapter it keeps, replaces the largest file only when better by two "
-                       "standard errors of the per-window difference and 0.005 nats; when one is ahead by between "
+                       "standard errors of the per-window difference and 0.005 nats, or, both with the shared "
+                       "LoRA, when its loss is lower and its KL divergence from the F32 model lower by two "
+                       "standard errors and a quarter of the file's (fidelity); when one is ahead by between "
                        "one and two with a gain within one standard error of 0.005 or above, all are measured "
                        "again on twice the windows.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,

@@ -357,7 +357,8 @@ class Run:
                 lp = log_probs(cfg)
                 nll = -lp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
                 losses.append(per_window(nll))
-                kls.append(None if ref is None else per_window((ref.exp() * (ref - lp)).sum(-1)))
+                kls.append(None if ref is None else per_window(torch.stack(  # window by window: smaller temporaries
+                    [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref, lp)])))
         return out
 
 
