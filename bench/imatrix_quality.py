@@ -168,7 +168,8 @@ def main() -> None:
             mixed.unlink(missing_ok=True)  # another mix: written and measured again
             prev.pop((name, MIX_ONLY), None)
         new.replace(cfg)
-        kind = json.loads(cfg.read_text())["adapter"]
+        picked = json.loads(cfg.read_text())
+        kind = picked["adapter"]
         if not mixed.exists():
             cli("convert", assets.smollm2_path(), "--recipe", cfg, "--imatrix", imatrix, "-o", mixed)
         other_kind = "generated" if kind == "shared" else "shared"
@@ -185,9 +186,26 @@ def main() -> None:
                      "coalora_adapter": kind, "other_adapter_ppl": theirs["ppl"],
                      "coalora_vs_baseline": q_coa / p_base - 1, "coalora_gap_to_floor": q_coa / floor - 1,
                      "imatrix_helps_with_adapter": None if plain_row is None else p_base < plain_row["ppl"],
-                     "wins": q_coa < p_base and ours["file_bytes"] <= budget})
+                     "wins": q_coa < p_base and ours["file_bytes"] <= budget,
+                     "confirmation": confirmation_summary(picked.get("confirmation"))})
         # after every budget: an interrupted run keeps its rows
         save(coa, fingerprint, o, args, floor, goal, rows, earlier, kept)
+
+
+def confirmation_summary(conf: dict | None) -> dict | None:
+    """What the search's confirmation measured on the training text for its pick and for the largest llama.cpp file
+    (loss and, with the shared LoRA, KL divergence from F32, each with its paired difference to the file's)."""
+    if not conf:
+        return None
+    keys = ("source", "file_bytes", "adapter", "measured_loss", "vs_uniform", "vs_uniform_se", "kl", "kl_vs_uniform",
+            "kl_vs_uniform_se", "fidelity")
+
+    def pick(row: dict) -> dict:
+        return {k: row[k] for k in keys if k in row}
+
+    return {"windows": conf["windows"], "min_gain": conf.get("min_gain"), "fidelity_share": conf.get("fidelity_share"),
+            "picked": next((pick(r) for r in conf["candidates"] if r.get("picked")), None),
+            "largest_llama_file": next((pick(r) for r in conf["candidates"] if r.get("uniform")), None)}
 
 
 def save(coa, fingerprint, o, args, floor, goal, rows, earlier, kept=None) -> None:

@@ -60,3 +60,18 @@ def test_run_fingerprint_follows_the_weights_not_the_path(tmp_path):
     assert run_fingerprint(a) != run_fingerprint(b)
     (a / "imatrix.gguf").unlink()
     assert run_fingerprint(a) != run_fingerprint(tmp_path / "b")
+
+
+def test_confirmation_summary_keeps_the_pick_and_the_largest_file():
+    conf = {"windows": 32, "min_gain": 0.005, "fidelity_share": 0.25, "candidates": [
+        {"source": "archive", "file_bytes": 10, "adapter": "shared", "measured_loss": 3.4, "vs_uniform": -0.002,
+         "vs_uniform_se": 0.001, "kl": 0.002, "kl_vs_uniform": -0.003, "kl_vs_uniform_se": 0.0004, "fidelity": True,
+         "uniform": False, "picked": True, "bpw": 5.0},
+        {"source": "greedy", "file_bytes": 11, "adapter": "generated", "measured_loss": 3.5, "uniform": False,
+         "picked": False},
+        {"source": "uniform:Q8_0", "file_bytes": 12, "adapter": "shared", "measured_loss": 3.402, "vs_uniform": 0.0,
+         "vs_uniform_se": 0.0, "kl": 0.005, "uniform": True, "picked": False}]}
+    s = imatrix_quality.confirmation_summary(conf)
+    assert s["picked"]["fidelity"] and s["picked"]["kl_vs_uniform"] == -0.003 and "bpw" not in s["picked"]
+    assert s["largest_llama_file"]["source"] == "uniform:Q8_0" and s["fidelity_share"] == 0.25
+    assert imatrix_quality.confirmation_summary(None) is None
