@@ -63,8 +63,9 @@ def register(cli):
                        "candidate replaces the largest file only when better by two standard errors and 0.005 nats "
                        "per token, each with the adapter it keeps (the generated one only when it beats the shared "
                        "LoRA by the same margins), or, both with the shared LoRA, when its loss is lower and its KL "
-                       "divergence from the F32 model lower by two standard errors and a quarter, and all are measured again on twice the windows when one is "
-                       "ahead by between one and two (0: the surrogate's pick, unmeasured).")
+                       "divergence from the F32 model lower by two standard errors and a quarter of the file's; all "
+                       "are measured again on twice the windows when one is ahead by between one and two (0: the "
+                       "surrogate's pick, unmeasured).")
     @click.option("--confirm-windows", default=16, show_default=True,
                   help="Held-out windows of the training data each confirmation candidate is measured on.")
     @click.option("--json", "as_json", is_flag=True)

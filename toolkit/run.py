@@ -336,29 +336,38 @@ class Run:
         batch, labels = (t.to(self.device) for t in calibration_stream(self).labelled_calibration(end))
         reference = None if adjusted else self.layout.uniform("F32")
         out = [([], []) for _ in cfgs]
-        # span by span, so that the reference's log-probabilities are held for one span only
-        for s, n in spans:
-            b, lab = batch[s:s + n], labels[s:s + n]
-            target = lab[:, 1:]
-            valid = target != -100
 
-            def per_window(v: torch.Tensor) -> np.ndarray:
-                if bool(valid.all()):  # running text: every position
-                    return v.mean(1).cpu().double().numpy()
-                return ((v * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu().double().numpy()  # records: targets
+        def per_window(v: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+            if bool(valid.all()):  # running text: every position
+                return v.mean(1).cpu().double().numpy()
+            return ((v * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu().double().numpy()  # records: targets
 
-            def log_probs(cfg: Configuration) -> torch.Tensor:
+        current = []  # the configuration set last in this measurement: re-pointing every tensor has a cost
+
+        def log_probs(cfg: Configuration, s: int, n: int) -> torch.Tensor:
+            if current != [cfg]:
                 model.set_configuration(cfg)
-                with model.variant(adjusted):
-                    return F.log_softmax(model(b).logits[:, :-1].float(), dim=-1)
+                current[:] = [cfg]
+            with model.variant(adjusted):
+                return F.log_softmax(model(batch[s:s + n]).logits[:, :-1].float(), dim=-1)
 
-            ref = None if reference is None else log_probs(reference)
-            for cfg, (losses, kls) in zip(cfgs, out):
-                lp = log_probs(cfg)
-                nll = -lp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-                losses.append(per_window(nll))
-                kls.append(None if ref is None else per_window(torch.stack(  # window by window: smaller temporaries
-                    [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref, lp)])))
+        def measure(i: int, s: int, n: int, ref: torch.Tensor | None) -> None:
+            target = labels[s:s + n, 1:]
+            valid = target != -100
+            lp = log_probs(cfgs[i], s, n)
+            out[i][0].append(per_window(-lp.gather(-1, target.clamp(min=0)[..., None])[..., 0], valid))
+            out[i][1].append(None if ref is None else per_window(torch.stack(  # window by window: smaller temporaries
+                [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref, lp)]), valid))
+
+        if reference is None:  # configuration by configuration: each set once
+            for i in range(len(cfgs)):
+                for s, n in spans:
+                    measure(i, s, n, None)
+        else:  # span by span, so that the reference's log-probabilities are held for one span only
+            for s, n in spans:
+                ref = log_probs(reference, s, n)
+                for i in range(len(cfgs)):
+                    measure(i, s, n, ref)
         return out
 
 
