@@ -17,6 +17,12 @@ GGUF_ALIGNMENT = 32
 # Types a configuration search draws from by default. Q4_1 is left out: SmolLM2's weights were
 # dequantized from Q4_1, so re-quantizing to it is nearly lossless and would flatter the results.
 DEFAULT_MENU = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+# The token embedding and the output head (tied or not): the tensors llama-quantize types apart
+# (--token-embedding-type, --output-tensor-type), and the only ones a layout's embedding menu extends.
+EMBEDDING_KINDS = ("token_embd", "output")
+# What new training runs let them take besides the menu: F16 keeps the tensor nearly exact, for the budgets above
+# an all-Q8_0 file.
+DEFAULT_EMBEDDING_MENU = ("F16",)
 
 
 # Order of the block projection kinds (the configuration-aware model's kind index); other kinds follow, sorted.
@@ -57,6 +63,7 @@ class ModelLayout:
     menu_names: tuple[str, ...] = DEFAULT_MENU
     hparams: dict = field(default_factory=dict)  # n_embd, n_head, n_head_kv, n_embd_k, n_embd_v, n_ff, n_vocab
     imatrix_tensors: tuple = ()  # tensors with importance data: only they may take the types that need it
+    embedding_menu: tuple = ()  # types EMBEDDING_KINDS tensors may take besides the menu (most bits first)
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -69,7 +76,11 @@ class ModelLayout:
         return [t.name for t in self.tensors]
 
     def menu(self, name: str) -> list[QuantType]:
-        m = menu(self._index[name].n_per_row, self.menu_names)
+        spec = self._index[name]
+        names = self.menu_names
+        if self.embedding_menu and spec.kind in EMBEDDING_KINDS:
+            names = tuple(dict.fromkeys(self.embedding_menu + names))
+        m = menu(spec.n_per_row, names)
         return m if name in self.imatrix_tensors else [q for q in m if not q.needs_imatrix]
 
     def on_menu(self, cfg: "Configuration", menu_names=None) -> bool:
@@ -84,7 +95,7 @@ class ModelLayout:
     def with_menu(self, menu_names) -> "ModelLayout":
         """The same tensors with another type menu (every tensor must keep a type to choose)."""
         layout = ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, tuple(menu_names), dict(self.hparams),
-                             self.imatrix_tensors)
+                             self.imatrix_tensors, self.embedding_menu)
         if not layout.menu_names or any(not layout.menu(t.name) for t in self.tensors):
             raise CoaloraError(f"no quant type of the menu ({', '.join(layout.menu_names) or 'empty'}) fits every tensor")
         return layout
@@ -92,7 +103,18 @@ class ModelLayout:
     def with_imatrix(self, names) -> "ModelLayout":
         """The same layout where ``names`` have importance data (and so may take the types that need it)."""
         return ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, self.menu_names, dict(self.hparams),
-                           tuple(n for n in self.names() if n in set(names)))
+                           tuple(n for n in self.names() if n in set(names)), self.embedding_menu)
+
+    def with_embedding_menu(self, types) -> "ModelLayout":
+        """The same layout where the token embedding and output head may also take ``types`` (as llama-quantize's
+        --token-embedding-type / --output-tensor-type), most bits first; none of them may need an imatrix."""
+        qs = sorted({get(t) for t in types}, key=lambda q: -q.bits_per_weight)
+        bad = [q.name for q in qs if q.needs_imatrix]
+        if bad:
+            raise CoaloraError(f"embedding menu: {bad[0]} needs an importance matrix; give the embedding types "
+                               "that do not (F16, Q8_0, ...)")
+        return ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, self.menu_names, dict(self.hparams),
+                           self.imatrix_tensors, tuple(q.name for q in qs))
 
     def projection_kinds(self) -> tuple[str, ...]:
         """The kinds of the block tensors (attn_q ... ffn_down for llama; attn_qkv, ffn_up ... for phi3)."""
@@ -133,12 +155,14 @@ class ModelLayout:
         return {"n_blocks": self.n_blocks, "fixed_bytes": self.fixed_bytes,
                 "tensors": [[t.name, t.n_rows, t.n_per_row, t.kind, t.block] for t in self.tensors],
                 "menu": list(self.menu_names), "hparams": dict(self.hparams),
-                **({"imatrix_tensors": list(self.imatrix_tensors)} if self.imatrix_tensors else {})}
+                **({"imatrix_tensors": list(self.imatrix_tensors)} if self.imatrix_tensors else {}),
+                **({"embedding_menu": list(self.embedding_menu)} if self.embedding_menu else {})}
 
     @classmethod
     def from_description(cls, d: dict) -> "ModelLayout":
         return cls([TensorSpec(*row) for row in d["tensors"]], d["fixed_bytes"], d["n_blocks"], tuple(d["menu"]),
-                   dict(d.get("hparams") or {}), tuple(d.get("imatrix_tensors") or ()))
+                   dict(d.get("hparams") or {}), tuple(d.get("imatrix_tensors") or ()),
+                   tuple(d.get("embedding_menu") or ()))
 
 
 @dataclass

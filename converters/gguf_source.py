@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from converters.architectures import Architecture, by_gguf_name
-from converters.configuration import ModelLayout, TensorSpec
+from converters.configuration import EMBEDDING_KINDS, ModelLayout, TensorSpec  # noqa: F401 (EMBEDDING_KINDS: re-exported)
 from converters.errors import CoaloraError
 from converters.gguf_check import open_reader
 from converters.gguf_model_check import MAX_BLOCKS, check_hparams, check_names, check_vocabulary, typed_value
@@ -22,8 +22,6 @@ from converters.gguf_model_check import MAX_BLOCKS, check_hparams, check_names, 
 # Substrings of tensor names llama-quantize never quantizes (besides 1-D tensors and names not ending in weight).
 _KEPT = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj", "position_embd",
          "token_types", "ssm_conv1d", "shortconv.conv.weight", "time_mix_", "rope_freqs", "rope_factors")
-# Tensor kinds the weight-type search covers besides the block projections.
-EMBEDDING_KINDS = ("token_embd", "output")
 # Type the embeddings / head get when a layout leaves them out of the search.
 EMBEDDING_DEFAULT_TYPE = "Q8_0"
 

@@ -144,7 +144,7 @@ def run_copy(fuzz_workdir, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["list", "null", "no-options", "no-layout", "sha-path", "rank-type", "menu",
-                                    "tensor-row", "utf8", "deep"])
+                                    "embedding-menu", "tensor-row", "utf8", "deep"])
 def test_damaged_run_json_is_refused_on_open(damage, run_copy, tmp_path, capsys):
     meta_path = run_copy / "run.json"
     m = json.loads(meta_path.read_text())
@@ -162,6 +162,8 @@ def test_damaged_run_json_is_refused_on_open(damage, run_copy, tmp_path, capsys)
         m["options"]["rank"] = "4"
     elif damage == "menu":
         m["layout"]["menu"] = []
+    elif damage == "embedding-menu":
+        m["layout"]["embedding_menu"] = ["F99"]
     elif damage == "tensor-row":
         m["layout"]["tensors"][0] = [m["layout"]["tensors"][0][0]]
     meta_path.write_text(json.dumps(m))

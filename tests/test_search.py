@@ -127,6 +127,32 @@ def _archived(layout, errors, sens) -> Archive:
     return archive
 
 
+def test_embedding_menu_extends_only_the_embedding(setup):
+    """F16 for the token embedding (llama-quantize --token-embedding-type f16): on its menu and no other tensor's,
+    kept through the layout's description and menu changes (a description without it, an older run's, has none),
+    and it opens budgets above the all-Q8_0 file, where the search gives the embedding F16."""
+    layout, errors, _ = setup
+    wide = layout.with_embedding_menu(["F16"])
+    assert [q.name for q in wide.menu("token_embd.weight")] == ["F16", *[q.name for q in layout.menu("token_embd.weight")]]
+    assert wide.menu("blk.0.attn_q.weight") == layout.menu("blk.0.attn_q.weight")
+    back = ModelLayout.from_description(json.loads(json.dumps(wide.describe())))
+    assert back.menu("token_embd.weight") == wide.menu("token_embd.weight")
+    assert back.with_menu(MENU[:3]).embedding_menu == back.with_imatrix([]).embedding_menu == ("F16",)
+    assert "embedding_menu" not in layout.describe()
+    assert ModelLayout.from_description(layout.describe()).embedding_menu == ()
+    with pytest.raises(CoaloraError, match="needs an importance matrix"):
+        layout.with_embedding_menu(["IQ2_XXS"])
+    q8 = layout.file_bytes(layout.uniform("Q8_0"))
+    assert byte_range(layout)[1] == q8 < byte_range(wide)[1]
+    werrors = {n: {**row, **({"F16": row["Q8_0"] / 100} if n == "token_embd.weight" else {})}
+               for n, row in errors.items()}
+    budget = q8 + layout["token_embd.weight"].bytes("F16") - layout["token_embd.weight"].bytes("Q8_0")
+    res = best_configuration(wide, None, budget, errors=werrors)
+    assert res.cfg.types["token_embd.weight"].name == "F16" and res.file_bytes <= budget
+    with pytest.raises(CoaloraError):
+        best_configuration(layout, None, budget, errors=errors)
+
+
 def test_budget_search(setup):
     layout, errors, sens = setup
     evaluate = synthetic_loss(layout, errors, sens, noise=0.0)

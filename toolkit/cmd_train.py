@@ -9,7 +9,7 @@ import click
 
 from toolkit import assets, distributed
 from toolkit import cmd_options as ranges
-from converters.configuration import DEFAULT_MENU, Configuration
+from converters.configuration import DEFAULT_EMBEDDING_MENU, DEFAULT_MENU, Configuration
 from converters.errors import CoaloraError
 from toolkit.recipes import KEYS, type_deltas
 
@@ -191,6 +191,9 @@ def register(cli: click.Group) -> None:
     @click.option("--search-candidates", type=ranges.train("search_candidates"), default=12, show_default=True,
                   help="Configurations the search evaluates for real per round.")
     @click.option("--menu", default=",".join(DEFAULT_MENU), show_default=True, help="Quant types to choose from.")
+    @click.option("--embedding-menu", default=",".join(DEFAULT_EMBEDDING_MENU), show_default=True,
+                  help="Types the token embedding and output head may take besides --menu (as llama-quantize's "
+                       "--token-embedding-type / --output-tensor-type); '' for none.")
     @click.option("--recipe", default=None, metavar="NAME|FILE.toml",
                   help="Training recipe: anchored (default; the benchmarked one), plain (the paper's CoA-LoRA), or a "
                        "TOML file of experiment options (README: Training recipes); options given here override it.")
@@ -198,7 +201,7 @@ def register(cli: click.Group) -> None:
                   help="Start from the LoRA of a trained run (e.g. a `coalora finetune --config F32` run).")
     @_experiment_options
     @_train_options
-    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, recipe, init_lora, **kw):
+    def train_cmd(model, data, out, mode, rounds, search_candidates, menu, embedding_menu, recipe, init_lora, **kw):
         """Train one LoRA (+ configuration-aware model) for every quantization configuration of MODEL.
 
         MODEL is a Hugging Face folder, a .gguf file, or 'smollm2'.
@@ -210,7 +213,7 @@ def register(cli: click.Group) -> None:
         if deltas and mode != "coa":
             raise CoaloraError("--type-deltas needs --mode coa (the configuration picks the corrections)")
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
-                      menu=menu_t, init_lora=str(Path(init_lora).resolve()) if init_lora else "",
+                      menu=menu_t, embedding_menu=_quant_types(embedding_menu), init_lora=str(Path(init_lora).resolve()) if init_lora else "",
                       type_deltas=deltas, **exp, **kw)
 
     train_cmd.name = "train"

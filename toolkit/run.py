@@ -81,6 +81,9 @@ def _problem(meta) -> str | None:
     menu = lay.get("menu")
     if not strs(menu) or not menu or any(q not in CATALOGUE_NAMES + IMATRIX_NAMES for q in menu):
         return "run.json: layout.menu must list known quant types"
+    emb = lay.get("embedding_menu", [])
+    if not strs(emb) or any(q not in CATALOGUE_NAMES for q in emb):
+        return "run.json: layout.embedding_menu must list known quant types"
     hp = lay.get("hparams") or {}
     if not isinstance(hp, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
                                        or v < 0 for v in hp.values()):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from converters.configuration import DEFAULT_MENU, Configuration
+from converters.configuration import DEFAULT_EMBEDDING_MENU, DEFAULT_MENU, Configuration
 from converters.errors import CoaloraError
 from converters.fileio import atomic_path, model_fingerprint, sha256_file, write_json
 from toolkit.run import Run, load_checkpoint, save_checkpoint
@@ -49,6 +49,7 @@ class TrainOptions:
     checkpoint_every: int = 25
     calib_windows: int = 4
     include_embeddings: bool = True
+    embedding_menu: tuple = DEFAULT_EMBEDDING_MENU  # types the embedding and head may take besides the menu
     top_share: float = 0.0  # share of steps on the training set's highest-precision configuration
     low_share: float = 0.0  # share of steps drawn from the lower-bpw half of the training set
     configs_per_step: int = 1  # configurations per optimizer step (coa / shared)
@@ -91,7 +92,7 @@ class TrainOptions:
 
 # Options that must not change when a run is resumed.
 _FROZEN = ("mode", "rank", "alpha", "seq_len", "batch", "lr", "cam_lr", "weight_decay", "clip", "warmup",
-           "targets", "menu", "seed", "rounds", "include_embeddings", "top_share", "low_share", "configs_per_step",
+           "targets", "menu", "seed", "rounds", "include_embeddings", "embedding_menu", "top_share", "low_share", "configs_per_step",
            "config_batch", "init_lora", "anchor", "anchor_loss", "anchor_lora_weight", "type_deltas",
            "delta_lr", "delta_error_power")
 
@@ -479,6 +480,8 @@ def _open_run(run_dir: Path, model_path, data_paths, opts: TrainOptions, resume:
     model_path = Path(model_path)
     loaded = load_model(model_path, log=log)
     layout = loaded.layout(include_embeddings=opts.include_embeddings).with_menu(opts.menu)
+    if opts.include_embeddings and opts.embedding_menu:
+        layout = layout.with_embedding_menu(opts.embedding_menu)
     opts = _with_targets(opts, layout)
     given = _given_imatrix(opts, loaded)
     if fixed_config is not None:  # before any folder exists
