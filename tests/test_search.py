@@ -153,6 +153,47 @@ def test_embedding_menu_extends_only_the_embedding(setup):
         best_configuration(layout, None, budget, errors=errors)
 
 
+def test_allocation_with_fixed_types(setup):
+    """allocate(fixed=...) keeps the given types, stays under the budget, never beats the free allocation's error,
+    and says so when the fixed types leave nothing under the budget."""
+    layout, errors, _ = setup
+    lo, hi = byte_range(layout)
+    budget = (lo + hi) // 2
+    free = allocate(layout, errors, budget)
+    for q in layout.menu("token_embd.weight"):
+        fixed = allocate(layout, errors, budget, fixed={"token_embd.weight": q.name})
+        assert fixed.types["token_embd.weight"] == q and layout.file_bytes(fixed) <= budget
+        assert total_error(layout, errors, fixed) >= total_error(layout, errors, free) * (1 - 1e-9)
+    with pytest.raises(CoaloraError, match="no configuration with token_embd.weight in Q8_0 fits"):
+        allocate(layout, errors, lo + 1, fixed={"token_embd.weight": "Q8_0"})
+    with pytest.raises(CoaloraError, match="not in its menu"):
+        allocate(layout, errors, budget, fixed={"token_embd.weight": "F16"})
+
+
+def test_search_tries_each_embedding_type_and_measures_the_least_error_candidate(setup):
+    """The candidates include the allocation with the embedding fixed in each type that fits, and the confirmation
+    always measures the candidate of least summed error, however the predictor ranks it."""
+    from toolkit.budget_search import _embedding_variants
+
+    layout, errors, _ = setup
+    lo, hi = byte_range(layout)
+    budget = lo + (hi - lo) // 3
+    variants = _embedding_variants(layout, errors, budget)
+    assert [c.types["token_embd.weight"].name for c, _ in variants] == [q.name for q in layout.menu("token_embd.weight")]
+    assert all(layout.file_bytes(c) <= budget and label.startswith("greedy:embedding ") for c, label in variants)
+    seen = []
+
+    def evaluate(cfgs):
+        seen.extend(cfgs)
+        return [np.full(4, 2.0) + 0.01 * np.arange(4) for _ in cfgs]
+
+    res = best_configuration(layout, None, budget, predict=lambda cs: [-total_error(layout, errors, c) for c in cs],
+                             evaluate=evaluate, errors=errors, n_confirm=1)  # the predictor prefers the worst
+    best = min(total_error(layout, errors, c) for c in [allocate(layout, errors, budget)] + [c for c, _ in variants])
+    assert min(total_error(layout, errors, c) for c in seen) <= best
+    assert len(res.confirmation["candidates"]) >= 2
+
+
 def test_budget_search(setup):
     layout, errors, sens = setup
     evaluate = synthetic_loss(layout, errors, sens, noise=0.0)

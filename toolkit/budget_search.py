@@ -1,7 +1,7 @@
 """The best configuration for a device: lowest predicted loss within a budget in exact file bytes.
 
 Starting points: archived configurations under the budget, the greedy sensitivity allocation at the
-budget, and uniform types that fit. Each of the best few is improved by steepest descent over
+budget (also with the embedding / head fixed in each of their types), and uniform types that fit. Each of the best few is improved by steepest descent over
 single-tensor type changes that keep ``layout.file_bytes(cfg) <= budget_bytes`` (the surrogate
 decides which upgrade spends the leftover bytes best). Optionally the top few are measured with
 ``evaluate`` and the best measured one wins.
@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from converters.configuration import Configuration, ModelLayout, pad
+from converters.configuration import EMBEDDING_KINDS, Configuration, ModelLayout, pad
 from converters.errors import CoaloraError
 from toolkit.pareto_search import Archive, Surrogate
 from toolkit.sensitivity import allocate, check_budget, total_error
@@ -134,7 +134,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     coalora's, or another llama.cpp file) replaces the largest llama.cpp file that fits only when it
     is better by ``CONFIRM_Z`` standard errors of the paired difference and by ``MIN_GAIN``; of those, the best
     measured is kept.
-    The other llama.cpp file measured is the one of least error in ``errors`` (the best-ranked without them).
+    The other llama.cpp file measured is the one of least error in ``errors`` (the best-ranked without them), and
+    with ``errors`` the candidate of least summed error is measured too.
     ``evaluate_shared`` (the same with the shared LoRA instead of each configuration's generated adapter)
     measures every candidate once more: each keeps its generated adapter only when it is better than the shared
     LoRA by ``CONFIRM_Z`` standard errors and ``MIN_GAIN`` (at high bits the configuration's adjustment is about
@@ -178,6 +179,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     if errors is not None:
         greedy = allocate(layout, errors, budget_bytes)
         cands.setdefault(greedy, names.get(greedy, "greedy"))
+        for c, label in _embedding_variants(layout, errors, budget_bytes):
+            cands.setdefault(c, names.get(c, label))
     for c, name in names.items():
         cands.setdefault(c, name)
     cheapest = Configuration({n: min(layout.menu(n), key=lambda q: layout[n].bytes(q)) for n in layout.names()})
@@ -213,7 +216,10 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         others = [x for x in ranked if x[0] in uniforms and x[0] != uni[0][0]] if uni else []
         if errors is not None:
             others.sort(key=lambda x: total_error(layout, errors, x[0]))
-        for x in arch + uni + others[:1]:
+        # and the candidate of least quantization error: the GP ranks poorly what the archive has not sampled
+        # (at the 200-step run's Q4_K_M size a Q8_0 embedding with cheaper ffn_down, under Q5_1 everywhere else)
+        least = [min(ranked, key=lambda x: total_error(layout, errors, x[0]))] if errors is not None else []
+        for x in arch + uni + others[:1] + least:
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)
         u = [c for c, _, _ in top].index(uni[0][0]) if uni else None
@@ -240,6 +246,22 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     return SearchResult(best_cfg, size, layout.bits_per_weight(best_cfg),
                         best_score if predict is not None else None, measured, budget_bytes, best_src, confirmation,
                         adjusted)
+
+
+def _embedding_variants(layout: ModelLayout, errors: dict, budget_bytes: int) -> list[tuple[Configuration, str]]:
+    """The error table's allocation with the token embedding and output head fixed in each type of their menus
+    (as llama-quantize's --token-embedding-type / --output-tensor-type), where it fits the budget: the summed error
+    weighs them like any tensor, though they act on the logits directly, so one allocation may miss the type
+    that matters most."""
+    emb = [t.name for t in layout.tensors if t.kind in EMBEDDING_KINDS]
+    out = []
+    for q in dict.fromkeys(q.name for n in emb for q in layout.menu(n)):
+        fixed = {n: q for n in emb if q in {m.name for m in layout.menu(n)}}
+        try:
+            out.append((allocate(layout, errors, budget_bytes, fixed=fixed), f"greedy:embedding {q}"))
+        except CoaloraError:  # that type leaves no configuration under the budget
+            continue
+    return out
 
 
 def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, evaluate_shared: Callable | None,

@@ -182,17 +182,24 @@ def check_budget(layout: ModelLayout, budget_bytes: int) -> None:
             f"({bpw_of_bytes(layout, lo):.3f}..{bpw_of_bytes(layout, hi):.3f} bpw)")
 
 
-def allocate(layout: ModelLayout, errors: ErrorTable, budget_bytes: int, resolution: int = 16384) -> Configuration:
+def allocate(layout: ModelLayout, errors: ErrorTable, budget_bytes: int, resolution: int = 16384,
+             fixed: dict[str, str] | None = None) -> Configuration:
     """Types minimizing the summed error with ``layout.file_bytes(cfg) <= budget_bytes`` (exact bytes).
 
     A multiple-choice knapsack solved by dynamic programming over the bytes above the cheapest
     configuration, in ``resolution`` units with every tensor's cost rounded UP (so the answer is
     always within the exact budget, and its error never rises with the budget), then a fill pass
-    that spends the bytes the rounding left on the best single-tensor changes. Raises
-    CoaloraError when the budget is outside the reachable range.
+    that spends the bytes the rounding left on the best single-tensor changes. ``fixed``: tensors whose type
+    is given (a type of their menu). Raises CoaloraError when the budget is outside the reachable range (with
+    ``fixed``, when no configuration with those types fits it).
     """
     check_budget(layout, budget_bytes)
     p = _Problem(layout, errors)
+    for n, q in (fixed or {}).items():  # the other types of a fixed tensor are never chosen
+        i = p.names.index(n)
+        if q not in p.menus[i]:
+            raise CoaloraError(f"{n}: {q} is not in its menu ({', '.join(p.menus[i])})")
+        p.err[i, [j for j, m in enumerate(p.menus[i]) if m != q]] = np.inf
     base = p.total_bytes(p.cheapest)
     lo, hi = byte_range(layout)
     unit = max(1, -(-(hi - lo) // resolution))
@@ -213,6 +220,9 @@ def allocate(layout: ModelLayout, errors: ErrorTable, budget_bytes: int, resolut
             new[better] = cand[better]
             arg[i, better] = j
         best = new
+    if not np.isfinite(best).any():
+        raise CoaloraError(f"no configuration with {', '.join(f'{n} in {q}' for n, q in fixed.items())} fits "
+                           f"{budget_bytes:,} bytes")
     choice = np.zeros(len(p.names), dtype=np.int64)
     c = int(np.argmin(best))  # best is non-increasing in c up to float ties; take the least-capacity optimum
     for i in rows[::-1]:
