@@ -192,6 +192,15 @@ def test_search_tries_each_embedding_type_and_measures_the_least_error_candidate
     best = min(total_error(layout, errors, c) for c in [allocate(layout, errors, budget)] + [c for c, _ in variants])
     assert min(total_error(layout, errors, c) for c in seen) <= best
     assert len(res.confirmation["candidates"]) >= 2
+    # with F16 on the embedding's menu, the allocation with an F16 embedding is measured too, though its weight
+    # error is no smaller (a Q8_0 embedding's input is rounded to Q8_0 blocks, an F16 one's to F16: no error sees it)
+    wide = layout.with_embedding_menu(["F16"])
+    werrors = {n: {**row, **({"F16": row["Q8_0"]} if n == "token_embd.weight" else {})} for n, row in errors.items()}
+    seen.clear()
+    res = best_configuration(wide, None, budget, predict=lambda cs: [-total_error(wide, werrors, c) for c in cs],
+                             evaluate=evaluate, errors=werrors, n_confirm=1)
+    assert any(c.types["token_embd.weight"].name == "F16" for c in seen)
+    assert any(r["source"] == "greedy:embedding F16" for r in res.confirmation["candidates"])
 
 
 def test_budget_search(setup):

@@ -135,7 +135,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     is better by ``CONFIRM_Z`` standard errors of the paired difference and by ``MIN_GAIN``; of those, the best
     measured is kept.
     The other llama.cpp file measured is the one of least error in ``errors`` (the best-ranked without them), and
-    with ``errors`` the candidate of least summed error is measured too.
+    with ``errors`` the candidate of least summed error and the allocation with the finest embedding / head that
+    fits (unless a finalist has that head) are measured too.
     ``evaluate_shared`` (the same with the shared LoRA instead of each configuration's generated adapter)
     measures every candidate once more: each keeps its generated adapter only when it is better than the shared
     LoRA by ``CONFIRM_Z`` standard errors and ``MIN_GAIN`` (at high bits the configuration's adjustment is about
@@ -176,10 +177,12 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     for r in archive.records:  # an archived llama.cpp file keeps its llama.cpp name
         if r.file_bytes <= budget_bytes and layout.on_menu(r.config()):
             cands.setdefault(r.config(), names.get(r.config(), "archive"))
+    variants = []
     if errors is not None:
         greedy = allocate(layout, errors, budget_bytes)
         cands.setdefault(greedy, names.get(greedy, "greedy"))
-        for c, label in _embedding_variants(layout, errors, budget_bytes):
+        variants = _embedding_variants(layout, errors, budget_bytes)
+        for c, label in variants:
             cands.setdefault(c, names.get(c, label))
     for c, name in names.items():
         cands.setdefault(c, name)
@@ -222,6 +225,13 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         for x in arch + uni + others[:1] + least:
             if x[0] not in {c for c, _, _ in top}:
                 top.append(x)
+        # and the allocation with the finest embedding / head that fits, unless a finalist has that head already:
+        # its type also sets how ggml rounds the head's input (F16, not Q8_0 blocks), which no weight error sees
+        if variants:
+            finest = max((c for c, _ in variants),
+                         key=lambda c: sum(layout[n].bytes(q) for n, q in _head(layout, c).items()))
+            if _head(layout, finest) not in [_head(layout, c) for c, _, _ in top]:
+                top.append(next(x for x in ranked if x[0] == finest))
         u = [c for c, _, _ in top].index(uni[0][0]) if uni else None
         real, adapters, rows, k, undecided = _confirm(layout, top, u, evaluate, evaluate_shared, divergence)
         extended_from = None
@@ -246,6 +256,11 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     return SearchResult(best_cfg, size, layout.bits_per_weight(best_cfg),
                         best_score if predict is not None else None, measured, budget_bytes, best_src, confirmation,
                         adjusted)
+
+
+def _head(layout: ModelLayout, cfg: Configuration) -> dict:
+    """The types of the token embedding and output head in ``cfg``."""
+    return {n: q for n, q in cfg.types.items() if layout[n].kind in EMBEDDING_KINDS}
 
 
 def _embedding_variants(layout: ModelLayout, errors: dict, budget_bytes: int) -> list[tuple[Configuration, str]]:
