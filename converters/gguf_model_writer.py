@@ -19,10 +19,10 @@ import gguf
 import numpy as np
 
 from converters import ggml_quant
-from converters.configuration import Configuration, pad
+from converters.configuration import EMBEDDING_KINDS, Configuration, pad
 from converters.errors import CoaloraError
 from converters.fileio import atomic_path
-from converters.gguf_source import EMBEDDING_DEFAULT_TYPE, EMBEDDING_KINDS, GGUFSource, tensor_kind
+from converters.gguf_source import EMBEDDING_DEFAULT_TYPE, GGUFSource, tensor_kind
 from converters.quant_types import QuantType, get, resolve
 
 # Catalogue type -> llama_ftype written as general.file_type (the "_S" member for K-quant families,

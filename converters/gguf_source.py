@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from converters.architectures import Architecture, by_gguf_name
-from converters.configuration import EMBEDDING_KINDS, ModelLayout, TensorSpec  # noqa: F401 (EMBEDDING_KINDS: re-exported)
+from converters.configuration import EMBEDDING_KINDS, ModelLayout, TensorSpec
 from converters.errors import CoaloraError
 from converters.gguf_check import open_reader
 from converters.gguf_model_check import MAX_BLOCKS, check_hparams, check_names, check_vocabulary, typed_value

@@ -213,7 +213,8 @@ def register(cli: click.Group) -> None:
         if deltas and mode != "coa":
             raise CoaloraError("--type-deltas needs --mode coa (the configuration picks the corrections)")
         _run_training(model, data, out, mode, None, rounds=rounds, search_candidates=search_candidates,
-                      menu=menu_t, embedding_menu=_quant_types(embedding_menu), init_lora=str(Path(init_lora).resolve()) if init_lora else "",
+                      menu=menu_t, embedding_menu=_quant_types(embedding_menu),
+                      init_lora=str(Path(init_lora).resolve()) if init_lora else "",
                       type_deltas=deltas, **exp, **kw)
 
     train_cmd.name = "train"

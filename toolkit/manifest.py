@@ -176,7 +176,8 @@ def check_against_files(manifest: dict, model_src, adapter_bytes: int, profile) 
         cfg = Configuration(dict(manifest["configuration"]))
     except ValueError as e:
         raise CoaloraError(f"{name}: configuration: {str(e)[:200]}") from None
-    from converters.gguf_source import EMBEDDING_KINDS, tensor_kind
+    from converters.configuration import EMBEDDING_KINDS
+    from converters.gguf_source import tensor_kind
     # the run's layout: with the embeddings only when the search covered them
     layout = model_src.layout(include_embeddings=any(tensor_kind(n) in EMBEDDING_KINDS for n in cfg.types))
     actual = {n: model_src.ggml_type(n).name for n in layout.names()}
