@@ -1,6 +1,7 @@
 """The quality goal with importance matrices (issue 17): coalora against what GGUF users download today.
 
-Protocol (SmolLM2-135M-Instruct dequantized to F32; the five training novels; held-out Pride and Prejudice):
+Protocol (--model, by default SmolLM2-135M-Instruct dequantized to F32; bench/float_model.py makes one trained in
+float; the five training novels; held-out Pride and Prejudice):
 - Baseline, what users have: llama.cpp's stock file types made by llama.cpp's own `llama_model_quantize`
   (its per-tensor mixes, e.g. Q4_K_M) with the importance matrix of the CoA-LoRA run (computed by
   `coalora train` from the same training text), plus a full-precision LoRA: `coalora finetune --config F32`
@@ -18,7 +19,7 @@ Protocol (SmolLM2-135M-Instruct dequantized to F32; the five training novels; he
   not name them, or it has not reached them yet) are kept whole, with the provenance of the run that measured them.
 - Floor: the F32 model with the full-precision LoRA.
 - Perplexity by llama.cpp (F32 KV cache) on the first --windows windows of 512 tokens of Pride and Prejudice.
-Writes bench/results/imatrix_quality.{md,json}.
+Writes bench/results/imatrix_quality.{md,json} (--name NAME: NAME.{md,json}).
 
     python bench/imatrix_quality.py --coa-run coalora-demo/run    # reuse a trained run (e.g. the demo's)
     python bench/imatrix_quality.py --report-only --windows 16     # rewrite the markdown from the JSON
@@ -62,23 +63,28 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep unchanged rows of the previous result")
     ap.add_argument("--work", type=Path, default=Path("bench/work/imatrix_quality"))
     ap.add_argument("--note", default="", help="A sentence about the run, added to the result.")
+    ap.add_argument("--model", default="smollm2",
+                    help="the model (a GGUF or Hugging Face folder, or smollm2): trained, converted, measured")
+    ap.add_argument("--label", default="SmolLM2-135M", help="the model's name in the result's text")
+    ap.add_argument("--name", default="imatrix_quality", help="result file name (NAME.json, NAME.md)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from imatrix_quality.json")
     args = ap.parse_args()
     if args.report_only:
-        data = json.loads((RESULTS / "imatrix_quality.json").read_text())
+        data = json.loads((RESULTS / f"{args.name}.json").read_text())
         data.setdefault("windows", args.windows)
         data.setdefault("note", args.note)
-        return write_results("imatrix_quality", data, report(data))
+        return write_results(args.name, data, report(data))
     from converters import imatrix as imx
     from converters.gguf_inspect import inspect_gguf
     from toolkit import assets
 
+    model = assets.resolve_model(args.model)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch]
     coa = args.coa_run or work / "coa"
     if not (coa / "run.json").exists():
-        cli("train", "smollm2", "-o", coa, *train, "--json")
+        cli("train", model, "-o", coa, *train, "--json")
     meta = json.loads((coa / "run.json").read_text())
     o = meta["options"]
     if (o["steps"], o["seq_len"], o["batch"]) != (args.steps, args.seq_len, args.batch):
@@ -89,17 +95,17 @@ def main() -> None:
         sys.exit(f"{coa} has no importance matrix (trained with --no-imatrix)")
     fp = work / "fp"
     if not (fp / "run.json").exists():
-        cli("finetune", "smollm2", "--config", "F32", "-o", fp, *train, "--rank", o["rank"], "--no-imatrix", "--json")
+        cli("finetune", model, "--config", "F32", "-o", fp, *train, "--rank", o["rank"], "--no-imatrix", "--json")
     fp_adapter = work / "fp-adapter.gguf"
     if not fp_adapter.exists():
         cli("adapter", fp, "--config", "F32", "-o", fp_adapter, "--json")
 
     f32 = work / "f32.gguf"
     if not f32.exists():
-        cli("convert", assets.smollm2_path(), "--type", "F32", "-o", f32)
+        cli("convert", model, "--type", "F32", "-o", f32)
     ev = Evaluator(f32, args.windows, 512)
     prev, earlier, kept = {}, None, None
-    old = RESULTS / "imatrix_quality.json"
+    old = RESULTS / f"{args.name}.json"
     fingerprint = run_fingerprint(coa)
     if args.reuse and old.exists():
         d = json.loads(old.read_text())
@@ -171,7 +177,7 @@ def main() -> None:
         picked = json.loads(cfg.read_text())
         kind = picked["adapter"]
         if not mixed.exists():
-            cli("convert", assets.smollm2_path(), "--recipe", cfg, "--imatrix", imatrix, "-o", mixed)
+            cli("convert", model, "--recipe", cfg, "--imatrix", imatrix, "-o", mixed)
         other_kind = "generated" if kind == "shared" else "shared"
         other = work / f"coalora-{stem}-{other_kind}.gguf"  # the adapter the confirmation did not pick
         cli("adapter", coa, "--config", cfg, "-o", adapter, "--json")
@@ -189,7 +195,7 @@ def main() -> None:
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget,
                      "confirmation": confirmation_summary(picked.get("confirmation"))})
         # after every budget: an interrupted run keeps its rows
-        save(coa, fingerprint, o, args, floor, goal, rows, earlier, kept)
+        save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept)
 
 
 def confirmation_summary(conf: dict | None) -> dict | None:
@@ -208,7 +214,7 @@ def confirmation_summary(conf: dict | None) -> dict | None:
             "largest_llama_file": next((pick(r) for r in conf["candidates"] if r.get("uniform")), None)}
 
 
-def save(coa, fingerprint, o, args, floor, goal, rows, earlier, kept=None) -> None:
+def save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept=None) -> None:
     done = {g["stock"] for g in goal}
     if kept:  # the previous result's budgets this invocation has not measured
         groups = [{**k, "stocks": [t for t in k["stocks"] if t not in done]} for k in kept["groups"]]
@@ -218,13 +224,13 @@ def save(coa, fingerprint, o, args, floor, goal, rows, earlier, kept=None) -> No
         goal, rows = sorted(goal + kept["goal"], key=lambda g: -g["budget_bytes"]), rows + kept["rows"]
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
-    data = {"coa_run": str(coa), "coa_run_sha256": fingerprint, "options": o,
+    data = {"model": str(model), "model_label": args.label, "coa_run": str(coa), "coa_run_sha256": fingerprint, "options": o,
             "windows": args.windows, "note": args.note, "floor": floor, "goal": goal, "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
     if kept:
         data["kept_budgets"] = kept["groups"]
-    write_results("imatrix_quality", data, report(data))
+    write_results(args.name, data, report(data))
 
 
 def report(data: dict) -> str:
@@ -240,7 +246,7 @@ def report(data: dict) -> str:
             for g in data["goal"]]
     rows = [{**r, "reused": "yes" if r.get("reused") else "",
              "method": r["method"] + (f" ({r['adapter']})" if r.get("adapter") else "")} for r in data["rows"]]
-    return (f"SmolLM2-135M; CoA-LoRA run `{Path(data['coa_run']).name}` ({o['steps']} steps x {o['batch']} x "
+    return (f"{data.get('model_label', 'SmolLM2-135M')}; CoA-LoRA run `{Path(data['coa_run']).name}` ({o['steps']} steps x {o['batch']} x "
             f"{o['seq_len']} tokens, rank {o['rank']}, recipe options as trained, imatrix from its training text); "
             f"full-precision LoRA with the same steps; llama.cpp perplexity on {data['windows']} x 512 tokens of "
             f"Pride and Prejudice. Floor (F32 + full-precision LoRA): {floor:.3f}."

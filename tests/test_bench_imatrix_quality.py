@@ -31,10 +31,10 @@ def test_budgets_not_measured_yet_are_kept_with_their_provenance(tmp_path, monke
                                                             ("Q8_0", 900, 20.7)) for r in _rows(s, n, p)],
             "groups": [{"stocks": ["Q8_0"], "provenance": older}, {"stocks": ["Q4_0", "IQ4_XS"], "provenance": old}]}
     o = {"steps": 50, "batch": 4, "seq_len": 128, "rank": 8}
-    args = type("A", (), {"windows": 16, "note": ""})()
+    args = type("A", (), {"windows": 16, "note": "", "name": "imatrix_quality", "label": "Tiny"})()
     floor_row = {"method": imatrix_quality.FLOOR, "file_bytes": 1000, "bpw": 32.0, "ppl": 20.0}
     # interrupted after measuring IQ4_XS only: Q4_0 (asked for, not reached) and Q8_0 (not asked for) stay
-    imatrix_quality.save(Path("run"), "f" * 64, o, args, 20.0, [_goal("IQ4_XS", 200, 21.4)],
+    imatrix_quality.save(Path("run"), "f" * 64, o, args, Path("model"), 20.0, [_goal("IQ4_XS", 200, 21.4)],
                          [floor_row, *_rows("IQ4_XS", 200, 21.4)], old, kept)
     d = written["data"]
     assert d["coa_run_sha256"] == "f" * 64
@@ -44,6 +44,7 @@ def test_budgets_not_measured_yet_are_kept_with_their_provenance(tmp_path, monke
     assert sorted((r.get("stock"), r["ppl"], bool(r.get("reused"))) for r in d["rows"] if r.get("stock")) == [
         ("IQ4_XS", 21.4, False), ("Q4_0", 21.5, True), ("Q8_0", 20.7, True)]
     assert "Budgets Q4_0: kept from the result of commit aaaaaaa" in written["md"]
+    assert written["md"].startswith("Tiny; CoA-LoRA run `run`") and d["model"] == "model"
     json.dumps(d)  # the result file stays JSON
 
 
