@@ -154,8 +154,16 @@ def main() -> None:
 
     goal = []
     kinds = [(t.removeprefix("pure:"), t.startswith("pure:")) for t in args.files.split(",") if t]
+    skipped = []
     for t, pure in kinds:
         name = f"{t} pure" if pure else t
+        uncovered = _pure_file_aborts(f32, imatrix) if pure and t in NEEDS_IMATRIX else []
+        if uncovered:  # llama.cpp aborts the process there (GGML_ASSERT(imatrix != NULL) in ggml_quantize_chunk)
+            why = (f"llama.cpp's pure {t} file cannot be made: {', '.join(uncovered)} would take a type that needs "
+                   f"an importance matrix, which has no entry for them, and llama_model_quantize aborts")
+            print(f"  {name:12s} skipped: {why}", flush=True)
+            skipped.append({"stock": name, "why": why})
+            continue
         stem = f"pure-{t}" if pure else f"stock-{t}"
         plain, with_im = work / f"{stem}.gguf", work / f"{stem}-imatrix.gguf"
         plain_ok = t not in NEEDS_IMATRIX  # llama.cpp refuses those without an importance matrix
@@ -195,7 +203,22 @@ def main() -> None:
                      "wins": q_coa < p_base and ours["file_bytes"] <= budget,
                      "confirmation": confirmation_summary(picked.get("confirmation"))})
         # after every budget: an interrupted run keeps its rows
-        save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept)
+        save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept, skipped)
+    if skipped:
+        save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept, skipped)
+
+
+def _pure_file_aborts(f32: Path, imatrix: Path) -> list[str]:
+    """The weight matrices a pure file of a type that needs an importance matrix would give that type (rows a
+    multiple of 256, llama.cpp's fallback rule) although the imatrix has no entry for them: the token embedding,
+    and the output head, which llama-imatrix skips by default. llama.cpp then aborts instead of failing."""
+    from gguf import GGUFReader
+
+    from converters import imatrix as imx
+
+    covered = set(imx.load(imatrix).names())
+    return sorted(t.name for t in GGUFReader(f32).tensors if len(t.shape) >= 2 and t.name.endswith(".weight")
+            and t.name not in covered and int(t.shape[0]) % 256 == 0)
 
 
 def confirmation_summary(conf: dict | None) -> dict | None:
@@ -214,7 +237,7 @@ def confirmation_summary(conf: dict | None) -> dict | None:
             "largest_llama_file": next((pick(r) for r in conf["candidates"] if r.get("uniform")), None)}
 
 
-def save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept=None) -> None:
+def save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept=None, skipped=()) -> None:
     done = {g["stock"] for g in goal}
     if kept:  # the previous result's budgets this invocation has not measured
         groups = [{**k, "stocks": [t for t in k["stocks"] if t not in done]} for k in kept["groups"]]
@@ -224,12 +247,14 @@ def save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept=None
         goal, rows = sorted(goal + kept["goal"], key=lambda g: -g["budget_bytes"]), rows + kept["rows"]
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
-    data = {"model": str(model), "model_label": args.label, "coa_run": str(coa), "coa_run_sha256": fingerprint, "options": o,
-            "windows": args.windows, "note": args.note, "floor": floor, "goal": goal, "rows": rows}
+    data = {"model": str(model), "model_label": args.label, "coa_run": str(coa), "coa_run_sha256": fingerprint,
+            "options": o, "windows": args.windows, "note": args.note, "floor": floor, "goal": goal, "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
     if kept:
         data["kept_budgets"] = kept["groups"]
+    if skipped:
+        data["skipped"] = list(skipped)
     write_results(args.name, data, report(data))
 
 
@@ -246,13 +271,15 @@ def report(data: dict) -> str:
             for g in data["goal"]]
     rows = [{**r, "reused": "yes" if r.get("reused") else "",
              "method": r["method"] + (f" ({r['adapter']})" if r.get("adapter") else "")} for r in data["rows"]]
-    return (f"{data.get('model_label', 'SmolLM2-135M')}; CoA-LoRA run `{Path(data['coa_run']).name}` ({o['steps']} steps x {o['batch']} x "
-            f"{o['seq_len']} tokens, rank {o['rank']}, recipe options as trained, imatrix from its training text); "
+    return (f"{data.get('model_label', 'SmolLM2-135M')}; CoA-LoRA run `{Path(data['coa_run']).name}` "
+            f"({o['steps']} steps x {o['batch']} x {o['seq_len']} tokens, rank {o['rank']}, recipe options as trained, "
+            f"imatrix from its training text); "
             f"full-precision LoRA with the same steps; llama.cpp perplexity on {data['windows']} x 512 tokens of "
             f"Pride and Prejudice. Floor (F32 + full-precision LoRA): {floor:.3f}."
             + (f" {data['note']}" if data.get("note") else "")
             + "".join(f" Budgets {', '.join(k['stocks'])}: kept from the result of commit "
                       f"{k['provenance']['commit'][:7]} (not measured again)." for k in data.get("kept_budgets") or [])
+            + "".join(f" {k['stock']}: skipped ({k['why']})." for k in data.get("skipped") or [])
             + "\n\n"
             + markdown_table(goal, [("stock", "stock type"), ("budget_bytes", "budget = stock+imatrix bytes"),
                                     ("baseline_bpw", "stock bpw"), ("baseline_ppl", "stock + imatrix + fp LoRA"),

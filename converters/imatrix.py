@@ -246,6 +246,7 @@ def check_configuration(cfg, entries) -> None:
     names = entries.sums if isinstance(entries, Imatrix) else entries
     for name, q in cfg.types.items():
         if q.needs_imatrix and (names is None or name not in names):
-            raise CoaloraError(f"{name}: {q.name} needs an importance matrix"
-                               + (" (make one with `coalora imatrix MODEL --data TEXT -o imatrix.gguf`, pass it "
-                                  "with --imatrix)" if names is None else f", and the imatrix has no entry for it"))
+            missing = (" (make one with `coalora imatrix MODEL --data TEXT -o imatrix.gguf`, pass it with --imatrix)"
+                       if names is None else ", and the imatrix has no entry for it (imatrices cover no token "
+                       "embedding, nor the output head by default): give it another type")
+            raise CoaloraError(f"{name}: {q.name} needs an importance matrix{missing}")

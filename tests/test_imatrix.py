@@ -220,7 +220,7 @@ def test_bad_imatrix_files_are_one_line_errors(tiny, tiny_f32, tiny_imatrix, tmp
     err = _error(capsys, ["convert", str(tiny_f32), "-o", str(out), "--type", "IQ2_XS"])
     assert "IQ2_XS needs an importance matrix" in err and not out.exists()
     err = _error(capsys, ["convert", str(tiny_f32), "-o", str(out), "--type", "IQ2_XS", "--imatrix", str(good)])
-    assert "no entry" in err and not out.exists()  # token_embd has no imatrix entry
+    assert "no entry" in err and "give it another type" in err and not out.exists()  # token_embd has none
     err = _error(capsys, ["imatrix", str(tiny.source), "--data", str(tmp_path / "truncated.dat"), "-o",
                           str(tmp_path / "x.txt")])
     assert ".gguf" in err
@@ -301,3 +301,13 @@ def test_smollm2_iq_types_torch_matches_llama_cpp(smollm2_run, tmp_path):
     llm.close()
     p_torch = evaluation.perplexity(evaluation.torch_window_nll(run.torch_logits_fn(cfg), windows))
     assert abs(p_llama / p_torch - 1) <= 0.005, (p_llama, p_torch)
+
+
+def test_bench_knows_where_llama_cpp_pure_files_abort(tiny_f32, tiny_imatrix):
+    """llama_model_quantize aborts the process (GGML_ASSERT) on a pure IQ2 file whose token embedding or output
+    head can take the type but has no imatrix entry; bench/imatrix_quality.py finds those tensors beforehand."""
+    from bench.imatrix_quality import _pure_file_aborts
+
+    path, im = tiny_imatrix
+    assert "token_embd.weight" not in im.names() and "output.weight" not in im.names()
+    assert _pure_file_aborts(tiny_f32, path) == ["output.weight", "token_embd.weight"]  # 256-wide rows
