@@ -18,6 +18,10 @@ from converters.quant_types import CATALOGUE, get
 # llama-quantize's mixed file types that coalora's catalogue can write (the plain ones are the uniform files)
 MIXES = ("Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "IQ3_M", "IQ3_S",
          "IQ3_XS", "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+# llama-quantize's file types named after one type: the file differs from the uniform one where llama.cpp gives the
+# output head (or a tied token embedding) more bits (Q6_K, or Q8_0 on rows that are not a multiple of 256); the
+# search weighs them as llama.cpp's files, training does not add them to its set (they are nearly the uniform files)
+SINGLE_TYPE_FILES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL")
 NEEDS_IMATRIX = {"IQ3_XXS", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"}
 
 # "[  12/ 272] blk.0.attn_q.weight - [ 576, 576, 1, 1], type = q4_1, size = 0.18 MiB -> 0.21 MiB (q5_0)";

@@ -13,7 +13,7 @@ from converters.errors import CoaloraError
 from converters.llama_mixes import mix_configurations, mix_types
 from toolkit.cli import main
 
-MIXES = ("Q4_K_M", "Q5_K_S", "Q3_K_M", "IQ4_XS", "Q2_K")
+MIXES = ("Q4_K_M", "Q5_K_S", "Q3_K_M", "IQ4_XS", "Q2_K", "Q4_0")  # Q4_0: a single-type file (a Q6_K head)
 
 
 @pytest.mark.parametrize("with_imatrix", [False, True])
@@ -39,6 +39,20 @@ def test_dry_run_types_are_what_llama_quantize_writes(tiny, tiny_f32, tiny_imatr
         mine = gguf_tensors(ours)
         assert all(mine[n] == written[n] for n in layout.names()), ftype
     assert len(histograms) >= 4, "the mixes differ from each other"
+
+
+def test_search_weighs_llama_cpp_single_type_files(tiny, tiny_f32):
+    """llama.cpp's Q4_0, Q5_1, ... files give the output head more bits than coalora's uniform files: the search
+    counts them among llama.cpp's files (training does not add them to its set)."""
+    from toolkit.budget_search import llama_mixes
+
+    layout = tiny.layout()
+    run = type("R", (), {"meta": {"model": str(tiny_f32)}, "imatrix": lambda self: None})()
+    searched, trained = llama_mixes(run, layout, single_type_files=True), llama_mixes(run, layout)
+    assert "Q4_0" in searched and "Q4_0" not in trained and set(trained) < set(searched)
+    q4_0 = searched["Q4_0"]
+    assert q4_0.types["output.weight"].name == "Q6_K" and q4_0 != layout.uniform("Q4_0")
+    assert layout.file_bytes(q4_0) > layout.file_bytes(layout.uniform("Q4_0"))
 
 
 def test_unknown_file_type_is_an_error(tiny_f32):

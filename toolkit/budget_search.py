@@ -377,7 +377,7 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     errors = load_error_table(table, layout)
     if errors is None and table.exists():
         raise CoaloraError(f"{table} is damaged or does not cover the run's tensors; train the run again")
-    mixes = llama_mixes(run, layout)
+    mixes = llama_mixes(run, layout, single_type_files=True)
     measure = shared = more = shared_more = kl = kl_more = None
     if confirm > 0:
         def per_window(n: int, adjusted: bool = True) -> Callable:
@@ -396,14 +396,16 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
                               evaluate_shared_more=shared_more, divergence=kl, divergence_more=kl_more)
 
 
-def llama_mixes(run, layout: ModelLayout) -> dict:
+def llama_mixes(run, layout: ModelLayout, single_type_files: bool = False) -> dict:
     """llama-quantize's mixed file types (Q4_K_M, ...) for the run's model, as llama.cpp's dry run assigns them
     (with the run's importance matrix when it has one), on ``layout``'s tensors; none when the model is not at hand
-    (a search without confirmation needs only the run folder)."""
+    (a search without confirmation needs only the run folder). ``single_type_files``: also its Q4_0, Q5_1, ...
+    files, which give the output head more bits than the uniform ones."""
     from converters.gguf_source import open_source
-    from converters.llama_mixes import mix_configurations
+    from converters.llama_mixes import MIXES, SINGLE_TYPE_FILES, mix_configurations
 
     model = Path(run.meta["model"])
     if not model.exists():
         return {}
-    return mix_configurations(open_source(model).path, layout, imatrix=run.imatrix())
+    ftypes = MIXES + SINGLE_TYPE_FILES if single_type_files else MIXES
+    return mix_configurations(open_source(model).path, layout, ftypes, imatrix=run.imatrix())
