@@ -23,24 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import markdown_table, write_results  # noqa: E402
 
-SPECIALS = ["<|endoftext|>", "<s>", "</s>", "<pad>"]
-
-
-def build_tokenizer(texts: list[str], vocab: int, dest: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<|endoftext|>", pad_token="<pad>")
-    fast.save_pretrained(dest)
-    return fast
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -60,13 +42,14 @@ def main() -> None:
     from tqdm import tqdm
 
     from converters.fileio import sha256_file
+    from tests.conftest import build_tiny_tokenizer  # the tests' byte-level BPE, trained on the novels here
     from toolkit import assets
 
     torch.manual_seed(0)
     train = [p.read_text(encoding="utf-8") for p in assets.require_novels(assets.TRAIN_NOVELS)]
     held = assets.require_novels([assets.EVAL_NOVEL])[0].read_text(encoding="utf-8")
     args.out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(train, args.vocab, args.out)
+    tok = build_tiny_tokenizer(args.out, texts=train, vocab_size=args.vocab, chat_template=None)
     ids = torch.tensor([t for text in train for t in [tok.bos_token_id, *tok(text)["input_ids"]]])
     held_ids = torch.tensor(tok(held)["input_ids"])
     cfg = transformers.LlamaConfig(

@@ -44,20 +44,23 @@ def tiny_corpus(n_words: int = 1500, seed: int = 0) -> str:
     return "\n".join(out) + "\n"
 
 
-def build_tiny_tokenizer(dest, seed: int = 0, **config):
-    """A byte-level BPE tokenizer trained on the tiny corpus, with specials and a chat template, saved to ``dest``."""
+def build_tiny_tokenizer(dest, seed: int = 0, texts=None, vocab_size: int = TINY_VOCAB,
+                         chat_template: str | None = TINY_CHAT_TEMPLATE, **config):
+    """A byte-level BPE tokenizer trained on ``texts`` (default: the tiny corpus), with specials and a chat
+    template, saved to ``dest`` (bench/float_model.py trains one on the novels)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=TINY_SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([tiny_corpus(seed=seed)], trainer=trainer)
+    tok.train_from_iterator(texts or [tiny_corpus(seed=seed)], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<|endoftext|>", pad_token="<pad>", **config)
-    fast.chat_template = TINY_CHAT_TEMPLATE
+    if chat_template:
+        fast.chat_template = chat_template
     fast.save_pretrained(dest)
     return fast
 
