@@ -154,20 +154,21 @@ def main() -> None:
 
     goal = []
     kinds = [(t.removeprefix("pure:"), t.startswith("pure:")) for t in args.files.split(",") if t]
-    skipped = []
+    skipped, importance = [], imx.load(imatrix)
     for t, pure in kinds:
         name = f"{t} pure" if pure else t
-        uncovered = _pure_file_aborts(f32, imatrix) if pure and t in NEEDS_IMATRIX else []
+        uncovered = _pure_file_aborts(f32, importance) if pure and t in NEEDS_IMATRIX else []
         if uncovered:  # llama.cpp aborts the process there (GGML_ASSERT(imatrix != NULL) in ggml_quantize_chunk)
             why = (f"llama.cpp's pure {t} file cannot be made: {', '.join(uncovered)} would take a type that needs "
                    f"an importance matrix, which has no entry for them, and llama_model_quantize aborts")
             print(f"  {name:12s} skipped: {why}", flush=True)
             skipped.append({"stock": name, "why": why})
+            save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept, skipped)
             continue
         stem = f"pure-{t}" if pure else f"stock-{t}"
         plain, with_im = work / f"{stem}.gguf", work / f"{stem}-imatrix.gguf"
         plain_ok = t not in NEEDS_IMATRIX  # llama.cpp refuses those without an importance matrix
-        for path, im in ((plain, None), (with_im, imx.load(imatrix))):
+        for path, im in ((plain, None), (with_im, importance)):
             if not path.exists() and (im is not None or plain_ok):
                 llama_quantize(f32, path, t, imatrix=im, pure=pure)
         (plain_row,) = ppl(name, ["stock + full-precision LoRA"], plain, [fp_adapter]) if plain_ok else (None,)
@@ -204,19 +205,15 @@ def main() -> None:
                      "confirmation": confirmation_summary(picked.get("confirmation"))})
         # after every budget: an interrupted run keeps its rows
         save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept, skipped)
-    if skipped:
-        save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept, skipped)
 
 
-def _pure_file_aborts(f32: Path, imatrix: Path) -> list[str]:
+def _pure_file_aborts(f32: Path, importance) -> list[str]:
     """The weight matrices a pure file of a type that needs an importance matrix would give that type (rows a
     multiple of 256, llama.cpp's fallback rule) although the imatrix has no entry for them: the token embedding,
     and the output head, which llama-imatrix skips by default. llama.cpp then aborts instead of failing."""
     from gguf import GGUFReader
 
-    from converters import imatrix as imx
-
-    covered = set(imx.load(imatrix).names())
+    covered = set(importance.names())
     return sorted(t.name for t in GGUFReader(f32).tensors if len(t.shape) >= 2 and t.name.endswith(".weight")
             and t.name not in covered and int(t.shape[0]) % 256 == 0)
 

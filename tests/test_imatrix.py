@@ -308,6 +308,6 @@ def test_bench_knows_where_llama_cpp_pure_files_abort(tiny_f32, tiny_imatrix):
     head can take the type but has no imatrix entry; bench/imatrix_quality.py finds those tensors beforehand."""
     from bench.imatrix_quality import _pure_file_aborts
 
-    path, im = tiny_imatrix
+    _, im = tiny_imatrix
     assert "token_embd.weight" not in im.names() and "output.weight" not in im.names()
-    assert _pure_file_aborts(tiny_f32, path) == ["output.weight", "token_embd.weight"]  # 256-wide rows
+    assert _pure_file_aborts(tiny_f32, im) == ["output.weight", "token_embd.weight"]  # 256-wide rows
