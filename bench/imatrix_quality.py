@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, cli, llama_quantize, markdown_table, run_fingerprint, write_results  # noqa: E402
 from bench.quality import Evaluator  # noqa: E402
 from converters.llama_mixes import NEEDS_IMATRIX  # noqa: E402
+from converters.quant_types import get  # noqa: E402
 
 # llama.cpp file types from about 8.5 down to about 3.5 bits per weight (on SmolLM2's 576-wide rows the
 # 256-block types fall back on most matrices, so the measured bits per weight are in the table)
@@ -157,7 +158,7 @@ def main() -> None:
     skipped, importance = [], imx.load(imatrix)
     for t, pure in kinds:
         name = f"{t} pure" if pure else t
-        uncovered = _pure_file_aborts(f32, importance) if pure and t in NEEDS_IMATRIX else []
+        uncovered = _pure_file_aborts(f32, importance) if pure and get(t).needs_imatrix_entry else []
         if uncovered:  # llama.cpp aborts the process there (GGML_ASSERT(imatrix != NULL) in ggml_quantize_chunk)
             why = (f"llama.cpp's pure {t} file cannot be made: {', '.join(uncovered)} would take a type that needs "
                    f"an importance matrix, which has no entry for them, and llama_model_quantize aborts")
@@ -208,7 +209,7 @@ def main() -> None:
 
 
 def _pure_file_aborts(f32: Path, importance) -> list[str]:
-    """The weight matrices a pure file of a type that needs an importance matrix would give that type (rows a
+    """The weight matrices a pure file of a type that needs importance data per tensor would give that type (rows a
     multiple of 256, llama.cpp's fallback rule) although the imatrix has no entry for them: the token embedding,
     and the output head, which llama-imatrix skips by default. llama.cpp then aborts instead of failing."""
     from gguf import GGUFReader

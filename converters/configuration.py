@@ -7,7 +7,7 @@ Sizes are exact: ``layout.file_bytes(cfg)`` is the size of the GGUF file coalora
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from converters.quant_types import QuantType, get, menu, resolve
@@ -64,6 +64,9 @@ class ModelLayout:
     hparams: dict = field(default_factory=dict)  # n_embd, n_head, n_head_kv, n_embd_k, n_embd_v, n_ff, n_vocab
     imatrix_tensors: tuple = ()  # tensors with importance data: only they may take the types that need it
     embedding_menu: tuple = ()  # types EMBEDDING_KINDS tensors may take besides the menu (most bits first)
+    # Whether tensors without importance data may take the imatrix types llama.cpp quantizes without it (IQ3_S,
+    # IQ3_XXS); layouts recorded before coalora allowed that (no "iq_without_entry") keep them off such tensors.
+    iq_without_entry: bool = False
     _index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -81,7 +84,9 @@ class ModelLayout:
         if self.embedding_menu and spec.kind in EMBEDDING_KINDS:
             names = tuple(dict.fromkeys(self.embedding_menu + names))
         m = menu(spec.n_per_row, names)
-        return m if name in self.imatrix_tensors else [q for q in m if not q.needs_imatrix]
+        if name in self.imatrix_tensors:
+            return m
+        return [q for q in m if not (q.needs_imatrix_entry if self.iq_without_entry else q.needs_imatrix)]
 
     def on_menu(self, cfg: "Configuration", menu_names=None) -> bool:
         """Whether every tensor of ``cfg`` takes a type of its menu (of ``menu_names`` when given)."""
@@ -94,16 +99,17 @@ class ModelLayout:
 
     def with_menu(self, menu_names) -> "ModelLayout":
         """The same tensors with another type menu (every tensor must keep a type to choose)."""
-        layout = ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, tuple(menu_names), dict(self.hparams),
-                             self.imatrix_tensors, self.embedding_menu)
+        layout = replace(self, menu_names=tuple(menu_names), hparams=dict(self.hparams))
         if not layout.menu_names or any(not layout.menu(t.name) for t in self.tensors):
             raise CoaloraError(f"no quant type of the menu ({', '.join(layout.menu_names) or 'empty'}) fits every tensor")
         return layout
 
     def with_imatrix(self, names) -> "ModelLayout":
-        """The same layout where ``names`` have importance data (and so may take the types that need it)."""
-        return ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, self.menu_names, dict(self.hparams),
-                           tuple(n for n in self.names() if n in set(names)), self.embedding_menu)
+        """The same layout where ``names`` have importance data (and so may take every imatrix type); the other
+        tensors may take those llama.cpp quantizes without it."""
+        covered = set(names)
+        return replace(self, hparams=dict(self.hparams), iq_without_entry=True,
+                       imatrix_tensors=tuple(n for n in self.names() if n in covered))
 
     def with_embedding_menu(self, types) -> "ModelLayout":
         """The same layout where the token embedding and output head may also take ``types`` (as llama-quantize's
@@ -113,8 +119,7 @@ class ModelLayout:
         if bad:
             raise CoaloraError(f"embedding menu: {bad[0]} needs an importance matrix; give the embedding types "
                                "that do not (F16, Q8_0, ...)")
-        return ModelLayout(self.tensors, self.fixed_bytes, self.n_blocks, self.menu_names, dict(self.hparams),
-                           self.imatrix_tensors, tuple(q.name for q in qs))
+        return replace(self, hparams=dict(self.hparams), embedding_menu=tuple(q.name for q in qs))
 
     def projection_kinds(self) -> tuple[str, ...]:
         """The kinds of the block tensors (attn_q ... ffn_down for llama; attn_qkv, ffn_up ... for phi3)."""
@@ -156,13 +161,14 @@ class ModelLayout:
                 "tensors": [[t.name, t.n_rows, t.n_per_row, t.kind, t.block] for t in self.tensors],
                 "menu": list(self.menu_names), "hparams": dict(self.hparams),
                 **({"imatrix_tensors": list(self.imatrix_tensors)} if self.imatrix_tensors else {}),
-                **({"embedding_menu": list(self.embedding_menu)} if self.embedding_menu else {})}
+                **({"embedding_menu": list(self.embedding_menu)} if self.embedding_menu else {}),
+                **({"iq_without_entry": True} if self.iq_without_entry else {})}
 
     @classmethod
     def from_description(cls, d: dict) -> "ModelLayout":
         return cls([TensorSpec(*row) for row in d["tensors"]], d["fixed_bytes"], d["n_blocks"], tuple(d["menu"]),
                    dict(d.get("hparams") or {}), tuple(d.get("imatrix_tensors") or ()),
-                   tuple(d.get("embedding_menu") or ()))
+                   tuple(d.get("embedding_menu") or ()), bool(d.get("iq_without_entry", False)))
 
 
 @dataclass

@@ -136,7 +136,7 @@ def quantize(weight: np.ndarray, qtype: str | QuantType, imatrix: np.ndarray | N
         if not np.isfinite(imatrix).all():
             raise GGMLError("importance weights contain NaN or Inf")
         imat_ptr = imatrix.ctypes.data
-    elif q.needs_imatrix or lib.ggml_quantize_requires_imatrix(int(q.ggml)):
+    elif q.needs_imatrix_entry or lib.ggml_quantize_requires_imatrix(int(q.ggml)):
         raise GGMLError(f"{q.name} needs an importance matrix (make one with `coalora imatrix`, pass it with "
                         f"--imatrix)")
     lib.ggml_quantize_init(int(q.ggml))

@@ -241,11 +241,12 @@ def model_shapes(src) -> dict[str, tuple[int, ...]]:
 
 
 def check_configuration(cfg, entries) -> None:
-    """Types that need an importance matrix only on tensors it has an entry for (``entries``: an
-    :class:`Imatrix`, the names it has or will have, or None for no imatrix)."""
+    """Types that need an importance matrix only with one, and those that need importance data for the tensor
+    (:attr:`QuantType.needs_imatrix_entry`) only on tensors it has an entry for (``entries``: an :class:`Imatrix`,
+    the names it has or will have, or None for no imatrix)."""
     names = entries.sums if isinstance(entries, Imatrix) else entries
     for name, q in cfg.types.items():
-        if q.needs_imatrix and (names is None or name not in names):
+        if (q.needs_imatrix and names is None) or (q.needs_imatrix_entry and name not in names):
             missing = (" (make one with `coalora imatrix MODEL --data TEXT -o imatrix.gguf`, pass it with --imatrix)"
                        if names is None else ", and the imatrix has no entry for it (imatrices cover no token "
                        "embedding, nor the output head by default): give it another type")

@@ -12,12 +12,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 # Offered types, from most to fewest bits per weight.
 CATALOGUE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1",
                    "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
-# The low-bit i-quants, offered only with an importance matrix (llama.cpp refuses all but IQ3_S without one,
-# and they are meant for it), most bits first. TQ1_0 / TQ2_0 are left out: they store ternary weights
-# ({-1, 0, 1} times one scale per 256), meant for models trained ternary; on SmolLM2 they are far worse than
+# The low-bit i-quants, offered only with an importance matrix (they are meant for one), most bits first.
+# TQ1_0 / TQ2_0 are left out: they store ternary weights ({-1, 0, 1} times one scale per 256), meant for models
+# trained ternary; on SmolLM2 they are far worse than
 # every type here (relative RMS weight error 0.81 against 0.35 for IQ2_XXS at the same 2.06 bpw on SmolLM2:
 # bench/results/imatrix_ternary.md).
 IMATRIX_NAMES = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+# Of those, the types llama.cpp quantizes only with importance data for the tensor (src/llama-quant.cpp refuses
+# them on a tensor the imatrix has no entry for); IQ3_S and IQ3_XXS it quantizes without (its IQ3 mixes give the
+# token embedding, which no imatrix covers, IQ3_S). IQ1_M is kept here though llama.cpp lets the token embedding
+# and output head take it without one: none of its mixes does.
+_NEEDS_ENTRY = ("IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 # Types whose ggml quantizer ignores importance weights (the others take them).
 _NO_IMPORTANCE = ("F32", "F16", "BF16", "Q8_0")
 
@@ -56,6 +61,11 @@ class QuantType:
     def needs_imatrix(self) -> bool:
         """coalora quantizes this type only with an importance matrix."""
         return self.name in IMATRIX_NAMES
+
+    @property
+    def needs_imatrix_entry(self) -> bool:
+        """This type is quantized only with importance data for the tensor (an imatrix entry)."""
+        return self.name in _NEEDS_ENTRY
 
     @property
     def takes_imatrix(self) -> bool:

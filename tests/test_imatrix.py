@@ -14,6 +14,7 @@ from test_training import FAST, _llama_vs_torch
 from converters import ggml_quant
 from converters import imatrix as imx
 from converters.configuration import Configuration
+from converters.errors import CoaloraError
 from converters.gguf_model_writer import llama_ftype, write_gguf
 from converters.model_loading import load_model
 from converters.quant_types import CATALOGUE, CATALOGUE_NAMES, IMATRIX_NAMES, get, resolve
@@ -171,16 +172,53 @@ def test_fallbacks_match_llama_quantize(tmp_path):
 
 
 def test_iq_types_only_with_an_imatrix(tiny, tiny_imatrix):
+    """Without an imatrix no IQ1-IQ3 type is on any menu; with one, the tensors it covers take them all and the
+    others (the token embedding, the output head) only those llama.cpp quantizes without importance data."""
     layout = tiny.layout()
     menu = layout.with_menu(CATALOGUE_NAMES + IMATRIX_NAMES)
     assert not any(q.needs_imatrix for n in menu.names() for q in menu.menu(n))
     _, im = tiny_imatrix
     with_im = menu.with_imatrix(im.sums)
     assert {q.name for q in with_im.menu("blk.0.ffn_down.weight")} >= set(IMATRIX_NAMES)
-    assert not any(q.needs_imatrix for q in with_im.menu("token_embd.weight"))  # no entry: never an IQ type
-    assert type(with_im).from_description(with_im.describe()).imatrix_tensors == with_im.imatrix_tensors
-    with pytest.raises(ggml_quant.GGMLError, match="importance matrix"):
-        ggml_quant.quantize(tiny.gguf.weight("blk.0.ffn_down.weight"), "IQ3_S")
+    for name in ("token_embd.weight", "output.weight"):  # no entry: IQ3_S and IQ3_XXS, no IQ2 or IQ1 type
+        assert [q.name for q in with_im.menu(name) if q.needs_imatrix] == ["IQ3_S", "IQ3_XXS"], name
+    back = type(with_im).from_description(with_im.describe())
+    assert back.imatrix_tensors == with_im.imatrix_tensors and back.menu("output.weight") == with_im.menu("output.weight")
+    older = with_im.describe()
+    del older["iq_without_entry"]  # a run recorded before: its tables never measured IQ types there
+    assert not any(q.needs_imatrix for q in type(with_im).from_description(older).menu("token_embd.weight"))
+    w = tiny.gguf.weight("blk.0.ffn_down.weight")
+    for qname in ("IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"):
+        with pytest.raises(ggml_quant.GGMLError, match="importance matrix"):
+            ggml_quant.quantize(w, qname)
+    assert ggml_quant.quantize(w, "IQ3_S").nbytes == CATALOGUE["IQ3_S"].tensor_bytes(*w.shape)
+    with pytest.raises(CoaloraError, match="IQ3_S needs an importance matrix"):
+        imx.check_configuration(Configuration({"token_embd.weight": "IQ3_S"}), None)
+    imx.check_configuration(Configuration({"token_embd.weight": "IQ3_S", "output.weight": "IQ3_XXS"}), im)
+    with pytest.raises(CoaloraError, match="output.weight: IQ2_S needs an importance matrix, and the imatrix has no"):
+        imx.check_configuration(Configuration({"output.weight": "IQ2_S"}), im)
+
+
+def test_iq3_without_an_entry_equals_llama_quantize(tiny, tiny_f32, tiny_imatrix, tmp_path):
+    """IQ3_S / IQ3_XXS on the tensors the imatrix has no entry for (as llama.cpp's IQ3 mixes give the token
+    embedding): `convert --imatrix` writes ggml's bytes without importance weights, the bytes llama_model_quantize
+    writes with the same imatrix; llama.cpp's IQ3_M file of the tiny model is on the imatrix layout's menus."""
+    from converters.llama_mixes import mix_configurations
+
+    path, im = tiny_imatrix
+    rules = [("token_embd", "IQ3_S"), (r"^output\.", "IQ3_XXS"), (".", "Q4_K")]
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    assert main(["convert", str(tiny_f32), "-o", str(ours), "--type", "Q4_K", "--imatrix", str(path)]
+                + [a for r, q in rules for a in ("--tensor-type", f"{r}={q}")]) == 0
+    llama_quantize(tiny_f32, theirs, llama_ftype("Q4_K"), pure=True, overrides=rules, imatrix=im)
+    a, b = gguf_tensors(ours), gguf_tensors(theirs)
+    for name, qname in (("token_embd.weight", "IQ3_S"), ("output.weight", "IQ3_XXS")):
+        assert a[name][0] == b[name][0] == qname
+        assert a[name][1] == b[name][1] == ggml_quant.quantize(tiny.gguf.weight(name), qname).tobytes(), name
+    assert all(a[n] == b[n] for n in a)
+    layout = tiny.layout().with_menu(CATALOGUE_NAMES + IMATRIX_NAMES).with_imatrix(im.sums)
+    iq3_m = mix_configurations(tiny_f32, layout, ("IQ3_M",), imatrix=im)["IQ3_M"]
+    assert iq3_m.types["token_embd.weight"].name == "IQ3_S" and layout.on_menu(iq3_m)
 
 
 def _error(capsys, argv) -> str:

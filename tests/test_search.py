@@ -18,6 +18,8 @@ from toolkit.sensitivity import (allocate, byte_range, bytes_for_bpw, error_tabl
                                  total_error)
 
 MENU = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
+# the confirmation tests' largest file: no other type of MENU has its size (Q4_K ties Q4_0, Q5_K Q5_0)
+LARGEST = "Q6_K"
 
 
 def synthetic_layout(n_blocks: int = 3) -> ModelLayout:
@@ -282,6 +284,30 @@ def test_confirmation_prefers_a_smaller_llama_cpp_file_that_measures_better(setu
     assert len(picked) == 1 and picked[0]["vs_uniform"] < -CONFIRM_Z * picked[0]["vs_uniform_se"]
 
 
+@pytest.mark.parametrize("better", ["Q4_0", "Q4_K"])
+def test_confirmation_beats_the_best_of_llama_cpp_files_of_one_size(setup, better):
+    """llama.cpp's files of the largest size that fits can tie (uniform Q4_0 and Q4_K here, Q4_0 and IQ4_NL on a
+    real model): every one is measured and the one that measures best is the file to beat, so a mix ahead of the
+    other one only is not picked."""
+    layout, errors, sens = setup
+    archive = _archived(layout, errors, sens)
+    ties = {t: layout.uniform(t) for t in ("Q4_0", "Q4_K")}
+    assert layout.file_bytes(ties["Q4_0"]) == layout.file_bytes(ties["Q4_K"])
+    base = np.linspace(3.0, 3.5, 32)
+    noise = np.random.default_rng(0).normal(0.0, 0.002, size=32)
+
+    def per_window(cfgs):  # the better tied file 0.2 nats below the other one, every other candidate 0.1
+        return [base - 0.2 if c == ties[better] else base if c in ties.values() else base - 0.1 + noise
+                for c in cfgs]
+
+    res = best_configuration(layout, archive, layout.file_bytes(ties["Q4_0"]), errors=errors, evaluate=per_window,
+                             n_confirm=2)
+    assert res.cfg == ties[better] and res.confirmation["uniform"] == better
+    rows = res.confirmation["candidates"]
+    assert [r["source"] for r in rows if r["uniform"]] == [f"uniform:{better}"]
+    assert {f"uniform:{t}" for t in ties} <= {r["source"] for r in rows}
+
+
 def test_confirmation_picks_the_other_llama_cpp_file_by_quantization_error(setup):
     """The second llama.cpp file confirmation measures is the one of least error in the sensitivity table, even
     when the predictor ranks the worst one first (the GP does so where the archive has no data: uniform IQ1_S at
@@ -311,7 +337,7 @@ def test_confirmation_keeps_the_uniform_file_unless_a_mix_is_clearly_better(setu
     advantage exceeds CONFIRM_Z standard errors; a lower mean inside the noise keeps the uniform file."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
-    uniform = layout.uniform("Q4_K")
+    uniform = layout.uniform(LARGEST)
     noise = np.random.default_rng(0).normal(0.0, 0.02, size=32)  # per-window differences, se ~ 0.0035
 
     def per_window(cfgs):
@@ -349,7 +375,7 @@ def test_confirmation_needs_a_minimum_gain_over_the_uniform_file(setup, gain, ke
     Pride and Prejudice); a gain above MIN_GAIN with the same noise does."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
-    uniform = layout.uniform("Q4_K")
+    uniform = layout.uniform(LARGEST)
     noise, _ = _centred_noise(3, 0.0005)  # se ~ 0.0001: tens of standard errors
     asked = []
 
@@ -369,7 +395,7 @@ def test_confirmation_measures_more_windows_for_a_gain_just_below_the_minimum(se
     on 64, and 1.4% better on Pride and Prejudice than the uniform file)."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
-    uniform = layout.uniform("Q4_K")
+    uniform = layout.uniform(LARGEST)
     noise, se32 = _centred_noise(0, 0.02)
     gain = {32: 0.0045, 64: 0.008}
     assert se32 < gain[32] < MIN_GAIN < gain[32] + se32
@@ -389,7 +415,7 @@ def test_confirmation_measures_more_windows_when_undecided(setup):
     IQ4_XS budget of bench/results/imatrix_quality-session22.md kept llama.cpp's file on 1.9 standard errors)."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
-    uniform = layout.uniform("Q4_K")
+    uniform = layout.uniform(LARGEST)
     noise, se32 = _centred_noise(0, 0.02)
     gain = 1.8 * se32  # 1.8 standard errors on 32 windows; about 2.5 on the same differences twice over
     asked = []
@@ -434,7 +460,7 @@ def test_fidelity_rule_trusts_a_small_gain_of_bytes_closer_to_the_unquantized_mo
     budget: 0.0202 against 0.0227, and 0.6% behind on Pride and Prejudice)."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
-    uniform = layout.uniform("Q4_K")
+    uniform = layout.uniform(LARGEST)
     noise, _ = _centred_noise(3, 0.0005)
     kl_noise, kl_se = _centred_noise(4, 0.0005)
     assert abs(gain) < MIN_GAIN and (kl_gap == 0 or kl_gap > CONFIRM_Z * kl_se)
@@ -469,7 +495,7 @@ def test_fidelity_rule_measures_more_windows_when_undecided(setup):
     standard errors is measured again on twice the windows, where it is clear."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
-    uniform = layout.uniform("Q4_K")
+    uniform = layout.uniform(LARGEST)
     noise, _ = _centred_noise(3, 0.0005)
     kl_noise, kl_se = _centred_noise(5, 0.06)
     gap = {32: 1.5 * kl_se, 64: 0.03}
@@ -493,7 +519,7 @@ def test_fidelity_rule_needs_the_shared_lora_on_both_sides(setup):
     the shared LoRA, which is not what it ships."""
     layout, errors, sens = setup
     archive = _archived(layout, errors, sens)
-    uniform = layout.uniform("Q4_K")
+    uniform = layout.uniform(LARGEST)
     base = np.linspace(3.0, 3.5, 32)
     noise, _ = _centred_noise(3, 0.0005)
 

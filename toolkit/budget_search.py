@@ -131,9 +131,9 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     list of configurations; a float, or an array of per-window losses, each) confirms the ``n_confirm``
     best; ``mixes`` (file type -> configuration: llama-quantize's own mixes such as Q4_K_M) join the candidates
     and, like the uniform files, count as llama.cpp's files. With per-window losses another candidate (a mix of
-    coalora's, or another llama.cpp file) replaces the largest llama.cpp file that fits only when it
-    is better by ``CONFIRM_Z`` standard errors of the paired difference and by ``MIN_GAIN``; of those, the best
-    measured is kept.
+    coalora's, or another llama.cpp file) replaces the largest llama.cpp file that fits (of several that size, the
+    one measuring best) only when it is better by ``CONFIRM_Z`` standard errors of the paired difference and by
+    ``MIN_GAIN``; of those, the best measured is kept.
     The other llama.cpp file measured is the one of least error in ``errors`` (the best-ranked without them), and
     with ``errors`` the candidate of least summed error and the allocation with the finest embedding / head that
     fits (unless a finalist has that head) are measured too.
@@ -215,8 +215,11 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         # Q4_0). The error table ranks llama.cpp's files, not the GP, which reverts to its mean where the archive
         # has no data (IQ1-IQ3 files are not trained on) and so ranks uniform IQ1_S first at 4 bpw.
         arch = [x for x in ranked if x[1] == "archive"][:1]
-        uni = sorted((x for x in ranked if x[0] in uniforms), key=lambda x: -layout.file_bytes(x[0]))[:1]
-        others = [x for x in ranked if x[0] in uniforms and x[0] != uni[0][0]] if uni else []
+        # of llama.cpp's files of the largest size that fits (Q4_0 and IQ4_NL are one size), every one: the one that
+        # measures best is the file to beat
+        largest = max((layout.file_bytes(c) for c in uniforms), default=None)
+        uni = [x for x in ranked if x[0] in uniforms and layout.file_bytes(x[0]) == largest]
+        others = [x for x in ranked if x[0] in uniforms and x not in uni]
         if errors is not None:
             others.sort(key=lambda x: total_error(layout, errors, x[0]))
         # and the candidate of least quantization error: the GP ranks poorly what the archive has not sampled
@@ -232,20 +235,21 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
                          key=lambda c: sum(layout[n].bytes(q) for n, q in _head(layout, c).items()))
             if _head(layout, finest) not in [_head(layout, c) for c, _, _ in top]:
                 top.append(next(x for x in ranked if x[0] == finest))
-        u = [c for c, _, _ in top].index(uni[0][0]) if uni else None
-        real, adapters, rows, k, undecided = _confirm(layout, top, u, evaluate, evaluate_shared, divergence)
+        us = [i for i, (c, _, _) in enumerate(top) if c in {x[0] for x in uni}]
+        real, adapters, rows, k, undecided = _confirm(layout, top, us, evaluate, evaluate_shared, divergence)
         extended_from = None
         if undecided and evaluate_more is not None:  # measure more windows rather than guess
-            more = _confirm(layout, top, u, evaluate_more, evaluate_shared_more if evaluate_shared else None,
+            more = _confirm(layout, top, us, evaluate_more, evaluate_shared_more if evaluate_shared else None,
                             divergence_more if divergence else None)
             if len(more[0][0]) > len(real[0]):  # the held-out text had more windows to give
                 extended_from = len(real[0])
                 real, adapters, rows, k, _ = more
         best_cfg, best_src, best_score = top[k]
         measured = float(real[k].mean())
+        u = next((i for i, row in enumerate(rows) if row["uniform"]), None)
         confirmation = {"windows": int(len(real[0])), "z": CONFIRM_Z, "min_gain": MIN_GAIN, "candidates": rows,
                         **({"fidelity_share": FIDELITY_SHARE} if divergence is not None else {}),
-                        "uniform": uniforms[uni[0][0]] if uni else None}
+                        "uniform": uniforms[top[u][0]] if u is not None else None}
         if extended_from is not None:
             confirmation["extended_from_windows"] = extended_from
         if adapters is not None:
@@ -279,12 +283,13 @@ def _embedding_variants(layout: ModelLayout, errors: dict, budget_bytes: int) ->
     return out
 
 
-def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, evaluate_shared: Callable | None,
+def _confirm(layout: ModelLayout, top: list, us: list[int], evaluate: Callable, evaluate_shared: Callable | None,
              divergence: Callable | None = None):
-    """Measure the candidates ``top`` (``u``: the index of the largest llama.cpp file) and apply the confirmation
-    rule: (per-candidate loss arrays, adapter choices or None, table rows, index picked, whether a candidate is
-    ahead of the largest file by between one and ``CONFIRM_Z`` standard errors, with a gain not clearly below
-    ``MIN_GAIN``, or, on the fidelity rule, closer to the unquantized model by between one and ``CONFIRM_Z``)."""
+    """Measure the candidates ``top`` (``us``: the indices of the largest llama.cpp files, of which the one measuring
+    best is the file to beat, its row marked "uniform") and apply the confirmation rule: (per-candidate loss
+    arrays, adapter choices or None, table rows, index picked, whether a candidate is ahead of the largest file by
+    between one and ``CONFIRM_Z`` standard errors, with a gain not clearly below ``MIN_GAIN``, or, on the fidelity
+    rule, closer to the unquantized model by between one and ``CONFIRM_Z``)."""
     cfgs = [c for c, _, _ in top]
     real = [np.atleast_1d(np.asarray(r, dtype=float)) for r in evaluate(cfgs)]
     adapters = None
@@ -293,6 +298,7 @@ def _confirm(layout: ModelLayout, top: list, u: int | None, evaluate: Callable, 
         adapters = [_generated_or_shared(g, s) for g, s in zip(real, shared)]
         real = [g if a["generated"] else s for g, s, a in zip(real, shared, adapters)]
     k = int(np.argmin([r.mean() for r in real]))
+    u = min(us, key=lambda i: real[i].mean()) if us else None
     rows = [{"source": src, "file_bytes": layout.file_bytes(c), "bpw": round(layout.bits_per_weight(c), 4),
              "measured_loss": float(r.mean()), "uniform": i == u}
             for i, ((c, src, _), r) in enumerate(zip(top, real))]
