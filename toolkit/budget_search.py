@@ -219,7 +219,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         # measures best is the file to beat
         largest = max((layout.file_bytes(c) for c in uniforms), default=None)
         uni = [x for x in ranked if x[0] in uniforms and layout.file_bytes(x[0]) == largest]
-        others = [x for x in ranked if x[0] in uniforms and x not in uni]
+        tied = {x[0] for x in uni}
+        others = [x for x in ranked if x[0] in uniforms and x[0] not in tied]
         if errors is not None:
             others.sort(key=lambda x: total_error(layout, errors, x[0]))
         # and the candidate of least quantization error: the GP ranks poorly what the archive has not sampled
@@ -235,7 +236,7 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
                          key=lambda c: sum(layout[n].bytes(q) for n, q in _head(layout, c).items()))
             if _head(layout, finest) not in [_head(layout, c) for c, _, _ in top]:
                 top.append(next(x for x in ranked if x[0] == finest))
-        us = [i for i, (c, _, _) in enumerate(top) if c in {x[0] for x in uni}]
+        us = [i for i, (c, _, _) in enumerate(top) if c in tied]
         real, adapters, rows, k, undecided = _confirm(layout, top, us, evaluate, evaluate_shared, divergence)
         extended_from = None
         if undecided and evaluate_more is not None:  # measure more windows rather than guess
