@@ -158,7 +158,7 @@ def main() -> None:
     skipped, importance = [], imx.load(imatrix)
     for t, pure in kinds:
         name = f"{t} pure" if pure else t
-        uncovered = _pure_file_aborts(f32, importance) if pure and get(t).needs_imatrix_entry else []
+        uncovered = _pure_file_aborts(f32, importance, get(t)) if pure and get(t).needs_imatrix_entry else []
         if uncovered:  # llama.cpp aborts the process there (GGML_ASSERT(imatrix != NULL) in ggml_quantize_chunk)
             why = (f"llama.cpp's pure {t} file cannot be made: {', '.join(uncovered)} would take a type that needs "
                    f"an importance matrix, which has no entry for them, and llama_model_quantize aborts")
@@ -208,15 +208,15 @@ def main() -> None:
         save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept, skipped)
 
 
-def _pure_file_aborts(f32: Path, importance) -> list[str]:
-    """The weight matrices a pure file of a type that needs importance data per tensor would give that type (rows a
-    multiple of 256, llama.cpp's fallback rule) although the imatrix has no entry for them: the token embedding,
-    and the output head, which llama-imatrix skips by default. llama.cpp then aborts instead of failing."""
+def _pure_file_aborts(f32: Path, importance, qtype) -> list[str]:
+    """The weight matrices a pure file of ``qtype`` (one that needs importance data per tensor) would give that type
+    (rows it fits, llama.cpp's fallback rule) although the imatrix has no entry for them: the token embedding, and
+    the output head, which llama-imatrix skips by default. llama.cpp then aborts instead of failing."""
     from gguf import GGUFReader
 
     covered = set(importance.names())
     return sorted(t.name for t in GGUFReader(f32).tensors if len(t.shape) >= 2 and t.name.endswith(".weight")
-            and t.name not in covered and int(t.shape[0]) % 256 == 0)
+                  and t.name not in covered and qtype.fits_row(int(t.shape[0])))
 
 
 def confirmation_summary(conf: dict | None) -> dict | None:
