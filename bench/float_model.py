@@ -1,15 +1,19 @@
-"""A tiny Llama trained from scratch in float on the five training novels: a model whose weights lie on no
-quantization grid, to check on it the conclusions drawn on SmolLM2 (whose weights were dequantized from Q4_1).
+"""A tiny Llama trained from scratch in float on training novels: a model whose weights lie on no quantization
+grid, to check on it the conclusions drawn on SmolLM2 (whose weights were dequantized from Q4_1).
 
-Protocol: a byte-level BPE tokenizer (--vocab tokens) trained on the five training novels; a Llama of
+Protocol: a byte-level BPE tokenizer (--vocab tokens) trained on the --novels (by default the five training
+novels; leave out the ones a LoRA is to fine-tune on, so that its text is as new to the model as the
+held-out novel); a Llama of
 --hidden x --layers (FFN --ffn, 4 heads, 2 KV heads, untied head, default rope) with transformers' random
 initialisation (seed 0); AdamW (lr 2e-3, weight decay 0.1, 5% warmup then cosine) for --steps steps of
---batch x --seq-len tokens drawn at random from the training novels; float32 throughout. The held-out loss is
+--batch x --seq-len tokens drawn at random from those novels; float32 throughout. The held-out loss is
 torch's on the first 16 windows of --seq-len tokens of Pride and Prejudice. Writes the Hugging Face folder to
---out (safetensors, config, tokenizer) and bench/results/float_model.{md,json}: the curve, the held-out
-perplexity and the sha256 of the weights (training on another CPU gives other weights).
+--out (safetensors, config, tokenizer) and bench/results/float_model.{md,json} (--name NAME: NAME.{md,json}):
+the curve, the held-out perplexity and the sha256 of the weights (training on another CPU gives other weights).
 
     python bench/float_model.py --out bench/work/float-llama
+    python bench/float_model.py --out bench/work/float-llama-4 --novels emma,mansfieldpark,northangerabbey,\
+        sensesensibility --steps 800 --name float_model-4novels    # Persuasion left for the LoRA
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import markdown_table, write_results  # noqa: E402
+from toolkit.assets import TRAIN_NOVELS  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +40,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--novels", default=",".join(TRAIN_NOVELS), help="the novels to train on, comma-separated")
+    ap.add_argument("--name", default="float_model", help="result file name (NAME.json, NAME.md)")
     args = ap.parse_args()
+    novels = args.novels.split(",")
+    if not novels or not set(novels) <= set(TRAIN_NOVELS):
+        ap.error(f"--novels: choose among {', '.join(TRAIN_NOVELS)} (Pride and Prejudice is held out)")
 
     import torch
     import transformers
@@ -46,7 +56,7 @@ def main() -> None:
     from toolkit import assets
 
     torch.manual_seed(0)
-    train = [p.read_text(encoding="utf-8") for p in assets.require_novels(assets.TRAIN_NOVELS)]
+    train = [p.read_text(encoding="utf-8") for p in assets.require_novels(novels)]
     held = assets.require_novels([assets.EVAL_NOVEL])[0].read_text(encoding="utf-8")
     args.out.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(args.out, texts=train, vocab_size=args.vocab, chat_template=None)
@@ -97,13 +107,17 @@ def main() -> None:
             "seconds": round(seconds, 1), "curve": curve, "held_out_loss": final,
             "held_out_ppl": math.exp(final), "weights_sha256": sha256_file(args.out / "model.safetensors")}
     md = (f"A Llama trained from scratch in float32 (hidden {args.hidden}, FFN {args.ffn}, {args.layers} blocks, "
-          f"vocabulary {len(tok)}, {data['params']:,} parameters) on the five training novels "
+          f"vocabulary {len(tok)}, {data['params']:,} parameters) on {_novels(novels)} "
           f"({len(ids):,} tokens), {args.steps} steps of {args.batch} x {args.seq_len} tokens in {seconds:.0f} s. "
           f"Held-out loss: torch on 16 x {args.seq_len} tokens of Pride and Prejudice; final perplexity "
           f"{math.exp(final):.2f}. Weights sha256 {data['weights_sha256'][:12]}.\n\n"
           + markdown_table(curve, [("step", "step"), ("train_loss", "train loss (batch)"),
                                    ("held_out_loss", "held-out loss")]))
-    write_results("float_model", data, md)
+    write_results(args.name, data, md)
+
+
+def _novels(novels: list[str]) -> str:
+    return "the five training novels" if set(novels) == set(TRAIN_NOVELS) else "the novels " + ", ".join(novels)
 
 
 if __name__ == "__main__":

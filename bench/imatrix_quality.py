@@ -19,6 +19,10 @@ float; the five training novels; held-out Pride and Prejudice):
   not name them, or it has not reached them yet) are kept whole, with the provenance of the run that measured them.
 - Floor: the F32 model with the full-precision LoRA.
 - Perplexity by llama.cpp (F32 KV cache) on the first --windows windows of 512 tokens of Pride and Prejudice.
+- `--data TEXTS --hold-out F`: the LoRAs and the imatrix learn the --data texts without their last fraction F
+  (cut at a paragraph), and perplexity is measured on that last part instead: for a model that was trained on
+  the novels, a text it has not seen and a LoRA has something to learn from (a LoRA fine-tuned on one novel makes
+  another worse).
 Writes bench/results/imatrix_quality.{md,json} (--name NAME: NAME.{md,json}).
 
     python bench/imatrix_quality.py --coa-run coalora-demo/run    # reuse a trained run (e.g. the demo's)
@@ -52,6 +56,25 @@ MIX_ONLY = "coalora: searched mix + imatrix, no adapter"
 OTHER = "coalora: searched mix + imatrix + the adapter not picked"
 
 
+def _texts(data: str) -> list[str]:
+    """``--data``'s texts as `coalora train --data` takes them: a novel's name becomes its file."""
+    from toolkit import assets
+
+    return [str(assets.require_novels([d])[0]) if d in assets.NOVELS else d for d in data.split(",") if d]
+
+
+def _hold_out(texts: list[str], fraction: float, work: Path) -> tuple[list[str], Path]:
+    """``texts`` joined and cut at the paragraph break nearest to the last ``fraction``: the first part as the
+    training file, the last as the evaluation file (both in ``work``)."""
+    whole = "\n\n".join(Path(t).read_text(encoding="utf-8") for t in texts)
+    cut = int(len(whole) * (1 - fraction))
+    cut = max(whole.rfind("\n\n", 0, cut), 0) or cut
+    train, held = work / "hold-out-train.txt", work / "hold-out-eval.txt"
+    train.write_text(whole[:cut], encoding="utf-8")
+    held.write_text(whole[cut:].lstrip("\n"), encoding="utf-8")
+    return [str(train)], held
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--coa-run", type=Path, help="a trained `coalora train` run with an imatrix (default: train one)")
@@ -68,8 +91,16 @@ def main() -> None:
                     help="the model (a GGUF or Hugging Face folder, or smollm2): trained, converted, measured")
     ap.add_argument("--label", default="SmolLM2-135M", help="the model's name in the result's text")
     ap.add_argument("--name", default="imatrix_quality", help="result file name (NAME.json, NAME.md)")
+    ap.add_argument("--data", default="austen",
+                    help="the training text of both LoRAs and of the imatrix, comma-separated: files or "
+                         "novel names (default: austen, the five training novels)")
+    ap.add_argument("--hold-out", type=float, default=0.0,
+                    help="measure on the last fraction of the --data texts, which the LoRAs do not train on "
+                         "(default 0: on Pride and Prejudice)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from imatrix_quality.json")
     args = ap.parse_args()
+    if not 0 <= args.hold_out < 1:
+        ap.error("--hold-out is a fraction in [0, 1)")
     if args.report_only:
         data = json.loads((RESULTS / f"{args.name}.json").read_text())
         data.setdefault("windows", args.windows)
@@ -82,7 +113,11 @@ def main() -> None:
     model = assets.resolve_model(args.model)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch]
+    texts, eval_text = _texts(args.data), None
+    if args.hold_out:
+        texts, eval_text = _hold_out(texts, args.hold_out, work)
+    data = [a for d in texts for a in ("--data", d)]
+    train = ["--steps", args.steps, "--seq-len", args.seq_len, "--batch", args.batch, *data]
     coa = args.coa_run or work / "coa"
     if not (coa / "run.json").exists():
         cli("train", model, "-o", coa, *train, "--json")
@@ -104,7 +139,7 @@ def main() -> None:
     f32 = work / "f32.gguf"
     if not f32.exists():
         cli("convert", model, "--type", "F32", "-o", f32)
-    ev = Evaluator(f32, args.windows, 512)
+    ev = Evaluator(f32, args.windows, 512, text=eval_text)
     prev, earlier, kept = {}, None, None
     old = RESULTS / f"{args.name}.json"
     fingerprint = run_fingerprint(coa)
@@ -246,7 +281,8 @@ def save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept=None
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
     data = {"model": str(model), "model_label": args.label, "coa_run": str(coa), "coa_run_sha256": fingerprint,
-            "options": o, "windows": args.windows, "note": args.note, "floor": floor, "goal": goal, "rows": rows}
+            "options": o, "data": args.data, "hold_out": args.hold_out, "windows": args.windows, "note": args.note, "floor": floor, "goal": goal,
+            "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
     if kept:
@@ -254,6 +290,19 @@ def save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept=None
     if skipped:
         data["skipped"] = list(skipped)
     write_results(args.name, data, report(data))
+
+
+def _trained_on(data: dict) -> str:
+    """The training text named in the report, where it is not the five training novels."""
+    texts, f = data.get("data", "austen"), data.get("hold_out") or 0
+    return ("" if texts == "austen" and not f else f"; both LoRAs and the imatrix trained on "
+            f"{texts.replace(',', ', ')}" + (f" without its last {100 * f:g}%" if f else ""))
+
+
+def _measured_on(data: dict) -> str:
+    f = data.get("hold_out") or 0
+    return (f"the last {100 * f:g}% of {data['data'].replace(',', ', ')}, which the LoRAs did not train on" if f
+            else "Pride and Prejudice")
 
 
 def report(data: dict) -> str:
@@ -271,9 +320,9 @@ def report(data: dict) -> str:
              "method": r["method"] + (f" ({r['adapter']})" if r.get("adapter") else "")} for r in data["rows"]]
     return (f"{data.get('model_label', 'SmolLM2-135M')}; CoA-LoRA run `{Path(data['coa_run']).name}` "
             f"({o['steps']} steps x {o['batch']} x {o['seq_len']} tokens, rank {o['rank']}, recipe options as trained, "
-            f"imatrix from its training text); "
+            f"imatrix from its training text{_trained_on(data)}); "
             f"full-precision LoRA with the same steps; llama.cpp perplexity on {data['windows']} x 512 tokens of "
-            f"Pride and Prejudice. Floor (F32 + full-precision LoRA): {floor:.3f}."
+            f"{_measured_on(data)}. Floor (F32 + full-precision LoRA): {floor:.3f}."
             + (f" {data['note']}" if data.get("note") else "")
             + "".join(f" Budgets {', '.join(k['stocks'])}: kept from the result of commit "
                       f"{k['provenance']['commit'][:7]} (not measured again)." for k in data.get("kept_budgets") or [])

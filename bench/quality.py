@@ -57,17 +57,17 @@ def _plain(o):
 
 class Evaluator:
     """llama.cpp perplexity of model files with and without adapters, on fixed windows: the first windows of
-    Pride and Prejudice, or given ``windows`` scored where ``masks`` say (chat answers)."""
+    Pride and Prejudice (or of ``text``, a file), or given ``windows`` scored where ``masks`` say (chat answers)."""
 
     def __init__(self, reference_model: Path, n_windows: int, n_ctx: int, windows=None, masks=None,
-                 cache: Path | None = None):
+                 cache: Path | None = None, text: Path | None = None):
         from toolkit import assets, evaluation, llama_runtime
 
         self.ev, self.rt = evaluation, llama_runtime
         self.n_ctx, self.windows, self.masks = n_ctx, windows, masks
         if windows is None:
             llm = llama_runtime.open_model(reference_model, n_ctx=n_ctx)
-            text = assets.novel_path(assets.EVAL_NOVEL).read_text()
+            text = Path(text or assets.novel_path(assets.EVAL_NOVEL)).read_text(encoding="utf-8")
             self.windows = evaluation.eval_windows(llm, text, n_windows=n_windows, n_ctx=n_ctx,
                                                    bos=evaluation.model_bos(llm))
             llm.close()

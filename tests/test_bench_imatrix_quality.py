@@ -31,7 +31,8 @@ def test_budgets_not_measured_yet_are_kept_with_their_provenance(tmp_path, monke
                                                             ("Q8_0", 900, 20.7)) for r in _rows(s, n, p)],
             "groups": [{"stocks": ["Q8_0"], "provenance": older}, {"stocks": ["Q4_0", "IQ4_XS"], "provenance": old}]}
     o = {"steps": 50, "batch": 4, "seq_len": 128, "rank": 8}
-    args = type("A", (), {"windows": 16, "note": "", "name": "imatrix_quality", "label": "Tiny"})()
+    args = type("A", (), {"windows": 16, "note": "", "name": "imatrix_quality", "label": "Tiny", "data": "austen",
+                          "hold_out": 0.0})()
     floor_row = {"method": imatrix_quality.FLOOR, "file_bytes": 1000, "bpw": 32.0, "ppl": 20.0}
     # interrupted after measuring IQ4_XS only: Q4_0 (asked for, not reached) and Q8_0 (not asked for) stay
     imatrix_quality.save(Path("run"), "f" * 64, o, args, Path("model"), 20.0, [_goal("IQ4_XS", 200, 21.4)],
@@ -45,7 +46,25 @@ def test_budgets_not_measured_yet_are_kept_with_their_provenance(tmp_path, monke
         ("IQ4_XS", 21.4, False), ("Q4_0", 21.5, True), ("Q8_0", 20.7, True)]
     assert "Budgets Q4_0: kept from the result of commit aaaaaaa" in written["md"]
     assert written["md"].startswith("Tiny; CoA-LoRA run `run`") and d["model"] == "model"
+    assert "of Pride and Prejudice." in written["md"] and "trained on" not in written["md"]
     json.dumps(d)  # the result file stays JSON
+    args.data, args.hold_out = "persuasion", 0.15
+    imatrix_quality.save(Path("run"), "f" * 64, o, args, Path("model"), 20.0, [_goal("IQ4_XS", 200, 21.4)],
+                         [floor_row, *_rows("IQ4_XS", 200, 21.4)], old)
+    assert "both LoRAs and the imatrix trained on persuasion without its last 15%" in written["md"]
+    assert "16 x 512 tokens of the last 15% of persuasion, which the LoRAs did not train on." in written["md"]
+
+
+def test_hold_out_cuts_the_texts_at_a_paragraph(tmp_path):
+    paragraphs = [f"Paragraph {i}. " + "word " * 40 for i in range(20)]
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n\n".join(paragraphs[:12]))
+    b.write_text("\n\n".join(paragraphs[12:]))
+    (train,), held = imatrix_quality._hold_out([str(a), str(b)], 0.25, tmp_path)
+    first, last = Path(train).read_text(), held.read_text()
+    assert last.startswith("Paragraph ") and not first.endswith("\n")
+    assert first.split("\n\n") + last.split("\n\n") == paragraphs  # every paragraph, on one side only
+    assert 0.2 < len(last) / (len(first) + len(last)) < 0.3
 
 
 def test_run_fingerprint_follows_the_weights_not_the_path(tmp_path):

@@ -61,6 +61,13 @@ def torchrun(tmp_path: Path, args: list, nproc: int = 2) -> subprocess.Completed
     return res
 
 
+def _failure(res) -> str:
+    """What a failed launch tells: the exit status each rank recorded after ``main`` returned (none: it died
+    before), the ranks' own stderr (before torchrun's report of the failure) and the end of it."""
+    own = res.stderr.split("ChildFailedError")[0]
+    return f"ranks finished main with {res.rank_codes}\n{own[:3000]}\n...\n{res.stderr[-2000:]}"
+
+
 def max_relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
@@ -78,7 +85,7 @@ def two_rank_run(tiny_model_dir, text_file, tmp_path_factory):
     """A CoA-LoRA run trained by two ranks (one configuration each per step, a search round half-way)."""
     tmp = tmp_path_factory.mktemp("dp")
     res = torchrun(tmp, ["train", tiny_model_dir, "--data", text_file, "-o", tmp / "run", "--json", *_cli_args(FAST)])
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, _failure(res)
     assert res.rank_codes == [("rc0", "0"), ("rc1", "0")]
     assert json.loads(res.stdout[res.stdout.index("{"):])["steps"] == FAST["steps"]  # rank 0 alone reports
     return Run.open(tmp / "run")
@@ -99,7 +106,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tiny_model_dir, text_file, tmp_
     opts = dict(FAST, mode="shared", steps=3)
     res = torchrun(tmp_path, ["train", tiny_model_dir, "--data", text_file, "-o", tmp_path / "two", "--json",
                               *_cli_args(opts)])
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, _failure(res)
     more = TrainOptions(**dict(opts, steps=6), configs_per_step=2)
     with pytest.raises(CoaloraError, match="trains 2 configurations per step .* pass --configs-per-step 2"):
         train(tmp_path / "two", None, [], TrainOptions(**dict(opts, steps=6)), resume=True, progress=False,
