@@ -135,11 +135,10 @@ def load_for(path, shapes: dict[str, tuple[int, ...]]) -> Imatrix:
 def _load_gguf(path: Path) -> Imatrix:
     import gguf
 
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # gguf-py raises assorted errors for a damaged file
-        raise CoaloraError(f"imatrix {path} is not a readable GGUF file ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})") from None
+    from converters.gguf_check import open_reader
+
+    # the structure as llama.cpp's loader checks it: tensor offsets in order, every byte accounted for
+    r = open_reader(path, "imatrix")
 
     def value(key, default=None):
         f = r.fields.get(key)
@@ -148,9 +147,14 @@ def _load_gguf(path: Path) -> Imatrix:
     kind = value(KEY_TYPE)
     if kind != "imatrix":
         raise CoaloraError(f"{path} is a GGUF file but not an imatrix (general.type is {kind!r})")
-    for key in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE):
+    V = gguf.GGUFValueType
+    for key, types in ((KEY_DATASETS, [V.ARRAY, V.STRING]), (KEY_CHUNK_COUNT, [V.UINT32]),
+                       (KEY_CHUNK_SIZE, [V.UINT32])):
         if key not in r.fields:  # llama-quantize refuses such a file too
             raise CoaloraError(f"imatrix {path} lacks its {key} metadata")
+        if r.fields[key].types != types:  # llama.cpp reads them with gguf_get_val_u32 / gguf_get_arr_str
+            raise CoaloraError(f"imatrix {path}: {key} is {' of '.join(t.name for t in r.fields[key].types)}, "
+                               f"must be {' of '.join(t.name for t in types)}")
     sums, counts = {}, {}
     for t in r.tensors:
         if t.tensor_type != gguf.GGMLQuantizationType.F32:

@@ -230,6 +230,25 @@ def _error(capsys, argv) -> str:
     return err
 
 
+def _save_with_string_chunk_count(im: imx.Imatrix, path) -> None:
+    """``im`` in the imatrix GGUF layout, but with imatrix.chunk_count a string (llama.cpp reads a uint32)."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch="")
+    w.kv_data[0].pop("general.architecture", None)
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", ["text"])
+    w.add_string("imatrix.chunk_count", "4")
+    w.add_uint32("imatrix.chunk_size", 32)
+    for name in im.names():
+        w.add_tensor(name + ".in_sum2", np.ascontiguousarray(im.sums[name], dtype=np.float32))
+        w.add_tensor(name + ".counts", np.asarray(im.counts[name], dtype=np.float32).reshape(-1, 1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def _bad_files(im: imx.Imatrix, good, tmp_path):
     raw = good.read_bytes()
     (tmp_path / "truncated.gguf").write_bytes(raw[: len(raw) // 2])
@@ -243,7 +262,10 @@ def _bad_files(im: imx.Imatrix, good, tmp_path):
     zero.save(tmp_path / "zero.gguf")
     nan = imx.Imatrix({n: (s * np.nan if i == 0 else s) for i, (n, s) in enumerate(im.sums.items())}, dict(im.counts))
     nan.save(tmp_path / "nan.gguf")
-    return {"truncated.gguf": "truncated or corrupt|not a readable", "garbage.gguf": "neither a GGUF",
+    (tmp_path / "trailing.gguf").write_bytes(raw + bytes(1000))  # llama.cpp's loader accounts for every byte
+    _save_with_string_chunk_count(im, tmp_path / "chunk-count-string.gguf")
+    return {"trailing.gguf": "after the last tensor's data", "chunk-count-string.gguf": "chunk_count is STRING",
+            "truncated.gguf": "truncated or corrupt|not a readable", "garbage.gguf": "neither a GGUF",
             "truncated.dat": "truncated or corrupt", "other-size.gguf": "another model",
             "other-names.gguf": "another model", "zero.gguf": "zero count", "nan.gguf": "NaN"}
 

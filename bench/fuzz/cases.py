@@ -21,7 +21,7 @@ from pathlib import Path
 ERROR = "error"  # expected outcome: a one-line `coalora: error:` or a click usage error, exit != 0
 OK = "ok"        # a documented acceptance: exit 0; ``why`` says why that input is fine
 
-KINDS = ("configuration", "profile", "option", "run", "data", "recipe", "gguf", "adapter", "device")
+KINDS = ("configuration", "profile", "option", "run", "data", "recipe", "gguf", "adapter", "device", "imatrix")
 
 
 @dataclass
@@ -143,6 +143,15 @@ class Fixtures:
         """A valid device-profile TOML whose budget suits the tiny model."""
         from bench.fuzz.fixtures import build_profile
         return self._cached("tiny_profile", build_profile) / "tiny.toml"
+
+    def imatrix(self) -> Path:
+        """The tiny model's importance matrix, llama.cpp's GGUF format (`coalora imatrix` on the fixture text)."""
+        from bench.fuzz.fixtures import build_imatrix
+        return self._cached("tiny_imatrix", lambda d: build_imatrix(d, self.model_gguf(), self.text())) / "imatrix.gguf"
+
+    def imatrix_dat(self) -> Path:
+        """The same values in the legacy .dat format."""
+        return self.imatrix().with_suffix(".dat")
 
     def text(self) -> Path:
         from bench.fuzz.fixtures import build_text

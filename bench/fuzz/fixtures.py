@@ -82,3 +82,13 @@ def build_adapter(d: Path, run: Path) -> None:
 def build_device(d: Path, run: Path, profile: Path) -> None:
     text = Path(profile).parent.parent / "tiny_text" / "text.txt"
     coalora("emit", run, "--profile", profile, "-o", d, "--windows", 2, "--data", text, home=_home(d))
+
+
+def build_imatrix(d: Path, model_gguf: Path, text: Path) -> None:
+    """The tiny model's importance matrix in llama.cpp's GGUF format, and the same values as a legacy .dat."""
+    d.mkdir(parents=True)
+    coalora("imatrix", model_gguf, "--data", text, "-o", d / "imatrix.gguf", "--chunks", 4, "--seq-len", 32,
+            home=_home(d))
+    from converters import imatrix
+
+    imatrix.save_dat(imatrix.load(d / "imatrix.gguf"), d / "imatrix.dat")
