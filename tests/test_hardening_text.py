@@ -194,6 +194,20 @@ def test_run_json_not_matching_checkpoint_or_model(change, run_copy, tmp_path, c
     assert not (tmp_path / "a.gguf").exists()
 
 
+def test_search_refuses_a_layout_the_model_does_not_have(run_copy, tmp_path, capsys, monkeypatch):
+    """A search reads no weights, but where the run's model is at hand its header shows a damaged layout: the
+    token embedding with twice its rows was searched on those sizes, and an archived configuration sized by
+    the old ones left the budget (fuzz case run/0095, an assertion's traceback)."""
+    monkeypatch.setenv("COALORA_HOME", str(tmp_path / "home"))
+    meta_path = run_copy / "run.json"
+    m = json.loads(meta_path.read_text())
+    row = next(t for t in m["layout"]["tensors"] if t[0] == "token_embd.weight")
+    row[1] *= 2
+    meta_path.write_text(json.dumps(m))
+    assert main(["search", str(run_copy), "--bpw", "6"]) == 1
+    assert "run.json's tensor 'token_embd.weight' is not in the model as described" in _error_line(capsys)
+
+
 @pytest.mark.parametrize("damage", ["nan", "string", "missing-tensor", "missing-type", "garbage"])
 def test_damaged_sensitivity_table_is_refused_by_search(damage, run_copy, tmp_path, capsys, monkeypatch):
     """The run folder's sensitivity.json steers the search: damaged, it is the run's error, not a traceback or

@@ -174,9 +174,10 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
         if layout.on_menu(c) and layout.file_bytes(c) <= budget_bytes and c not in uniforms:
             uniforms[c], names[c] = t, f"llama.cpp:{t}"
     cands: dict[Configuration, str] = {}
-    for r in archive.records:  # an archived llama.cpp file keeps its llama.cpp name
-        if r.file_bytes <= budget_bytes and layout.on_menu(r.config()):
-            cands.setdefault(r.config(), names.get(r.config(), "archive"))
+    for r in archive.records:  # an archived llama.cpp file keeps its llama.cpp name; sized by the layout, the
+        c = r.config()         # truth the search keeps to, not by the size the record was written with
+        if layout.on_menu(c) and layout.file_bytes(c) <= budget_bytes:
+            cands.setdefault(c, names.get(c, "archive"))
     variants = []
     if errors is not None:
         greedy = allocate(layout, errors, budget_bytes)
@@ -379,6 +380,7 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     from toolkit.sensitivity import load_error_table
 
     check_budget(layout, budget_bytes)
+    run.check_layout_with_model()
     archive = Archive.load(run.archive_path) if Path(run.archive_path).exists() else Archive()
     table = Path(run.path) / "sensitivity.json"
     errors = load_error_table(table, layout)

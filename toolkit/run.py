@@ -164,6 +164,16 @@ class Run:
             self._loaded = loaded
         return self._loaded
 
+    def check_layout_with_model(self) -> None:
+        """run.json's tensors against the model's shapes, read from the model's GGUF header (no weights loaded):
+        a search needs only the run folder, but where the model is at hand a damaged layout is refused before
+        it is searched. Nothing to check when the model is gone."""
+        from converters.gguf_source import open_source
+
+        model_path = Path(self.meta["model"])
+        if self._loaded is None and model_path.exists():
+            _check_layout(self.layout, open_source(model_path).layout(include_embeddings=True), self.path)
+
     def check_model(self, model_path) -> None:
         """Refuse a model other than the one this run was trained on."""
         if model_fingerprint(model_path) != self.meta["model_sha256"]:

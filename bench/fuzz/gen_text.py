@@ -333,7 +333,9 @@ def run_cases(rng: random.Random, workdir: Path, fx: Fixtures, n: int) -> list[C
             what = f"{key} wrong"
         elif r == 4:
             key = rng.choice(["rank", "alpha", "seed", "seq_len", "calib_windows", "steps", "batch", "lr"])
-            m["options"][key] = rng.choice([0, -1, math.nan, math.inf, None, "4", True, 10**30, 1.5])
+            cur = m["options"][key]  # never the value it has (a seed of 0 set to 0 is no damage)
+            m["options"][key] = rng.choice([v for v in (0, -1, math.nan, math.inf, None, "4", True, 10**30, 1.5)
+                                            if not (type(v) is type(cur) and v == cur)])
             what = f"options.{key}"
         elif r == 5:
             m["options"]["rank"] = m["options"]["rank"] * 2
