@@ -170,7 +170,8 @@ def structural(p: Parsed, raw: bytes, rng: random.Random) -> tuple[str, bytes]:
             nd = rng.choice([0, 5, 2**32 - 1])
             q.infos[i] = enc_str(name) + struct.pack("<I", nd) + q.infos[i][8 + len(name) + 4:]
         elif op == "dim":
-            ne[rng.randrange(len(ne))] = rng.choice([0, 1, 2**40, 2**63, 2**64 - 1, ne[0] + 1])
+            k = rng.randrange(len(ne))  # never the value it has (an imatrix's counts have a dimension of 1)
+            ne[k] = rng.choice([v for v in (0, 1, 2**40, 2**63, 2**64 - 1, ne[0] + 1) if v != ne[k]])
             q.infos[i] = info_bytes(name, ne, t, off)
         elif op == "ggml_type":
             q.infos[i] = info_bytes(name, ne, rng.choice([4, 5, 40, 99, 2**31, t ^ 1 if t not in (0, 1) else 2]),
