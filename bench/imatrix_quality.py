@@ -281,8 +281,8 @@ def save(coa, fingerprint, o, args, model, floor, goal, rows, earlier, kept=None
     for r in rows:
         r["gap_to_floor"] = r["ppl"] / floor - 1
     data = {"model": str(model), "model_label": args.label, "coa_run": str(coa), "coa_run_sha256": fingerprint,
-            "options": o, "data": args.data, "hold_out": args.hold_out, "windows": args.windows, "note": args.note, "floor": floor, "goal": goal,
-            "rows": rows}
+            "options": o, "data": args.data, "hold_out": args.hold_out, "windows": args.windows, "note": args.note,
+            "floor": floor, "goal": goal, "rows": rows}
     if any(r.get("reused") for r in rows):
         data["earlier_provenance"] = earlier  # where the rows marked reused were measured
     if kept:

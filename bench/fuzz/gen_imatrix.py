@@ -28,20 +28,11 @@ SUM2, COUNTS = ".in_sum2", ".counts"
 REQUIRED = ("general.type", "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
 
 
-def _f32_data(p: Parsed, i: int) -> tuple[int, int]:
-    """Start (in ``p.data``) and length in bytes of tensor ``i``'s F32 values."""
+def _set_value(p: Parsed, i: int, value: float, rng: random.Random) -> None:
+    """Overwrite one of tensor ``i``'s float32 values (at its data offset in ``p.data``) with ``value``."""
     _, ne, _, off = split_info(p.infos[i])
-    return off, 4 * math.prod(ne)
-
-
-def _set_values(p: Parsed, i: int, values: list[float], rng: random.Random) -> None:
-    """Overwrite some of tensor ``i``'s float32 values with ``values`` (in place on ``p``)."""
-    start, n = _f32_data(p, i)
-    data = bytearray(p.data)
-    for v in values:
-        j = start + 4 * rng.randrange(n // 4)
-        data[j:j + 4] = struct.pack("<f", v)
-    p.data = bytes(data)
+    j = off + 4 * rng.randrange(math.prod(ne))
+    p.data = p.data[:j] + struct.pack("<f", value) + p.data[j + 4:]
 
 
 def content(p: Parsed, model: Parsed, partial: bytes, rng: random.Random) -> tuple[str, bytes, str]:
@@ -64,7 +55,7 @@ def content(p: Parsed, model: Parsed, partial: bytes, rng: random.Random) -> tup
         base = rng.choice(["blk.99.ffn_down.weight", "output_norm.weight", "blk.0.attn_qkv.weight",
                            name[:-len(SUM2)].upper()])
         q.infos[i] = info_bytes(base + SUM2, ne, t, off)
-        n2, ne2, t2, off2 = split_info(q.infos[j])
+        _, ne2, t2, off2 = split_info(q.infos[j])
         q.infos[j] = info_bytes(base + COUNTS, ne2, t2, off2)
         op = f"rename:{name}"
     elif op == "other_row_length":  # same element count: the data layout stays valid
@@ -76,13 +67,13 @@ def content(p: Parsed, model: Parsed, partial: bytes, rng: random.Random) -> tup
         op = f"other_row_length:{name}"
     elif op in ("zero_count", "negative_count", "nonfinite_count"):
         i = rng.choice(counts)
-        _set_values(q, i, [{"zero_count": 0.0, "negative_count": -rng.choice([1.0, 64.0]),
-                            "nonfinite_count": rng.choice([math.nan, math.inf])}[op]], rng)
+        _set_value(q, i, {"zero_count": 0.0, "negative_count": -rng.choice([1.0, 64.0]),
+                          "nonfinite_count": rng.choice([math.nan, math.inf])}[op], rng)
         op = f"{op}:{split_info(q.infos[i])[0]}"
     elif op in ("negative_sum", "nonfinite_sum"):
         i = rng.choice(sums)
-        _set_values(q, i, [-rng.choice([1e-3, 1.0, 1e30]) if op == "negative_sum"
-                           else rng.choice([math.nan, math.inf, -math.inf])], rng)
+        _set_value(q, i, -rng.choice([1e-3, 1.0, 1e30]) if op == "negative_sum"
+                   else rng.choice([math.nan, math.inf, -math.inf]), rng)
         op = f"{op}:{split_info(q.infos[i])[0]}"
     elif op == "drop_key":
         key = rng.choice(REQUIRED)
