@@ -128,6 +128,9 @@ class TinyRun:
     def loaded(self):
         return self.loaded_model
 
+    def check_layout_with_model(self):
+        pass  # the layout is the loaded model's own
+
     def quantized_bytes(self, name, qtype):
         from converters.ggml_quant import quantize
         return quantize(self.loaded_model.gguf_weight(name), qtype)
