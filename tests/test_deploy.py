@@ -129,7 +129,7 @@ class TinyRun:
         return self.loaded_model
 
     def check_layout_with_model(self):
-        pass  # the layout is the loaded model's own
+        return None  # the layout is the loaded model's own
 
     def quantized_bytes(self, name, qtype):
         from converters.ggml_quant import quantize

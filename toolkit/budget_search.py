@@ -380,13 +380,13 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     from toolkit.sensitivity import load_error_table
 
     check_budget(layout, budget_bytes)
-    run.check_layout_with_model()
+    source = run.check_layout_with_model()
     archive = Archive.load(run.archive_path) if Path(run.archive_path).exists() else Archive()
     table = Path(run.path) / "sensitivity.json"
     errors = load_error_table(table, layout)
     if errors is None and table.exists():
         raise CoaloraError(f"{table} is damaged or does not cover the run's tensors; train the run again")
-    mixes = llama_mixes(run, layout, single_type_files=True)
+    mixes = llama_mixes(run, layout, single_type_files=True, source=source)
     measure = shared = more = shared_more = kl = kl_more = None
     if confirm > 0:
         def per_window(n: int, adjusted: bool = True) -> Callable:
@@ -405,11 +405,12 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
                               evaluate_shared_more=shared_more, divergence=kl, divergence_more=kl_more)
 
 
-def llama_mixes(run, layout: ModelLayout, single_type_files: bool = False) -> dict:
+def llama_mixes(run, layout: ModelLayout, single_type_files: bool = False, source=None) -> dict:
     """llama-quantize's mixed file types (Q4_K_M, ...) for the run's model, as llama.cpp's dry run assigns them
     (with the run's importance matrix when it has one), on ``layout``'s tensors; none when the model is not at hand
     (a search without confirmation needs only the run folder). ``single_type_files``: also its Q4_0, Q5_1, ...
-    files, which give the output head more bits than the uniform ones."""
+    files, which give the output head more bits than the uniform ones. ``source``: the model's GGUF source when
+    the caller has opened it already (its header is read once)."""
     from converters.gguf_source import open_source
     from converters.llama_mixes import MIXES, SINGLE_TYPE_FILES, mix_configurations
 
@@ -417,4 +418,4 @@ def llama_mixes(run, layout: ModelLayout, single_type_files: bool = False) -> di
     if not model.exists():
         return {}
     ftypes = MIXES + SINGLE_TYPE_FILES if single_type_files else MIXES
-    return mix_configurations(open_source(model).path, layout, ftypes, imatrix=run.imatrix())
+    return mix_configurations((source or open_source(model)).path, layout, ftypes, imatrix=run.imatrix())

@@ -164,15 +164,19 @@ class Run:
             self._loaded = loaded
         return self._loaded
 
-    def check_layout_with_model(self) -> None:
+    def check_layout_with_model(self):
         """run.json's tensors against the model's shapes, read from the model's GGUF header (no weights loaded):
         a search needs only the run folder, but where the model is at hand a damaged layout is refused before
-        it is searched. Nothing to check when the model is gone."""
+        it is searched. Returns the opened GGUF source for the caller to reuse; None when the model is gone
+        (nothing to check) or already loaded (checked then)."""
         from converters.gguf_source import open_source
 
         model_path = Path(self.meta["model"])
-        if self._loaded is None and model_path.exists():
-            _check_layout(self.layout, open_source(model_path).layout(include_embeddings=True), self.path)
+        if self._loaded is not None or not model_path.exists():
+            return None
+        source = open_source(model_path)
+        _check_layout(self.layout, source.layout(include_embeddings=True), self.path)
+        return source
 
     def check_model(self, model_path) -> None:
         """Refuse a model other than the one this run was trained on."""
