@@ -150,7 +150,8 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     from the unquantized model with it): a candidate that ships the shared LoRA, as the largest llama.cpp file
     does, replaces that file also when its loss is lower (by any amount) and its divergence is lower by
     ``CONFIRM_Z`` standard errors of the paired difference and by ``FIDELITY_SHARE`` of the file's ("fidelity"
-    in the confirmation's rows).
+    in the confirmation's rows); when no candidate is clearly better on loss, the one of those with the lowest
+    divergence is picked.
     Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -313,12 +314,18 @@ def _confirm(layout: ModelLayout, top: list, us: list[int], evaluate: Callable, 
             row["vs_uniform"], row["vs_uniform_se"] = _paired(r, real[u])
         faithful, kl_undecided = _fidelity(rows, u, cfgs, divergence) if divergence is not None else (set(), False)
         # Per-window losses: leave the largest llama.cpp file only for a candidate clearly better (smaller
-        # differences did not carry over to other text); of those, the best measured. Undecided: a candidate
+        # differences did not carry over to other text); of those (and the faithful ones), the best measured.
+        # With none clearly better, the faithful candidate closest to the unquantized model: their losses differ
+        # by less than the windows resolve, their divergences by many standard errors. Undecided: a candidate
         # ahead by more than one standard error whose gain is within one standard error of MIN_GAIN or above it
         # (more windows may confirm it; with a gain clearly below MIN_GAIN they cannot).
-        ahead = [i for i, row in enumerate(rows)
-                 if i == u or _clearly_better(row["vs_uniform"], row["vs_uniform_se"]) or i in faithful]
-        k = min(ahead, key=lambda i: real[i].mean())
+        clear = [i for i, row in enumerate(rows)
+                 if i != u and _clearly_better(row["vs_uniform"], row["vs_uniform_se"])]
+        ahead = [u, *clear, *faithful]
+        if clear or not faithful:
+            k = min(ahead, key=lambda i: real[i].mean())
+        else:
+            k = min(faithful, key=lambda i: rows[i]["kl"])
         undecided = kl_undecided or any(
             i not in ahead and row["vs_uniform_se"] and row["vs_uniform"] < -row["vs_uniform_se"]
             and row["vs_uniform"] - row["vs_uniform_se"] < -MIN_GAIN for i, row in enumerate(rows))

@@ -48,7 +48,8 @@ def register(cli):
                        "candidate, with the adapter it keeps, replaces the largest file only when better by two "
                        "standard errors of the per-window difference and 0.005 nats, or, both with the shared "
                        "LoRA, when its loss is lower and its KL divergence from the F32 model lower by two "
-                       "standard errors and a quarter of the file's (fidelity); when one is ahead by between "
+                       "standard errors and a quarter of the file's (fidelity: with none better on loss alone, "
+                       "the one of least KL is picked); when one is ahead by between "
                        "one and two with a gain within one standard error of 0.005 or above, all are measured "
                        "again on twice the windows.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
@@ -108,7 +109,7 @@ def confirmation_table(conf: dict):
                     f"when better by {conf['z']:g} standard errors"
                     + (f" and {conf['min_gain']:g} nats" if conf.get("min_gain") else "")
                     + (f", or lower loss and KL from F32 lower by as many and by {conf.get('fidelity_share', 0):.0%} "
-                       f"(fidelity)" if kl else ""))
+                       f"(fidelity; of those, the least KL when none is better on loss alone)" if kl else ""))
     for col in ("candidate", "file bytes", "bpw", "adapter", "held-out loss", f"vs {conf['uniform'] or '-'}",
                 *(("KL from F32", "KL vs it") if kl else ()), "picked"):
         t.add_column(col)
