@@ -256,7 +256,8 @@ def _pure_file_aborts(f32: Path, importance, qtype) -> list[str]:
 
 def confirmation_summary(conf: dict | None) -> dict | None:
     """What the search's confirmation measured on the training text for its pick and for the largest llama.cpp file
-    (loss and, with the shared LoRA, KL divergence from F32, each with its paired difference to the file's)."""
+    (loss and KL divergence from F32 with the shared LoRA, each with the adapter it ships and with its paired
+    difference to the file's)."""
     if not conf:
         return None
     keys = ("source", "file_bytes", "adapter", "measured_loss", "vs_uniform", "vs_uniform_se", "kl", "kl_vs_uniform",

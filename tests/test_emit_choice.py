@@ -98,7 +98,7 @@ class ConfirmedRun(TinyRun):
         self.measured.extend(cfgs)
         return [base if c in uniform else base - self.gain + noise for c in cfgs]
 
-    def calibration_divergence(self, cfgs, n_windows=None):
+    def calibration_divergence(self, cfgs, n_windows=None, adjusted=False):
         """Every file equally far from F32: the fidelity rule never decides here."""
         return [np.full(n_windows, 0.01) for _ in cfgs]
 

@@ -360,8 +360,8 @@ def test_calibration_losses_are_measured_once_per_checkpoint(coa_run, monkeypatc
 
 
 def test_calibration_divergence_from_the_unquantized_model(coa_run, monkeypatch):
-    """The fidelity measure: each window's KL divergence, with the shared LoRA, from the F32 model with it: zero
-    for F32, larger for fewer bits, equal to a direct computation, measured in the passes of the shared-LoRA loss
+    """The fidelity measure: each window's KL divergence, with the shared LoRA or the generated adapter, from the
+    F32 model with the shared LoRA: zero for F32 with the shared LoRA, larger for fewer bits, equal to a direct computation, measured in the passes of the shared-LoRA loss
     (no extra pass for a loss already asked for, and the same losses)."""
     import torch
     from torch.nn import functional as F
@@ -388,6 +388,18 @@ def test_calibration_divergence_from_the_unquantized_model(coa_run, monkeypatch)
     direct = (ref.exp() * (ref - lp)).sum(-1).mean(1).double().numpy()
     nll = -lp.gather(-1, batch[:, 1:, None])[..., 0].mean(1).double().numpy()
     assert np.allclose(kl[2], direct, rtol=1e-4, atol=1e-7) and np.allclose(loss, nll, rtol=1e-5)
+    # with the generated adapter: from the same reference (F32 with the shared LoRA), in the generated losses' pass
+    n = len(passes)
+    kl_generated = run.calibration_divergence([q4], 3, adjusted=True)[0]
+    generated = run.calibration_loss([q4], 3, per_window=True)[0]
+    assert len(passes) == n + 1
+    with torch.no_grad(), model.variant(True):
+        model.set_configuration(q4)
+        lp = F.log_softmax(model(batch).logits[:, :-1].float(), -1)
+    direct = (ref.exp() * (ref - lp)).sum(-1).mean(1).double().numpy()
+    nll = -lp.gather(-1, batch[:, 1:, None])[..., 0].mean(1).double().numpy()
+    assert np.allclose(kl_generated, direct, rtol=1e-4, atol=1e-7) and np.allclose(generated, nll, rtol=1e-5)
+    assert not np.allclose(kl_generated, kl[2])  # the adjustment moves the model
 
 
 def test_more_calibration_windows_measure_only_the_added_ones(coa_run, monkeypatch):

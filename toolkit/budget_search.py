@@ -103,10 +103,13 @@ CONFIRM_Z = 2.0  # standard errors by which a confirmed candidate must beat the 
 # Nats per token (about 0.5% perplexity) by which it must beat it too, and a generated adapter the shared LoRA:
 # a smaller gain, however many standard errors on the training text, did not carry over to held-out text.
 MIN_GAIN = 0.005
-# Where both ship the shared LoRA, a smaller gain is trusted when the candidate's bytes are also clearly closer to
-# the unquantized model: its KL divergence from it lower by CONFIRM_Z standard errors and by FIDELITY_SHARE of
-# the file's. Near full precision that ranks files by held-out perplexity better than the training-text loss,
-# whose differences there are mostly the text's; a smaller share did not carry over (bench results, README).
+# A smaller gain is trusted when the candidate, with the adapter it ships, is also clearly closer to the
+# full-precision fine-tune (F32 with the shared LoRA): its KL divergence from it lower by CONFIRM_Z standard errors
+# and by FIDELITY_SHARE of the file's or by MIN_GAIN nats, whichever is less. That divergence is the excess loss
+# expected on text the fine-tune would write, free of the windows' own fit: near full precision it ranks files by
+# held-out perplexity better than the training-text loss, and a smaller share did not carry over there; at low
+# bits, where a quarter of the file's divergence is several times MIN_GAIN, MIN_GAIN is the gain the loss rule asks
+# for (bench results, README).
 FIDELITY_SHARE = 0.25
 
 
@@ -146,12 +149,12 @@ def best_configuration(layout: ModelLayout, archive: Archive | None, budget_byte
     measured before). When a candidate is ahead of the largest llama.cpp file by between one and ``CONFIRM_Z``
     standard errors, and its gain is within one standard error of ``MIN_GAIN`` or above it, every candidate is
     measured again on those windows and the rule applied to them (once).
-    ``divergence`` / ``divergence_more`` (per-window KL divergence of each configuration, with the shared LoRA,
-    from the unquantized model with it): a candidate that ships the shared LoRA, as the largest llama.cpp file
-    does, replaces that file also when its loss is lower (by any amount) and its divergence is lower by
-    ``CONFIRM_Z`` standard errors of the paired difference and by ``FIDELITY_SHARE`` of the file's ("fidelity"
-    in the confirmation's rows); when no candidate is clearly better on loss, the one of those with the lowest
-    divergence is picked.
+    ``divergence`` / ``divergence_more`` (``(configurations, adjusted)`` -> per-window KL divergence of each,
+    with the shared LoRA or, ``adjusted``, its generated adapter, from the unquantized model with the shared LoRA):
+    a candidate replaces the largest llama.cpp file also when its loss is lower (by any amount) and its divergence,
+    each with the adapter it ships, is lower by ``CONFIRM_Z`` standard errors of the paired difference and by
+    ``FIDELITY_SHARE`` of the file's or ``MIN_GAIN``, whichever is less ("fidelity" in the confirmation's rows);
+    when no candidate is clearly better on loss, the one of those with the lowest divergence is picked.
     Budgets outside the reachable range raise CoaloraError with that range.
     """
     budget_bytes = int(budget_bytes)
@@ -335,21 +338,23 @@ def _confirm(layout: ModelLayout, top: list, us: list[int], evaluate: Callable, 
 
 
 def _fidelity(rows: list, u: int, cfgs: list, divergence: Callable) -> tuple[set, bool]:
-    """The candidates the fidelity rule accepts against the largest llama.cpp file ``u`` (both ship the shared
-    LoRA, the candidate's loss is lower and its KL divergence from the unquantized model is lower by ``CONFIRM_Z``
-    standard errors and by ``FIDELITY_SHARE`` of ``u``'s), and whether one has the share and a lower loss but only
-    between one and ``CONFIRM_Z`` standard errors (more windows may decide). Adds each shared-LoRA row's divergence
-    and its paired difference to ``u``'s."""
-    shared = [i for i, row in enumerate(rows) if row.get("adapter", "shared") == "shared"]
-    if u not in shared:
-        return set(), False
-    kls = dict(zip(shared, (np.atleast_1d(np.asarray(d, dtype=float)) for d in divergence([cfgs[i] for i in shared]))))
+    """The candidates the fidelity rule accepts against the largest llama.cpp file ``u`` (the candidate's loss is
+    lower and its KL divergence from the full-precision fine-tune, each with the adapter it ships, is lower by
+    ``CONFIRM_Z`` standard errors and by ``FIDELITY_SHARE`` of ``u``'s or ``MIN_GAIN``, whichever is less), and
+    whether one has that gap and a lower loss but only between one and ``CONFIRM_Z`` standard errors (more windows
+    may decide). Adds each row's divergence and its paired difference to ``u``'s."""
+    kls = {}
+    for adjusted in (False, True):
+        group = [i for i, row in enumerate(rows) if (row.get("adapter", "shared") == "generated") == adjusted]
+        if group:
+            measured = divergence([cfgs[i] for i in group], adjusted)
+            kls.update(zip(group, (np.atleast_1d(np.asarray(d, dtype=float)) for d in measured)))
+    gap = min(FIDELITY_SHARE * float(kls[u].mean()), MIN_GAIN)
     accepted, undecided = set(), False
-    for i in shared:
-        row = rows[i]
+    for i, row in enumerate(rows):
         row["kl"] = float(kls[i].mean())
         row["kl_vs_uniform"], row["kl_vs_uniform_se"] = d, se = _paired(kls[i], kls[u])
-        if i == u or row["vs_uniform"] >= 0 or d > -FIDELITY_SHARE * float(kls[u].mean()):
+        if i == u or row["vs_uniform"] >= 0 or d > -gap:
             continue
         if d < -CONFIRM_Z * (se or 0.0):
             row["fidelity"] = True
@@ -381,7 +386,8 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     that many of the best candidates, the best archived one and two llama.cpp files that fit (the largest and the
     other of least quantization error) on ``confirm_windows`` held-out windows of the training data
     (``run.calibration_loss``), each with its generated adapter and with the shared LoRA (when the run has
-    adjustments) and, with the shared LoRA, by their KL divergence from the unquantized model (the fidelity rule),
+    adjustments) and, each with the adapter it would ship, by its KL divergence from the unquantized model with the
+    shared LoRA (the fidelity rule),
     and all of them again on twice the windows when one is ahead of the largest llama.cpp file by between one and
     two standard errors. ``coalora search`` and ``coalora emit`` both choose through this."""
     from toolkit.sensitivity import load_error_table
@@ -404,7 +410,7 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
             shared, shared_more = per_window(confirm_windows, False), per_window(2 * confirm_windows, False)
 
         def kl_on(n: int) -> Callable:
-            return lambda cs: run.calibration_divergence(cs, n)
+            return lambda cs, adjusted: run.calibration_divergence(cs, n, adjusted=adjusted)
 
         kl, kl_more = kl_on(confirm_windows), kl_on(2 * confirm_windows)
     return best_configuration(layout, archive, budget_bytes, errors=errors, evaluate=measure, n_confirm=confirm,

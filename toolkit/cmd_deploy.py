@@ -62,8 +62,9 @@ def register(cli):
                        "least quantization error, each with its generated adapter and the shared LoRA; another "
                        "candidate replaces the largest file only when better by two standard errors and 0.005 nats "
                        "per token, each with the adapter it keeps (the generated one only when it beats the shared "
-                       "LoRA by the same margins), or, both with the shared LoRA, when its loss is lower and its KL "
-                       "divergence from the F32 model lower by two standard errors and a quarter of the file's; all "
+                       "LoRA by the same margins), or when its loss is lower and its KL divergence from the F32 "
+                       "model with the shared LoRA lower by two standard errors and by a quarter of the file's or "
+                       "0.005 nats, whichever is less; all "
                        "are measured again on twice the windows when one is ahead by between one and two (0: the "
                        "surrogate's pick, unmeasured).")
     @click.option("--confirm-windows", default=16, show_default=True,

@@ -46,10 +46,11 @@ def register(cli):
                        "shared LoRA (about 8 s each on 2 cores); each keeps its generated adapter only when it is "
                        "better than the shared LoRA by two standard errors and 0.005 nats per token, and another "
                        "candidate, with the adapter it keeps, replaces the largest file only when better by two "
-                       "standard errors of the per-window difference and 0.005 nats, or, both with the shared "
-                       "LoRA, when its loss is lower and its KL divergence from the F32 model lower by two "
-                       "standard errors and a quarter of the file's (fidelity: with none better on loss alone, "
-                       "the one of least KL is picked); when one is ahead by between "
+                       "standard errors of the per-window difference and 0.005 nats, or when its loss is lower "
+                       "and its KL divergence from the F32 model with the shared LoRA, each with the adapter it "
+                       "keeps, lower by two standard errors and by a quarter of the file's or 0.005 nats, "
+                       "whichever is less (fidelity: with none better on loss alone, the one of least KL is "
+                       "picked); when one is ahead by between "
                        "one and two with a gain within one standard error of 0.005 or above, all are measured "
                        "again on twice the windows.")
     @click.option("--confirm-windows", type=ranges.WINDOWS, default=32, show_default=True,
@@ -109,7 +110,8 @@ def confirmation_table(conf: dict):
                     f"when better by {conf['z']:g} standard errors"
                     + (f" and {conf['min_gain']:g} nats" if conf.get("min_gain") else "")
                     + (f", or lower loss and KL from F32 lower by as many and by {conf.get('fidelity_share', 0):.0%} "
-                       f"(fidelity; of those, the least KL when none is better on loss alone)" if kl else ""))
+                       f"of the file's or {conf.get('min_gain', 0):g} nats, whichever is less (fidelity; of those, "
+                       f"the least KL when none is better on loss alone)" if kl else ""))
     for col in ("candidate", "file bytes", "bpw", "adapter", "held-out loss", f"vs {conf['uniform'] or '-'}",
                 *(("KL from F32", "KL vs it") if kl else ()), "picked"):
         t.add_column(col)
@@ -119,7 +121,7 @@ def confirmation_table(conf: dict):
 
     for r in conf["candidates"]:
         kl_cells = ()
-        if kl:  # measured with the shared LoRA only
+        if kl:  # each with the adapter it keeps, from F32 with the shared LoRA (older results: shared rows only)
             kl_cells = ((f"{r['kl']:.5f}", diff(r["kl_vs_uniform"], r["kl_vs_uniform_se"], 5)) if "kl" in r
                         else ("-", "-"))
         t.add_row(r["source"], f"{r['file_bytes']:,}", f"{r['bpw']:.3f}", r.get("adapter", "generated"),

@@ -301,12 +301,13 @@ class Run:
         return out if per_window else [float(w.mean()) for w in out]
 
     @torch.no_grad()
-    def calibration_divergence(self, cfgs: list[Configuration], n_windows: int | None = None) -> list:
+    def calibration_divergence(self, cfgs: list[Configuration], n_windows: int | None = None,
+                               adjusted: bool = False) -> list:
         """Per configuration, each held-out window's mean KL divergence (nats per token) of the model with the
-        shared LoRA from the unquantized (F32) model with the shared LoRA: how far the file's bytes move the
-        model, whatever the text's fit. Measured in the same passes as ``calibration_loss(..., adjusted=False)``
-        and cached like it."""
-        return [np.concatenate(w) for w in self._calibrated(cfgs, n_windows, False, self._divergence)]
+        shared LoRA (``adjusted``: with the configuration's generated adapter) from the unquantized (F32) model
+        with the shared LoRA, the full-precision fine-tune: how far the file's bytes and their adapter move the
+        model, whatever the text's fit. Measured in the same passes as ``calibration_loss`` and cached like it."""
+        return [np.concatenate(w) for w in self._calibrated(cfgs, n_windows, adjusted, self._divergence)]
 
     def _calibrated(self, cfgs, n_windows, adjusted: bool, cache: dict) -> list:
         """Per configuration, the per-span arrays of ``cache`` (losses or divergences), measuring the missing."""
@@ -321,8 +322,7 @@ class Run:
         for cfg, (losses, kls) in zip(todo, measured):
             for sp, w, kl in zip(missing, losses, kls):
                 self._calibration[cfg, state, sp] = w
-                if kl is not None:
-                    self._divergence[cfg, state, sp] = kl
+                self._divergence[cfg, state, sp] = kl
         return [[cache[c, state, sp] for sp in spans] for c in cfgs]
 
     def forget_measurements(self) -> None:
@@ -340,8 +340,8 @@ class Run:
 
     def _measure_calibration(self, cfgs: list[Configuration], spans: list[tuple[int, int]], adjusted: bool) -> list:
         """Per configuration, (the per-window losses of each span (first window, count) of the held-out windows,
-        one forward pass per span; with the shared LoRA (not ``adjusted``) also each window's KL divergence from
-        the F32 model with the shared LoRA, else Nones)."""
+        one forward pass per span, with the shared LoRA or, ``adjusted``, the generated adapter; and each window's
+        KL divergence from the F32 model with the shared LoRA)."""
         if not cfgs or not spans:
             return [([], []) for _ in cfgs]
         from torch.nn import functional as F
@@ -351,7 +351,7 @@ class Run:
         model = self.model()
         end = max(s + n for s, n in spans)
         batch, labels = (t.to(self.device) for t in calibration_stream(self).labelled_calibration(end))
-        reference = None if adjusted else self.layout.uniform("F32")
+        reference = self.layout.uniform("F32")
         out = [([], []) for _ in cfgs]
 
         def per_window(v: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
@@ -361,30 +361,23 @@ class Run:
 
         current = []  # the configuration set last in this measurement: re-pointing every tensor has a cost
 
-        def log_probs(cfg: Configuration, s: int, n: int) -> torch.Tensor:
+        def log_probs(cfg: Configuration, s: int, n: int, adjust: bool) -> torch.Tensor:
             if current != [cfg]:
                 model.set_configuration(cfg)
                 current[:] = [cfg]
-            with model.variant(adjusted):
+            with model.variant(adjust):
                 return F.log_softmax(model(batch[s:s + n]).logits[:, :-1].float(), dim=-1)
 
-        def measure(i: int, s: int, n: int, ref: torch.Tensor | None) -> None:
+        # span by span, so that the reference's log-probabilities are held for one span only
+        for s, n in spans:
+            ref = log_probs(reference, s, n, False)
             target = labels[s:s + n, 1:]
             valid = target != -100
-            lp = log_probs(cfgs[i], s, n)
-            out[i][0].append(per_window(-lp.gather(-1, target.clamp(min=0)[..., None])[..., 0], valid))
-            out[i][1].append(None if ref is None else per_window(torch.stack(  # window by window: smaller temporaries
-                [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref, lp)]), valid))
-
-        if reference is None:  # configuration by configuration: each set once
             for i in range(len(cfgs)):
-                for s, n in spans:
-                    measure(i, s, n, None)
-        else:  # span by span, so that the reference's log-probabilities are held for one span only
-            for s, n in spans:
-                ref = log_probs(reference, s, n)
-                for i in range(len(cfgs)):
-                    measure(i, s, n, ref)
+                lp = log_probs(cfgs[i], s, n, adjusted)
+                out[i][0].append(per_window(-lp.gather(-1, target.clamp(min=0)[..., None])[..., 0], valid))
+                out[i][1].append(per_window(torch.stack(  # window by window: smaller temporaries
+                    [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref, lp)]), valid))
         return out
 
 
