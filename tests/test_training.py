@@ -361,8 +361,9 @@ def test_calibration_losses_are_measured_once_per_checkpoint(coa_run, monkeypatc
 
 def test_calibration_divergence_from_the_unquantized_model(coa_run, monkeypatch):
     """The fidelity measure: each window's KL divergence, with the shared LoRA or the generated adapter, from the
-    F32 model with the shared LoRA: zero for F32 with the shared LoRA, larger for fewer bits, equal to a direct computation, measured in the passes of the shared-LoRA loss
-    (no extra pass for a loss already asked for, and the same losses)."""
+    F32 model with the shared LoRA: zero for F32 with the shared LoRA, larger for fewer bits, equal to a direct
+    computation, measured in the passes of the loss with the same adapter (no extra pass for a loss already asked
+    for, and the same losses)."""
     import torch
     from torch.nn import functional as F
 
