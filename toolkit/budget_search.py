@@ -387,9 +387,8 @@ def search_run(run, layout: ModelLayout, budget_bytes: int, confirm: int = 0, co
     other of least quantization error) on ``confirm_windows`` held-out windows of the training data
     (``run.calibration_loss``), each with its generated adapter and with the shared LoRA (when the run has
     adjustments) and, each with the adapter it would ship, by its KL divergence from the unquantized model with the
-    shared LoRA (the fidelity rule),
-    and all of them again on twice the windows when one is ahead of the largest llama.cpp file by between one and
-    two standard errors. ``coalora search`` and ``coalora emit`` both choose through this."""
+    shared LoRA (the fidelity rule), and all of them again on twice the windows when one is ahead of the largest
+    llama.cpp file by between one and two standard errors. ``coalora search`` and ``coalora emit`` both choose through this."""
     from toolkit.sensitivity import load_error_table
 
     check_budget(layout, budget_bytes)
