@@ -403,6 +403,34 @@ def test_calibration_divergence_from_the_unquantized_model(coa_run, monkeypatch)
     assert not np.allclose(kl_generated, kl[2])  # the adjustment moves the model
 
 
+def test_calibration_loss_without_divergence_skips_the_unquantized_pass(coa_run, monkeypatch):
+    """Training's search rounds rank by loss alone: without the divergence no F32 reference pass runs, the losses
+    are the same, a divergence asked for later measures its spans again (with the reference), and a divergence
+    measured before is kept when its span is measured again without it. Passes of 2 windows here."""
+    import toolkit.run as run_module
+
+    monkeypatch.setattr(run_module, "CALIBRATION_BATCH", 2)
+    run = Run.open(coa_run.path)
+    model = run.model()
+    configured = []
+    real_set = model.set_configuration
+    monkeypatch.setattr(model, "set_configuration", lambda c: configured.append(c) or real_set(c))
+    f32, q4, q8 = (run.layout.uniform(t) for t in ("F32", "Q4_0", "Q8_0"))
+    loss_only = run.calibration_loss([q4], 6, per_window=True, divergence=False)[0]
+    assert f32 not in configured
+    kl = run.calibration_divergence([q4], 6, adjusted=True)[0]
+    assert f32 in configured and len(kl) == 6 and kl.mean() > 0
+    assert np.array_equal(run.calibration_loss([q4], 6, per_window=True)[0], loss_only)
+    run.forget_measurements()
+    kl8 = run.calibration_divergence([q8], 4, adjusted=True)[0]  # spans (0, 2) and (2, 2), with divergence
+    n = len(configured)
+    # q4 lacks every span, q8 the third: both are measured on all three, without the reference
+    both = run.calibration_loss([q4, q8], 6, per_window=True, divergence=False)
+    assert f32 not in configured[n:] and np.array_equal(both[0], loss_only)
+    n = len(configured)
+    assert np.array_equal(run.calibration_divergence([q8], 4, adjusted=True)[0], kl8) and len(configured) == n
+
+
 def test_more_calibration_windows_measure_only_the_added_ones(coa_run, monkeypatch):
     """The confirmation's extension to more windows measures only the windows it adds, and its losses are bit for
     bit those of a measurement from scratch (the same forward passes). Passes of 2 windows here: the fixture's

@@ -288,7 +288,7 @@ class Run:
 
     @torch.no_grad()
     def calibration_loss(self, cfgs: list[Configuration], n_windows: int | None = None,
-                         per_window: bool = False, adjusted: bool = True) -> list:
+                         per_window: bool = False, adjusted: bool = True, divergence: bool = True) -> list:
         """Mean token loss of each configuration's adapter on held-out windows of the training text
         (the first ``n_windows`` of them; default the run's ``calib_windows``), 8 windows per forward pass.
         ``per_window``: an array of each window's mean loss per configuration instead (for paired comparisons).
@@ -296,8 +296,10 @@ class Run:
         each configuration is measured once per checkpoint: emit's confirmations for several profiles share
         candidates, and a measurement on more windows (the confirmation's extension) only measures the windows
         it adds. The passes are those of a measurement from scratch (windows 0-7, 8-15, ..., then the rest), so
-        the losses do not depend on what was measured before."""
-        out = [np.concatenate(w) for w in self._calibrated(cfgs, n_windows, adjusted, self._calibration)]
+        the losses do not depend on what was measured before. ``divergence`` False: without the unquantized
+        model's pass that :meth:`calibration_divergence` needs (training's search rounds rank by loss alone)."""
+        out = [np.concatenate(w) for w in self._calibrated(cfgs, n_windows, adjusted, self._calibration,
+                                                           divergence)]
         return out if per_window else [float(w.mean()) for w in out]
 
     @torch.no_grad()
@@ -309,20 +311,25 @@ class Run:
         model, whatever the text's fit. Measured in the same passes as ``calibration_loss`` and cached like it."""
         return [np.concatenate(w) for w in self._calibrated(cfgs, n_windows, adjusted, self._divergence)]
 
-    def _calibrated(self, cfgs, n_windows, adjusted: bool, cache: dict) -> list:
-        """Per configuration, the per-span arrays of ``cache`` (losses or divergences), measuring the missing."""
+    def _calibrated(self, cfgs, n_windows, adjusted: bool, cache: dict, divergence: bool = True) -> list:
+        """Per configuration, the per-span arrays of ``cache`` (losses or divergences), measuring the missing
+        (``divergence``: a span measured without its divergence is missing too)."""
         from toolkit.training import calibration_stream
 
         state = self._checkpoint_state(), str(self.device), adjusted
         k = len(calibration_stream(self).labelled_calibration(n_windows)[0])
         spans = [(s, min(CALIBRATION_BATCH, k - s)) for s in range(0, k, CALIBRATION_BATCH)]
-        todo = list(dict.fromkeys(c for c in cfgs for sp in spans if (c, state, sp) not in cache))
-        missing = [sp for sp in spans if any((c, state, sp) not in cache for c in todo)]
-        measured = self._measure_calibration(todo, missing, adjusted) if todo else []
+        def absent(key) -> bool:
+            return key not in cache or (divergence and self._divergence.get(key) is None)
+
+        todo = list(dict.fromkeys(c for c in cfgs for sp in spans if absent((c, state, sp))))
+        missing = [sp for sp in spans if any(absent((c, state, sp)) for c in todo)]
+        measured = self._measure_calibration(todo, missing, adjusted, divergence) if todo else []
         for cfg, (losses, kls) in zip(todo, measured):
             for sp, w, kl in zip(missing, losses, kls):
                 self._calibration[cfg, state, sp] = w
-                self._divergence[cfg, state, sp] = kl
+                if kl is not None or (cfg, state, sp) not in self._divergence:  # keep one measured before
+                    self._divergence[cfg, state, sp] = kl
         return [[cache[c, state, sp] for sp in spans] for c in cfgs]
 
     def forget_measurements(self) -> None:
@@ -338,10 +345,11 @@ class Run:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def _measure_calibration(self, cfgs: list[Configuration], spans: list[tuple[int, int]], adjusted: bool) -> list:
+    def _measure_calibration(self, cfgs: list[Configuration], spans: list[tuple[int, int]], adjusted: bool,
+                             divergence: bool = True) -> list:
         """Per configuration, (the per-window losses of each span (first window, count) of the held-out windows,
         one forward pass per span, with the shared LoRA or, ``adjusted``, the generated adapter; and each window's
-        KL divergence from the F32 model with the shared LoRA)."""
+        KL divergence from the F32 model with the shared LoRA, or None per span without ``divergence``)."""
         if not cfgs or not spans:
             return [([], []) for _ in cfgs]
         from torch.nn import functional as F
@@ -370,14 +378,14 @@ class Run:
 
         # span by span, so that the reference's log-probabilities are held for one span only
         for s, n in spans:
-            ref = log_probs(reference, s, n, False)
+            ref = log_probs(reference, s, n, False) if divergence else None
             target = labels[s:s + n, 1:]
             valid = target != -100
             for i in range(len(cfgs)):
                 lp = log_probs(cfgs[i], s, n, adjusted)
                 out[i][0].append(per_window(-lp.gather(-1, target.clamp(min=0)[..., None])[..., 0], valid))
-                out[i][1].append(per_window(torch.stack(  # window by window: smaller temporaries
-                    [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref, lp)]), valid))
+                out[i][1].append(None if ref is None else per_window(torch.stack(  # window by window: smaller
+                    [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref, lp)]), valid))  # temporaries
         return out
 
 

@@ -269,9 +269,12 @@ def _search_round(run: Run, round_index: int, opts: TrainOptions, log) -> list[C
 
     archive = pareto_search.Archive.load(run.archive_path) if run.archive_path.exists() else pareto_search.Archive()
     # Losses of earlier rounds belong to an earlier adapter: score the whole archive with the current one.
-    for record, loss in zip(archive.records, run.calibration_loss(archive.configs())):
-        record.loss = loss
-    archive, trainset = pareto_search.refine(run.layout, archive, run.calibration_loss, n_new=opts.search_candidates,
+    def loss(cfgs):  # ranked by loss alone: no divergence from the unquantized model
+        return run.calibration_loss(cfgs, divergence=False)
+
+    for record, value in zip(archive.records, loss(archive.configs())):
+        record.loss = value
+    archive, trainset = pareto_search.refine(run.layout, archive, loss, n_new=opts.search_candidates,
                                              seed=opts.seed + round_index, round_index=round_index,
                                              seed_configurations=run.trainset(), errors=sensitivity_errors(run))
     trainset = list(dict.fromkeys(trainset + llama_cpp_files(run)))
