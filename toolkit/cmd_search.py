@@ -44,7 +44,9 @@ def register(cli):
                        "that fits: a uniform type or a llama-quantize mix such as Q4_K_M, and the other one of least "
                        "quantization error) with the run's model, each with its generated adapter and with the "
                        "shared LoRA (about 8 s each on 2 cores); each keeps its generated adapter only when it is "
-                       "better than the shared LoRA by two standard errors and 0.005 nats per token, and another "
+                       "better than the shared LoRA by two standard errors and 0.005 nats per token, or when its "
+                       "loss is lower and its KL divergence from the F32 model with the shared LoRA lower by two "
+                       "standard errors (fidelity), and another "
                        "candidate, with the adapter it keeps, replaces the largest file only when better by two "
                        "standard errors of the per-window difference and 0.005 nats, or when its loss is lower "
                        "and its KL divergence from the F32 model with the shared LoRA, each with the adapter it "
@@ -130,6 +132,8 @@ def confirmation_table(conf: dict):
     a = conf.get("adapter")
     if a:
         se = "" if a["vs_shared_se"] is None else f" ± {a['vs_shared_se']:.4f}"
+        kl_d = ("" if "kl_vs_shared" not in a else f", KL {diff(a['kl_vs_shared'], a['kl_vs_shared_se'], 5)}"
+                + (" (fidelity rule met)" if a.get("fidelity") else ""))
         t.caption = (f"each candidate with the adapter it keeps; the pick's generated adapter vs the shared LoRA: "
-                     f"{a['vs_shared']:+.4f}{se} -> {'generated adapter' if a['generated'] else 'shared LoRA'}")
+                     f"{a['vs_shared']:+.4f}{se}{kl_d} -> {'generated adapter' if a['generated'] else 'shared LoRA'}")
     return t
