@@ -63,9 +63,9 @@ def register(cli):
                        "candidate replaces the largest file only when better by two standard errors and 0.005 nats "
                        "per token, each with the adapter it keeps (the generated one only when it beats the shared "
                        "LoRA by the same margins, or has a lower loss and a KL divergence from the F32 model with "
-                       "the shared LoRA lower by two standard errors), or when its loss is lower and its KL divergence from the F32 "
-                       "model with the shared LoRA lower by two standard errors and by a quarter of the file's or "
-                       "0.005 nats, whichever is less; all "
+                       "the shared LoRA lower by two standard errors), or when its loss is lower and its KL "
+                       "divergence from the F32 model with the shared LoRA lower by two standard errors and by a "
+                       "quarter of the file's or 0.005 nats, whichever is less; all "
                        "are measured again on twice the windows when one is ahead by between one and two (0: the "
                        "surrogate's pick, unmeasured).")
     @click.option("--confirm-windows", default=16, show_default=True,

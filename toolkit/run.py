@@ -319,6 +319,7 @@ class Run:
         state = self._checkpoint_state(), str(self.device), adjusted
         k = len(calibration_stream(self).labelled_calibration(n_windows)[0])
         spans = [(s, min(CALIBRATION_BATCH, k - s)) for s in range(0, k, CALIBRATION_BATCH)]
+
         def absent(key) -> bool:
             return key not in cache or (divergence and self._divergence.get(key) is None)
 
